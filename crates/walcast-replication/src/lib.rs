@@ -1,0 +1,1 @@
+//! Logical replication connection on postgres-protocol and tokio.

@@ -1,0 +1,1 @@
+//! The walcast server library.
