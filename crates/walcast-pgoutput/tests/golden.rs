@@ -65,7 +65,10 @@ fn xlogdata_frame() {
     assert_eq!(x.wal_end, Lsn(0x1_0000_0F00));
     assert_eq!(x.send_time, TS);
     assert_eq!(&x.data[..], b"E");
-    assert!(is_slice_of(&x.data, &frame), "data must be a slice of the frame");
+    assert!(
+        is_slice_of(&x.data, &frame),
+        "data must be a slice of the frame"
+    );
 }
 
 #[test]
@@ -106,7 +109,12 @@ fn keepalive_frame_literal_bytes() {
 #[test]
 fn keepalive_reply_flag_follows_postgres() {
     for (byte, expected) in [(0u8, false), (1, true), (2, true), (0xFF, true)] {
-        let frame = Wire::new().byte(b'k').uint64(7).int64(-1).byte(byte).bytes();
+        let frame = Wire::new()
+            .byte(b'k')
+            .uint64(7)
+            .int64(-1)
+            .byte(byte)
+            .bytes();
         assert_eq!(
             ReplicationFrame::parse(frame),
             Ok(ReplicationFrame::Keepalive(PrimaryKeepalive {
@@ -593,7 +601,10 @@ fn v2_stream_start_and_stop() {
         }))
     );
     assert!(d.in_stream());
-    assert_eq!(d.decode(&Wire::new().byte(b'E').bytes()), Ok(LogicalMessage::StreamStop));
+    assert_eq!(
+        d.decode(&Wire::new().byte(b'E').bytes()),
+        Ok(LogicalMessage::StreamStop)
+    );
     assert!(!d.in_stream());
     assert_eq!(d.stream_xid(), None);
 }
@@ -622,7 +633,11 @@ fn v2_relation_and_type_inside_stream_carry_xid() {
             name: "mood".into(),
         }))
     );
-    assert_eq!(d.stream_xid(), Some(XID), "prefix xids do not move the stream xid");
+    assert_eq!(
+        d.stream_xid(),
+        Some(XID),
+        "prefix xids do not move the stream xid"
+    );
 }
 
 #[test]
@@ -721,7 +736,10 @@ fn v2_dml_inside_stream_carries_xid() {
             name: "node_a".into(),
         }))
     );
-    assert_eq!(d.decode(&Wire::new().byte(b'E').bytes()), Ok(LogicalMessage::StreamStop));
+    assert_eq!(
+        d.decode(&Wire::new().byte(b'E').bytes()),
+        Ok(LogicalMessage::StreamStop)
+    );
 }
 
 #[test]
@@ -744,7 +762,10 @@ fn v2_same_insert_bytes_decode_differently_by_stream_state() {
     let mut d = streaming_decoder();
     // Inside, the relation id would start at the 'N': this layout no longer parses.
     assert!(d.decode(&body).is_err());
-    assert!(d.in_stream(), "a failed decode does not change the stream state");
+    assert!(
+        d.in_stream(),
+        "a failed decode does not change the stream state"
+    );
 }
 
 #[test]
@@ -934,7 +955,12 @@ fn interleaved_stream_then_plain_transaction_through_frames() {
             .byte(b'n')
             .bytes(),
         Wire::new().byte(b'E').bytes(),
-        Wire::new().byte(b'B').uint64(10).int64(TS).uint32(900).bytes(),
+        Wire::new()
+            .byte(b'B')
+            .uint64(10)
+            .int64(TS)
+            .uint32(900)
+            .bytes(),
         Wire::new()
             .byte(b'I')
             .uint32(2)
@@ -942,7 +968,13 @@ fn interleaved_stream_then_plain_transaction_through_frames() {
             .int16(1)
             .byte(b'u')
             .bytes(),
-        Wire::new().byte(b'C').byte(0).uint64(10).uint64(20).int64(TS).bytes(),
+        Wire::new()
+            .byte(b'C')
+            .byte(0)
+            .uint64(10)
+            .uint64(20)
+            .int64(TS)
+            .bytes(),
         Wire::new()
             .byte(b'c')
             .uint32(XID)
