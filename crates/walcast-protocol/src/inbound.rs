@@ -12,6 +12,9 @@
 //! ignores them).
 
 use bytes::Bytes;
+use std::fmt;
+
+use serde::de::{self, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
@@ -179,19 +182,58 @@ fn envelope_v1(text: &str) -> Result<Envelope<'_>, FrameError> {
     })
 }
 
-type V2Wire<'a> = (Option<String>, Option<String>, String, String, &'a RawValue);
+/// The vsn 2.0.0 array, read element by element so that a wrong element count is reported
+/// as a shape error (serde's tuple impl leaves extra elements to the parser, which calls
+/// them a syntax error).
+struct V2Wire<'a> {
+    join_ref: Option<String>,
+    msg_ref: Option<String>,
+    topic: String,
+    event: String,
+    payload: &'a RawValue,
+}
+
+impl<'de> Deserialize<'de> for V2Wire<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ArrayVisitor;
+        impl<'de> Visitor<'de> for ArrayVisitor {
+            type Value = V2Wire<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array [join_ref, ref, topic, event, payload]")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let short = |n| de::Error::invalid_length(n, &"5 elements");
+                let join_ref = seq.next_element()?.ok_or_else(|| short(0))?;
+                let msg_ref = seq.next_element()?.ok_or_else(|| short(1))?;
+                let topic = seq.next_element()?.ok_or_else(|| short(2))?;
+                let event = seq.next_element()?.ok_or_else(|| short(3))?;
+                let payload = seq.next_element()?.ok_or_else(|| short(4))?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_length(6, &"5 elements"));
+                }
+                Ok(V2Wire {
+                    join_ref,
+                    msg_ref,
+                    topic,
+                    event,
+                    payload,
+                })
+            }
+        }
+        d.deserialize_seq(ArrayVisitor)
+    }
+}
 
 fn envelope_v2(text: &str) -> Result<Envelope<'_>, FrameError> {
-    let (join_ref, msg_ref, topic, event, payload): V2Wire<'_> =
-        serde_json::from_str(text).map_err(|e| syntax_or_shape(Vsn::V2, e))?;
+    let w: V2Wire<'_> = serde_json::from_str(text).map_err(|e| syntax_or_shape(Vsn::V2, e))?;
     Ok(Envelope {
         refs: FrameRefs {
-            join_ref,
-            msg_ref,
-            topic,
-            event,
+            join_ref: w.join_ref,
+            msg_ref: w.msg_ref,
+            topic: w.topic,
+            event: w.event,
         },
-        payload,
+        payload: w.payload,
     })
 }
 
