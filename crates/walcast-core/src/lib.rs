@@ -1,1 +1,9 @@
 //! Change model, to_jsonb-compatible values, filters, subscription index and fan-out hub.
+
+pub mod change;
+pub mod json;
+pub mod pg_type;
+pub mod value;
+
+pub use pg_type::{Oid, TypeInfo, TypeKind, TypeRegistry, TypeRow, RESOLVE_TYPES_SQL};
+pub use value::{to_json_string, write_json, write_json_string, ValueError};
