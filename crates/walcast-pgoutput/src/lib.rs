@@ -29,15 +29,31 @@
 //! * **One message per XLogData.** Trailing bytes are an error, never silently skipped.
 //!
 //! [`encode`] writes everything back (the exact inverse), for synthesizing streams in tests.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use walcast_pgoutput::{encode, Begin, Decoder, LogicalMessage, Lsn, ReplicationFrame};
+//!
+//! let begin = LogicalMessage::Begin(Begin { final_lsn: Lsn(0x16B3748), commit_time: 0, xid: 7 });
+//! let frame: Bytes = encode::xlog_data(Lsn(1), Lsn(2), 0, &begin)?;
+//!
+//! let mut decoder = Decoder::new(); // one per replication connection
+//! match ReplicationFrame::parse(frame)? {
+//!     ReplicationFrame::XLogData(x) => assert_eq!(decoder.decode(&x.data)?, begin),
+//!     ReplicationFrame::Keepalive(_) => unreachable!(),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-mod error;
-mod framing;
-mod lsn;
-mod message;
-mod reader;
-mod relation_cache;
-
+// The modules are public so their docs (layouts, tag disambiguation, invariants) render;
+// everything is also re-exported at the root, which is the path to use.
 pub mod encode;
+pub mod error;
+pub mod framing;
+pub mod lsn;
+pub mod message;
+mod reader;
+pub mod relation_cache;
 
 pub use error::DecodeError;
 pub use framing::{PrimaryKeepalive, ReplicationFrame, StandbyStatusUpdate, XLogData};
