@@ -35,6 +35,25 @@
 //!   ──encode_user_broadcast_binary──▶ kind 4 bytes (vsn 2.0.0 broadcast subscribers)
 //! ```
 //!
+//! # Example
+//!
+//! ```
+//! use walcast_protocol::{decode_text, encode_push, outbound, Inbound, Vsn};
+//!
+//! let vsn = Vsn::from_query(Some("2.0.0")).unwrap();
+//! let frame = decode_text(vsn, r#"[null,"26","phoenix","heartbeat",{}]"#).unwrap();
+//! assert!(matches!(frame.payload, Inbound::Heartbeat));
+//! let reply = encode_push(
+//!     vsn,
+//!     frame.join_ref.as_deref(),
+//!     frame.msg_ref.as_deref(),
+//!     &frame.topic,
+//!     outbound::event::PHX_REPLY,
+//!     outbound::REPLY_OK_EMPTY,
+//! );
+//! assert_eq!(reply, r#"[null,"26","phoenix","phx_reply",{"status":"ok","response":{}}]"#);
+//! ```
+//!
 //! Invariants kept here:
 //! - Join bindings (`config.postgres_changes`) keep their raw text and are echoed verbatim,
 //!   in order, with an integer `id` ([`join_reply_ok`]).
