@@ -1,1 +1,3 @@
 //! The walcast server library.
+
+pub mod auth;
