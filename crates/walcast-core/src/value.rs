@@ -51,6 +51,11 @@
 //!   attnum order like `to_json`. Equal as jsonb.
 //! - user base types with a cast to json (hstore → object, PostGIS geometry → GeoJSON) render
 //!   as their text: to_jsonb would call the cast, which needs the server.
+//! - `json` documents that jsonb cannot hold (`\u0000`, numbers beyond numeric's range) make
+//!   to_jsonb fail; we embed them as they are (valid JSON, what `to_json` does). Documents
+//!   with unpaired surrogate escapes are sent as strings (see above).
+//! - The reference table lists `oid` among the JSON numbers; to_jsonb makes it a string, and
+//!   so do we (parity wins).
 //!
 //! Malformed text never panics: parsers return [`ValueError`], [`write_json`] leaves `out` as
 //! it was, and the caller falls back to the text as a JSON string ([`to_json_string`] does).
