@@ -79,6 +79,17 @@ impl ReplicationClient {
         self.conn.backend_pid
     }
 
+    /// How the connection authenticated: `trust`, `password`, `md5`, `SCRAM-SHA-256` or
+    /// `SCRAM-SHA-256-PLUS` (channel-bound to the TLS session).
+    pub fn auth_method(&self) -> &'static str {
+        self.conn.auth_method
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.conn.tls
+    }
+
     /// A server parameter reported at startup (`server_version`, `TimeZone`, …).
     pub fn parameter(&self, name: &str) -> Option<&str> {
         self.conn.parameters.get(name).map(String::as_str)

@@ -3,7 +3,8 @@
 //! Accepted form: `postgres[ql]://user:password@host:port/dbname?param=value&…` with
 //! percent-encoding anywhere. Query parameters understood: `sslmode`, `sslrootcert`,
 //! `application_name`, `connect_timeout` (seconds), and `host`/`port`/`user`/`password`/
-//! `dbname`, which override the URL parts (libpq does the same). A `host` that starts with
+//! `dbname`, which override the URL parts, and `hostaddr` (connect to this IP, check the
+//! certificate against `host`), (libpq does the same). A `host` that starts with
 //! `/` is a unix socket directory (`/path/.s.PGSQL.<port>`).
 //!
 //! The password is only reachable through [`ReplicationConfig::password`]; `Debug` and
@@ -100,6 +101,9 @@ pub enum ConfigError {
 pub struct ReplicationConfig {
     /// Server host.
     pub host: Host,
+    /// Numeric address to connect to instead of resolving `host` (libpq's `hostaddr`);
+    /// `host` is still the name the certificate is checked against.
+    pub hostaddr: Option<std::net::IpAddr>,
     /// Server port.
     pub port: u16,
     /// Role to log in as; it needs the `REPLICATION` attribute.
@@ -166,6 +170,7 @@ impl ReplicationConfig {
         let mut sslrootcert = None;
         let mut application_name = None;
         let mut connect_timeout = Duration::from_secs(30);
+        let mut hostaddr = None;
 
         // `query_pairs` percent-decodes keys and values.
         for (key, value) in url.query_pairs() {
@@ -175,6 +180,11 @@ impl ReplicationConfig {
                 "sslrootcert" => sslrootcert = non_empty(value).map(PathBuf::from),
                 "application_name" => application_name = non_empty(value),
                 "host" => host = non_empty(value),
+                "hostaddr" => {
+                    hostaddr = Some(value.parse().map_err(|_| {
+                        ConfigError::Invalid(format!("hostaddr '{value}' is not an IP address"))
+                    })?)
+                }
                 "port" => {
                     port = Some(value.parse().map_err(|_| {
                         ConfigError::Invalid(format!("port '{value}' is not a number"))
@@ -196,7 +206,7 @@ impl ReplicationConfig {
                     // without anyone noticing, so unknown parameters are an error.
                     return Err(ConfigError::Invalid(format!(
                         "unsupported parameter '{other}' (supported: sslmode, sslrootcert, \
-                         application_name, connect_timeout, host, port, user, password, dbname)"
+                         application_name, connect_timeout, host, hostaddr, port, user, password, dbname)"
                     )));
                 }
             }
@@ -213,6 +223,7 @@ impl ReplicationConfig {
         let dbname = dbname.unwrap_or_else(|| user.clone());
         Ok(ReplicationConfig {
             host,
+            hostaddr,
             port: port.unwrap_or(DEFAULT_PORT),
             user,
             password,
@@ -296,6 +307,7 @@ impl fmt::Debug for ReplicationConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplicationConfig")
             .field("host", &self.host)
+            .field("hostaddr", &self.hostaddr)
             .field("port", &self.port)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))

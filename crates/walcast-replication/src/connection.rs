@@ -137,6 +137,9 @@ pub(crate) struct Connection {
     pub(crate) backend_pid: i32,
     pub(crate) user: String,
     pub(crate) dbname: String,
+    /// How we authenticated: `trust`, `password`, `md5`, `SCRAM-SHA-256[-PLUS]`.
+    pub(crate) auth_method: &'static str,
+    pub(crate) tls: bool,
 }
 
 impl Connection {
@@ -160,6 +163,8 @@ impl Connection {
             backend_pid: 0,
             user: cfg.user.clone(),
             dbname: cfg.dbname.clone(),
+            auth_method: "trust",
+            tls: end_point.is_some(),
         };
         let params = [
             ("user", cfg.user.as_str()),
@@ -200,6 +205,7 @@ impl Connection {
                 Backend::Message(Message::AuthenticationCleartextPassword) => {
                     frontend::password_message(password()?, &mut self.write_buf)?;
                     self.flush().await?;
+                    self.auth_method = "password";
                 }
                 Backend::Message(Message::AuthenticationMd5Password(body)) => {
                     let hash = postgres_protocol::authentication::md5_hash(
@@ -209,6 +215,7 @@ impl Connection {
                     );
                     frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
                     self.flush().await?;
+                    self.auth_method = "md5";
                 }
                 Backend::Message(Message::AuthenticationSasl(body)) => {
                     let mut plain = false;
@@ -247,6 +254,7 @@ impl Connection {
                     )?;
                     self.flush().await?;
                     self.scram_continue(&mut scram).await?;
+                    self.auth_method = mechanism;
                 }
                 Backend::Message(Message::ErrorResponse(body)) => {
                     return Err(self.error_from(body.fields()))
@@ -522,7 +530,10 @@ async fn open_socket(
         }
         Host::Tcp(h) => h.as_str(),
     };
-    let tcp = connect_tcp(host, cfg.port).await?;
+    let tcp = match cfg.hostaddr {
+        Some(ip) => connect_tcp(&ip.to_string(), cfg.port).await?,
+        None => connect_tcp(host, cfg.port).await?,
+    };
     if cfg.sslmode == SslMode::Disable {
         return Ok((Socket::Tcp(tcp), None));
     }
