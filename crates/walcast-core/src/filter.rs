@@ -75,8 +75,10 @@
 //!   - everything else (json, jsonb, arrays, ranges, composites, bytea, interval, inet, …):
 //!     `eq/neq/in/isdistinct` compare the Postgres text form exactly; ordering is refused.
 //!     `json` has no equality operator in Postgres, so only `is` is accepted on it.
-//!   - `like/ilike`: text-like columns only; `ilike` lower-cases both sides (Unicode simple
-//!     case mapping).
+//!   - `like/ilike`: text-like columns only, matched against the text as stored (a `bpchar`
+//!     keeps its padding, as `bpcharlike` does); `ilike` lower-cases both sides with Unicode
+//!     case mapping, which is what a UTF-8 `LC_CTYPE` does (a database with `LC_CTYPE=C`
+//!     only folds ASCII letters).
 //!
 //! Invariants: parsing and evaluation never panic on any input (everything here is external
 //! input: the filter comes from a client, the values from the WAL); nothing is indexed
@@ -808,6 +810,17 @@ impl CompiledFilter {
 impl CompiledCondition {
     /// Three-valued result: `None` is SQL NULL.
     fn eval(&self, text: Option<&str>) -> Option<bool> {
+        if let Test::Like { pattern, fold } = &self.test {
+            // LIKE sees the value as stored: a bpchar keeps its padding (Postgres's
+            // bpcharlike does not strip it, unlike bpchar comparison).
+            let t = text?;
+            let hit = if *fold {
+                like_match(pattern, &t.to_lowercase())
+            } else {
+                like_match(pattern, t)
+            };
+            return Some(hit != self.negate);
+        }
         // A value that no longer parses as the compiled type (the column's type changed
         // since subscribe) cannot be compared: treat it as no match, whatever the negation.
         let value = match text {
@@ -854,16 +867,8 @@ impl CompiledCondition {
                     }
                 }
             }
-            Test::Like { pattern, fold } => {
-                let Some(Scalar::Text(s)) = value else {
-                    return None;
-                };
-                Some(if *fold {
-                    like_match(pattern, &s.to_lowercase())
-                } else {
-                    like_match(pattern, &s)
-                })
-            }
+            // Handled above, before the value is normalized.
+            Test::Like { .. } => None,
         };
         if self.negate {
             result.map(|b| !b)
