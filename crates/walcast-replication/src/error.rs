@@ -6,7 +6,6 @@ use std::fmt;
 use std::io;
 
 use crate::config::ConfigError;
-use crate::Lsn;
 
 /// An `ErrorResponse` from the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,15 +181,6 @@ pub enum ReplicationError {
     /// The stream was already shut down, or its reader task is gone.
     #[error("the replication stream is closed")]
     Closed,
-
-    /// Reserved for positions that make no sense (e.g. a Commit shorter than its header).
-    #[error("malformed replication frame at {lsn}: {message}")]
-    Frame {
-        /// Where.
-        lsn: Lsn,
-        /// What.
-        message: String,
-    },
 }
 
 impl ReplicationError {
@@ -219,8 +209,7 @@ impl ReplicationError {
             | ReplicationError::SlotInUse { .. }
             | ReplicationError::SlotInvalidated { .. }
             | ReplicationError::SlotUnusable { .. }
-            | ReplicationError::Closed
-            | ReplicationError::Frame { .. } => false,
+            | ReplicationError::Closed => false,
         }
     }
 

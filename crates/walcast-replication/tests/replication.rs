@@ -663,3 +663,73 @@ async fn tls_modes() -> TestResult {
     );
     Ok(())
 }
+
+/// A fake walsender that authenticates (trust), answers START_REPLICATION with 'W' and then
+/// never says anything again, reporting the status updates it reads.
+async fn silent_walsender(
+    listener: tokio::net::TcpListener,
+    updates: tokio::sync::mpsc::UnboundedSender<walcast_pgoutput::StandbyStatusUpdate>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut sock, _) = listener.accept().await?;
+    let len = sock.read_i32().await?;
+    let mut startup = vec![0; usize::try_from(len - 4).unwrap_or(0)];
+    sock.read_exact(&mut startup).await?;
+    // AuthenticationOk, ReadyForQuery(idle).
+    sock.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+        .await?;
+    loop {
+        let tag = sock.read_u8().await?;
+        let len = sock.read_i32().await?;
+        let mut body = vec![0; usize::try_from(len - 4).unwrap_or(0)];
+        sock.read_exact(&mut body).await?;
+        match tag {
+            // CopyBothResponse: binary, no columns.
+            b'Q' => sock.write_all(&[b'W', 0, 0, 0, 7, 1, 0, 0]).await?,
+            b'd' => {
+                let update = walcast_pgoutput::StandbyStatusUpdate::parse(&body)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let _ = updates.send(update);
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_server_is_detected_after_pings() -> TestResult {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (tx, mut updates) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(silent_walsender(listener, tx));
+
+    let cfg = ReplicationConfig::from_url(&format!(
+        "postgres://walcast@127.0.0.1:{port}/db?sslmode=disable"
+    ))?
+    .with_status_interval(Duration::from_millis(200))
+    .with_server_timeout(Duration::from_secs(1));
+    let client = connect(&cfg).await?;
+    let mut stream = client.start(Lsn(0x10)).await?;
+    let event = tokio::time::timeout(PATIENCE, stream.recv())
+        .await?
+        .expect("an error, not the end");
+    let err = event.expect_err("the server said nothing");
+    assert!(
+        matches!(err, ReplicationError::ServerSilent(d) if d == Duration::from_secs(1)),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(stream.recv().await.is_none());
+
+    let mut seen = Vec::new();
+    while let Ok(update) = updates.try_recv() {
+        seen.push(update);
+    }
+    // The first update says where we stand; later ones ask the quiet server for a reply.
+    let first = seen.first().expect("status updates were sent");
+    assert_eq!(first.flush, Lsn(0x10));
+    assert!(first.write >= first.flush);
+    assert!(seen.iter().any(|u| u.reply_requested), "{seen:?}");
+    server.abort();
+    Ok(())
+}
