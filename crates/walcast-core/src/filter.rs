@@ -32,7 +32,8 @@
 //! ```
 //!
 //! Conditions are split on `,` except inside `( … )` or `" … "`; they are ANDed. An empty
-//! condition (`a=eq.1,,b=eq.2`, a trailing comma) is an error. `match`/`imatch` (regular
+//! condition (`a=eq.1,,b=eq.2`, a trailing comma) is an error. Each condition is trimmed, so
+//! a value that must keep leading or trailing spaces has to be quoted. `match`/`imatch` (regular
 //! expressions) are recognised and refused with a clear error: Postgres's ARE dialect is not
 //! something we can reproduce faithfully, and a filter that silently disagrees with SQL is
 //! worse than one that is refused.

@@ -1,8 +1,10 @@
 //! Change model, to_jsonb-compatible values, filters, subscription index and fan-out hub.
 
 pub mod change;
+pub mod filter;
 pub mod json;
 pub mod pg_type;
+pub mod subscription;
 pub mod value;
 
 pub use pg_type::{Oid, TypeInfo, TypeKind, TypeRegistry, TypeRow, RESOLVE_TYPES_SQL};
