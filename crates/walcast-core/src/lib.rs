@@ -2,7 +2,6 @@
 
 pub mod change;
 pub mod filter;
-pub mod json;
 pub mod pg_type;
 pub mod subscription;
 pub mod value;

@@ -407,7 +407,7 @@ fn canonical(value: &serde_json::Value, h: &mut Fnv1a) {
 
 fn write_string(s: &str, h: &mut Fnv1a) {
     let mut out = String::with_capacity(s.len() + 2);
-    crate::json::write_json_string(s, &mut out);
+    crate::value::write_json_string(s, &mut out);
     h.write(out.as_bytes());
 }
 
