@@ -134,7 +134,7 @@ pub enum ReplicationError {
     },
 
     /// Another connection streams from the slot (55006).
-    #[error("replication slot \"{slot}\" is in use by process {pid:?}: stop the other walcast (or consumer), or use another slot name")]
+    #[error("replication slot \"{slot}\" is in use by {}: stop the other walcast (or consumer), or use another slot name", pid.map(|p| format!("process {p}")).unwrap_or_else(|| "another process".into()))]
     SlotInUse {
         /// Slot name.
         slot: String,

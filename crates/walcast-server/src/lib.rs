@@ -1,3 +1,21 @@
-//! The walcast server library.
+//! The `walcast` binary's library: command line, the replication pump, the realtime
+//! server (HTTP, WebSocket, channels), authorization and metrics.
+//!
+//! Binaries stay thin: `main.rs` parses the command line and calls [`run`].
 
 pub mod auth;
+pub mod catalog;
+pub mod cli;
+pub mod source;
+pub mod sql;
+pub mod tail;
+
+/// Run one CLI command to completion.
+pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        cli::Command::Tail(args) => tail::run(args).await,
+        cli::Command::Serve(_) | cli::Command::Check(_) | cli::Command::Demo(_) => {
+            anyhow::bail!("not implemented yet")
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Command line: every flag also reads an environment variable (design.md, "Interfaces").
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "walcast",
+    version,
+    about = "Realtime server for Postgres: WAL changes, broadcast and presence over WebSocket, \
+             speaking the Supabase Realtime protocol"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the realtime server.
+    Serve(ServeArgs),
+    /// Print decoded changes as JSON lines (a CDC debugging tool and the decode benchmark).
+    Tail(TailArgs),
+    /// Diagnose a database: wal_level, slots, publication, replica identity, RLS.
+    Check(CheckArgs),
+    /// Start a throwaway Postgres, a demo schema and the server on port 4000.
+    Demo(DemoArgs),
+}
+
+/// Where to replicate from.
+#[derive(Debug, Clone, Args)]
+pub struct SourceArgs {
+    /// Source database (`postgres://user:password@host:port/db?sslmode=…`).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Publication to stream.
+    #[arg(long, env = "PUBLICATION", default_value = "walcast")]
+    pub publication: String,
+
+    /// Replication slot.
+    #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
+    pub slot: String,
+
+    /// Use a temporary slot (dropped on disconnect: no WAL retention, but changes made while
+    /// walcast is down are lost).
+    #[arg(long, env = "TEMPORARY_SLOT")]
+    pub temporary_slot: bool,
+
+    /// Never create the publication; fail with the SQL to run instead.
+    #[arg(long, env = "NO_CREATE_PUBLICATION")]
+    pub no_create_publication: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// Exit once every change up to the WAL position at startup has been printed.
+    #[arg(long)]
+    pub exit_when_caught_up: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// HS256/384/512 secret for verifying JWTs.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// JWKS JSON, inline or `@path`, for RS*/ES*/EdDSA tokens.
+    #[arg(long, env = "JWT_JWKS", hide_env_values = true)]
+    pub jwt_jwks: Option<String>,
+
+    /// HTTP + WebSocket port.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Listen address.
+    #[arg(long, env = "BIND", default_value = "0.0.0.0")]
+    pub bind: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Database to diagnose.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Publication walcast streams.
+    #[arg(long, env = "PUBLICATION", default_value = "walcast")]
+    pub publication: String,
+
+    /// Replication slot walcast uses.
+    #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
+    pub slot: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// HTTP + WebSocket port.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Directory holding the Postgres server binaries (initdb, pg_ctl); found automatically
+    /// when unset.
+    #[arg(long, env = "PG_BIN")]
+    pub pg_bin: Option<PathBuf>,
+}

@@ -1,0 +1,91 @@
+//! Ordinary SQL connections to the source database (catalog look-ups, type resolution,
+//! authorization checks), with the same address, credentials and TLS policy as the
+//! replication connection.
+
+use anyhow::{Context, Result};
+use tokio_postgres::config::SslMode as PgSslMode;
+use walcast_replication::{Host, ReplicationConfig, SslMode};
+
+/// Open a SQL connection; its driver task is spawned on the current runtime.
+pub async fn connect(
+    cfg: &ReplicationConfig,
+    application_name: &str,
+) -> Result<tokio_postgres::Client> {
+    let mut pg = tokio_postgres::Config::new();
+    match &cfg.host {
+        Host::Tcp(h) => pg.host(h),
+        Host::Unix(p) => pg.host_path(p),
+    };
+    pg.port(cfg.port)
+        .user(&cfg.user)
+        .dbname(&cfg.dbname)
+        .application_name(application_name)
+        .options(
+            "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3",
+        )
+        .connect_timeout(cfg.connect_timeout);
+    if let Some(pw) = cfg.password() {
+        pg.password(pw);
+    }
+    if cfg.sslmode == SslMode::Disable {
+        let (client, conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| explain(cfg, e))?;
+        spawn_driver(conn);
+        return Ok(client);
+    }
+    pg.ssl_mode(if cfg.sslmode == SslMode::Prefer {
+        PgSslMode::Prefer
+    } else {
+        PgSslMode::Require
+    });
+    let tls = walcast_replication::tls_client_config(cfg.sslmode, cfg.sslrootcert.as_deref())
+        .context("building the TLS configuration")?;
+    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+    let (client, conn) = pg.connect(connector).await.map_err(|e| explain(cfg, e))?;
+    spawn_driver(conn);
+    Ok(client)
+}
+
+fn spawn_driver<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "sql connection ended");
+        }
+    });
+}
+
+/// Turn a connection failure into one line that says what to do.
+fn explain(cfg: &ReplicationConfig, e: tokio_postgres::Error) -> anyhow::Error {
+    use tokio_postgres::error::SqlState;
+    let at = format!("{}:{}", cfg.host, cfg.port);
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::INVALID_PASSWORD {
+            return anyhow::anyhow!(
+                "password authentication failed for user \"{}\" at {at}: check the user and password in --database-url (DATABASE_URL)",
+                cfg.user
+            );
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return anyhow::anyhow!(
+                "database \"{}\" does not exist at {at}: check the database name in --database-url",
+                cfg.dbname
+            );
+        }
+        if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            return anyhow::anyhow!(
+                "{at} refused user \"{}\": {} (allow it in pg_hba.conf)",
+                cfg.user,
+                db.message()
+            );
+        }
+        return anyhow::anyhow!("connecting to {at} as {}: {}", cfg.user, db.message());
+    }
+    anyhow::anyhow!("cannot connect to {at}: {e}; is Postgres running and reachable from here?")
+}
