@@ -340,8 +340,8 @@ export function rawConnect(opts = {}) {
         reject(err)
       })
     })
-    ws.once('error', (e) => {
-      if (e.message && e.message.startsWith('Unexpected server response')) return
+    // `on`, not `once`: terminating a refused handshake emits a second error.
+    ws.on('error', (e) => {
       clearTimeout(timer)
       reject(e)
     })
