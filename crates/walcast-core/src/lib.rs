@@ -2,6 +2,7 @@
 
 pub mod change;
 pub mod filter;
+pub mod hub;
 pub mod pg_type;
 pub mod subscription;
 pub mod value;

@@ -1,0 +1,510 @@
+//! Fan-out of row changes to joined channels.
+//!
+//! ```text
+//!  pump (one task, commit order) ──Change──▶ Hub::dispatch
+//!        SubscriptionIndex::matches ── only bindings of this table + wildcard lists
+//!        per match: frame = cache[(vsn, topic, ids, select)]   ← data JSON rendered once per select
+//!        outbox.push(frame.clone())   ← a refcount bump; never blocks
+//! ```
+//!
+//! Invariants:
+//! - Dispatch never blocks: a full outbox drops the frame and the outbox itself decides what
+//!   happens to its socket (the server disconnects a client that cannot keep up), so one slow
+//!   client never slows the others or the WAL reader.
+//! - Each change is serialized once per distinct column selection, and each frame once per
+//!   (protocol version, topic, binding ids, selection); sockets share the bytes.
+//! - Per subscriber, frames are pushed in dispatch order, which is commit order.
+//! - [`Hub::subscribe`] runs its callback under the same lock that dispatch takes, so a join
+//!   reply queued there precedes every change delivered to the new channel, and every change
+//!   dispatched after it is matched against the new bindings.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use walcast_protocol::{encode_push, outbound, Vsn};
+
+use crate::change::{Change, ChangeKind, Value};
+use crate::subscription::{Binding, Match, SubscriberId, SubscriptionIndex};
+use crate::value::write_json_string;
+
+/// A frame ready for the wire; cloning shares the bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutFrame {
+    /// A text frame (always valid UTF-8).
+    Text(Bytes),
+    /// A binary frame.
+    Binary(Bytes),
+}
+
+impl OutFrame {
+    /// A text frame from an owned string.
+    pub fn text(s: String) -> OutFrame {
+        OutFrame::Text(Bytes::from(s))
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            OutFrame::Text(b) | OutFrame::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a channel's frames go: the socket's bounded send queue.
+pub trait Outbox: Send + Sync + 'static {
+    /// Queue a frame without waiting. Returns false when it was not queued (queue full or
+    /// socket gone); the outbox is responsible for dealing with its own overflow.
+    fn push(&self, frame: OutFrame) -> bool;
+}
+
+/// A joined channel, as the hub needs to know it.
+#[derive(Clone)]
+pub struct ChannelTarget {
+    pub outbox: Arc<dyn Outbox>,
+    pub vsn: Vsn,
+    /// Full topic, `realtime:<name>`.
+    pub topic: Arc<str>,
+}
+
+/// Limits applied while rendering change payloads.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// A change whose `data` exceeds this many bytes is sent with only its short fields and
+    /// `errors: ["Error 413: Payload Too Large"]` (Supabase's `poll_max_record_bytes`).
+    pub max_record_bytes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            max_record_bytes: 1_048_576,
+        }
+    }
+}
+
+/// What one dispatch did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchStats {
+    /// Frames queued to sockets.
+    pub delivered: u64,
+    /// Frames refused by full or closed outboxes.
+    pub dropped: u64,
+    /// Distinct payload renderings (cache misses).
+    pub encoded: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    index: SubscriptionIndex,
+    channels: HashMap<SubscriberId, ChannelTarget>,
+}
+
+/// Registry of postgres_changes subscribers and the fan-out of changes to them.
+pub struct Hub {
+    config: HubConfig,
+    inner: RwLock<Inner>,
+}
+
+/// Scratch buffers reused across dispatches (owned by the single dispatching task).
+#[derive(Default)]
+pub struct DispatchScratch {
+    matches: Vec<Match>,
+    data: HashMap<Option<Vec<String>>, Arc<str>>,
+    frames: HashMap<(Vsn, Arc<str>, Vec<u32>, Option<Vec<String>>), OutFrame>,
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Hub {
+        Hub {
+            config,
+            inner: RwLock::new(Inner::default()),
+        }
+    }
+
+    /// Register a channel's bindings. `while_locked` runs before any later dispatch can see
+    /// (or miss) the channel: queue the join reply there.
+    pub fn subscribe<R>(
+        &self,
+        id: SubscriberId,
+        target: ChannelTarget,
+        bindings: Vec<Binding>,
+        while_locked: impl FnOnce() -> R,
+    ) -> R {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.index.remove_subscriber(id);
+        for b in bindings {
+            inner.index.insert(id, b);
+        }
+        inner.channels.insert(id, target);
+        while_locked()
+    }
+
+    /// Forget a channel (leave, close, socket gone). Idempotent.
+    pub fn unsubscribe(&self, id: SubscriberId) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.index.remove_subscriber(id);
+        inner.channels.remove(&id);
+    }
+
+    /// Number of channels with bindings.
+    pub fn channel_count(&self) -> usize {
+        self.inner.read().map(|i| i.channels.len()).unwrap_or(0)
+    }
+
+    /// Deliver one change to every matching channel.
+    pub fn dispatch(&self, change: &Change, scratch: &mut DispatchScratch) -> DispatchStats {
+        let mut stats = DispatchStats::default();
+        if change.kind == ChangeKind::Truncate {
+            return stats;
+        }
+        scratch.data.clear();
+        scratch.frames.clear();
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.index.matches(change, &mut scratch.matches);
+        for m in scratch.matches.drain(..) {
+            let Some(target) = inner.channels.get(&m.subscriber) else {
+                continue;
+            };
+            let key = (target.vsn, target.topic.clone(), m.binding_ids, m.select);
+            let frame = match scratch.frames.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let data = match scratch.data.get(&key.3) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d: Arc<str> =
+                                render_data(change, key.3.as_deref(), &self.config).into();
+                            scratch.data.insert(key.3.clone(), d.clone());
+                            d
+                        }
+                    };
+                    let payload = outbound::postgres_changes(&key.2, &data);
+                    let frame = OutFrame::text(encode_push(
+                        key.0,
+                        None,
+                        None,
+                        &key.1,
+                        "postgres_changes",
+                        &payload,
+                    ));
+                    stats.encoded += 1;
+                    scratch.frames.insert(key, frame.clone());
+                    frame
+                }
+            };
+            if target.outbox.push(frame) {
+                stats.delivered += 1;
+            } else {
+                stats.dropped += 1;
+            }
+        }
+        stats
+    }
+}
+
+/// The `data` object of a `postgres_changes` payload (Supabase's record shape).
+pub fn render_data(change: &Change, select: Option<&[String]>, config: &HubConfig) -> String {
+    let kind = change.kind.as_str();
+    let table = &change.table;
+    let has_key = table.columns.iter().any(|c| c.is_key);
+    if !has_key && matches!(change.kind, ChangeKind::Insert | ChangeKind::Update) {
+        // Without a primary key a row cannot be identified (Supabase refuses these too).
+        let mut out = String::with_capacity(128);
+        head(&mut out, change, kind);
+        out.push_str(",\"errors\":[\"Error 400: Bad Request, no primary key\"]}");
+        return out;
+    }
+    let keep = |i: usize| -> bool {
+        match select {
+            None => true,
+            Some(cols) => table
+                .columns
+                .get(i)
+                .is_some_and(|c| cols.iter().any(|s| s.as_str() == &*c.name)),
+        }
+    };
+    let full = render_body(change, kind, &keep, None);
+    if full.len() <= config.max_record_bytes {
+        return full;
+    }
+    // Too large: keep only values whose text is short, and say so.
+    render_body(change, kind, &keep, Some(64))
+}
+
+fn head(out: &mut String, change: &Change, kind: &str) {
+    out.push_str("{\"schema\":");
+    write_json_string(&change.table.schema, out);
+    out.push_str(",\"table\":");
+    write_json_string(&change.table.name, out);
+    out.push_str(",\"type\":\"");
+    out.push_str(kind);
+    out.push('"');
+}
+
+fn render_body(
+    change: &Change,
+    kind: &str,
+    keep: &dyn Fn(usize) -> bool,
+    max_value_text: Option<usize>,
+) -> String {
+    let mut out = String::with_capacity(256);
+    head(&mut out, change, kind);
+    out.push_str(",\"commit_timestamp\":\"");
+    out.push_str(&change.commit_timestamp_millis());
+    out.push_str("\",\"columns\":[");
+    let mut first = true;
+    for (i, c) in change.table.columns.iter().enumerate() {
+        if !keep(i) {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str("{\"name\":");
+        write_json_string(&c.name, &mut out);
+        out.push_str(",\"type\":");
+        write_json_string(&c.type_name, &mut out);
+        out.push('}');
+    }
+    out.push(']');
+    let short = |i: usize, row: &[Value]| -> bool {
+        keep(i)
+            && match max_value_text {
+                None => true,
+                Some(limit) => row
+                    .get(i)
+                    .map(|v| v.text().map_or(0, str::len) <= limit)
+                    .unwrap_or(false),
+            }
+    };
+    if let Some(rec) = &change.record {
+        out.push_str(",\"record\":");
+        change.write_row(rec, &mut out, |i| short(i, rec));
+    }
+    if let Some(old) = &change.old_record {
+        out.push_str(",\"old_record\":");
+        change.write_row(old, &mut out, |i| short(i, old));
+    }
+    if max_value_text.is_some() {
+        let _ = write!(out, ",\"errors\":[\"Error 413: Payload Too Large\"]}}");
+    } else {
+        out.push_str(",\"errors\":null}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Column, Table};
+    use crate::subscription::EventFilter;
+    use std::sync::Mutex;
+    use walcast_pgoutput::{Lsn, ReplicaIdentity};
+
+    #[derive(Default)]
+    struct Sink {
+        frames: Mutex<Vec<OutFrame>>,
+        full: bool,
+    }
+
+    impl Outbox for Sink {
+        fn push(&self, frame: OutFrame) -> bool {
+            if self.full {
+                return false;
+            }
+            self.frames.lock().unwrap().push(frame);
+            true
+        }
+    }
+
+    fn table(key: bool) -> Arc<Table> {
+        Arc::new(Table {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "todos".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![
+                Column {
+                    name: "id".into(),
+                    type_name: "int8".into(),
+                    type_oid: 20,
+                    is_key: key,
+                },
+                Column {
+                    name: "title".into(),
+                    type_name: "text".into(),
+                    type_oid: 25,
+                    is_key: false,
+                },
+            ]
+            .into(),
+        })
+    }
+
+    fn present(text: &str, json: &str) -> Value {
+        Value::Present {
+            text: text.into(),
+            json: json.into(),
+        }
+    }
+
+    fn insert(table: Arc<Table>, title: &str) -> Change {
+        Change {
+            table,
+            kind: ChangeKind::Insert,
+            commit_lsn: Lsn(1),
+            index_in_txn: 0,
+            commit_time_us: 1_763_511_760_877_123,
+            record: Some(vec![
+                present("46", "46"),
+                present(title, &format!("\"{title}\"")),
+            ]),
+            old_record: None,
+        }
+    }
+
+    fn binding(id: u32) -> Binding {
+        Binding {
+            id,
+            event: EventFilter::All,
+            schema: "public".into(),
+            table: "todos".into(),
+            filter: None,
+            select: None,
+        }
+    }
+
+    fn target(sink: &Arc<Sink>, vsn: Vsn, topic: &str) -> ChannelTarget {
+        ChannelTarget {
+            outbox: sink.clone(),
+            vsn,
+            topic: topic.into(),
+        }
+    }
+
+    #[test]
+    fn renders_supabase_shape_and_shares_frames() {
+        let hub = Hub::new(HubConfig::default());
+        let a = Arc::new(Sink::default());
+        let b = Arc::new(Sink::default());
+        let c = Arc::new(Sink::default());
+        hub.subscribe(
+            1,
+            target(&a, Vsn::V2, "realtime:room"),
+            vec![binding(7)],
+            || (),
+        );
+        hub.subscribe(
+            2,
+            target(&b, Vsn::V2, "realtime:room"),
+            vec![binding(7)],
+            || (),
+        );
+        hub.subscribe(
+            3,
+            target(&c, Vsn::V1, "realtime:room"),
+            vec![binding(7), binding(9)],
+            || (),
+        );
+        let mut scratch = DispatchScratch::default();
+        let stats = hub.dispatch(&insert(table(true), "hi"), &mut scratch);
+        assert_eq!(stats.delivered, 3);
+        // Two distinct frames: V2 ids [7] (shared by a and b) and V1 ids [7, 9].
+        assert_eq!(stats.encoded, 2);
+        let fa = a.frames.lock().unwrap()[0].clone();
+        let fb = b.frames.lock().unwrap()[0].clone();
+        assert_eq!(fa, fb);
+        let OutFrame::Text(bytes) = fa else { panic!() };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v[0], serde_json::Value::Null);
+        assert_eq!(v[2], "realtime:room");
+        assert_eq!(v[3], "postgres_changes");
+        assert_eq!(
+            v[4],
+            serde_json::json!({"ids": [7], "data": {
+                "schema": "public", "table": "todos", "type": "INSERT",
+                "commit_timestamp": "2025-11-19T00:22:40.877Z",
+                "columns": [{"name": "id", "type": "int8"}, {"name": "title", "type": "text"}],
+                "record": {"id": 46, "title": "hi"}, "errors": null}})
+        );
+        let OutFrame::Text(bytes) = c.frames.lock().unwrap()[0].clone() else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["payload"]["ids"], serde_json::json!([7, 9]));
+        assert_eq!(v["ref"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn select_trims_columns_and_oversized_records_say_413() {
+        let t = table(true);
+        let change = insert(t.clone(), &"x".repeat(100));
+        let select = vec!["id".to_string()];
+        let data = render_data(&change, Some(&select), &HubConfig::default());
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(
+            v["columns"],
+            serde_json::json!([{"name": "id", "type": "int8"}])
+        );
+        assert_eq!(v["record"], serde_json::json!({"id": 46}));
+        let data = render_data(
+            &change,
+            None,
+            &HubConfig {
+                max_record_bytes: 100,
+            },
+        );
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["record"], serde_json::json!({"id": 46}));
+        assert_eq!(
+            v["errors"],
+            serde_json::json!(["Error 413: Payload Too Large"])
+        );
+    }
+
+    #[test]
+    fn no_primary_key_gets_the_400_error() {
+        let data = render_data(&insert(table(false), "x"), None, &HubConfig::default());
+        let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"schema": "public", "table": "todos", "type": "INSERT",
+                "errors": ["Error 400: Bad Request, no primary key"]})
+        );
+    }
+
+    #[test]
+    fn full_outbox_counts_drops_and_unsubscribe_stops_delivery() {
+        let hub = Hub::new(HubConfig::default());
+        let full = Arc::new(Sink {
+            full: true,
+            ..Default::default()
+        });
+        let ok = Arc::new(Sink::default());
+        hub.subscribe(
+            1,
+            target(&full, Vsn::V2, "realtime:a"),
+            vec![binding(1)],
+            || (),
+        );
+        hub.subscribe(
+            2,
+            target(&ok, Vsn::V2, "realtime:b"),
+            vec![binding(1)],
+            || (),
+        );
+        let mut scratch = DispatchScratch::default();
+        let stats = hub.dispatch(&insert(table(true), "x"), &mut scratch);
+        assert_eq!((stats.delivered, stats.dropped), (1, 1));
+        hub.unsubscribe(2);
+        let stats = hub.dispatch(&insert(table(true), "y"), &mut scratch);
+        assert_eq!((stats.delivered, stats.dropped), (0, 1));
+        assert_eq!(ok.frames.lock().unwrap().len(), 1);
+    }
+}
