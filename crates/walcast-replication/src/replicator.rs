@@ -16,6 +16,8 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -72,6 +74,8 @@ pub struct Replicator {
     backoff: Backoff,
     /// A fatal error was returned; the replicator is finished.
     done: bool,
+    /// True while a stream is established (for health checks).
+    streaming: Arc<AtomicBool>,
 }
 
 impl Replicator {
@@ -87,6 +91,7 @@ impl Replicator {
             connected_at: Instant::now(),
             backoff: Backoff::new(),
             done: false,
+            streaming: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -107,6 +112,7 @@ impl Replicator {
                 match self.establish().await {
                     Ok(stream) => {
                         self.stream = Some(stream);
+                        self.streaming.store(true, Ordering::Release);
                         self.connected_at = Instant::now();
                         if self.connected_once {
                             return Some(Ok(StreamEvent::Reconnected {
@@ -125,6 +131,7 @@ impl Replicator {
                     Err(e) => {
                         tracing::error!(error = %e, "replication cannot continue");
                         self.done = true;
+                        self.streaming.store(false, Ordering::Release);
                         return Some(Err(e));
                     }
                 }
@@ -153,6 +160,7 @@ impl Replicator {
     }
 
     fn drop_stream(&mut self) {
+        self.streaming.store(false, Ordering::Release);
         if let Some(stream) = self.stream.take() {
             self.previous_pid = Some(stream.backend_pid());
         }
@@ -181,6 +189,12 @@ impl Replicator {
         client.ensure_publication().await?;
         client.ensure_slot_inner(self.previous_pid).await?;
         client.start(self.resume).await
+    }
+
+    /// A flag that is true while a replication stream is established; readiness probes read
+    /// it without touching the replicator.
+    pub fn streaming_flag(&self) -> Arc<AtomicBool> {
+        self.streaming.clone()
     }
 
     /// Declares the last event handed on (see [`ReplicationStream::mark_handed_on`]).

@@ -34,3 +34,110 @@ pub async fn resolve_types(
     }
     Ok(())
 }
+
+/// What a join needs to know about a table.
+#[derive(Debug, Clone)]
+pub struct TableMeta {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// Columns in attnum order.
+    pub columns: Vec<walcast_core::filter::ColumnInfo>,
+    /// Primary-key columns (always sent when a binding selects columns).
+    pub primary_key: Vec<String>,
+    pub rls_enabled: bool,
+    /// Part of the streamed publication.
+    pub published: bool,
+}
+
+const FIND_TABLES_SQL: &str = "\
+SELECT c.oid, n.nspname::text, c.relname::text, c.relrowsecurity,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables pt
+               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT a.atttypid FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+             WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY a.attnum)
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname = $2 AND c.relname = $3";
+
+/// Look up one table by schema and name (no wildcards; those are matched per change).
+pub async fn find_table(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<Option<TableMeta>> {
+    let row = client
+        .query_opt(FIND_TABLES_SQL, &[&publication, &schema, &table])
+        .await
+        .context("looking up the table in pg_class")?;
+    let Some(row) = row else { return Ok(None) };
+    let names: Vec<String> = row.try_get(5)?;
+    let types: Vec<u32> = row.try_get(6)?;
+    Ok(Some(TableMeta {
+        oid: row.try_get(0)?,
+        schema: row.try_get(1)?,
+        name: row.try_get(2)?,
+        rls_enabled: row.try_get(3)?,
+        published: row.try_get(4)?,
+        columns: names
+            .into_iter()
+            .zip(types)
+            .map(|(name, type_oid)| walcast_core::filter::ColumnInfo { name, type_oid })
+            .collect(),
+        primary_key: row.try_get(7)?,
+    }))
+}
+
+/// Whether a role of that name exists (token roles must be real roles).
+pub async fn role_exists(client: &tokio_postgres::Client, role: &str) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await
+        .context("looking up the role")?;
+    Ok(row.try_get(0)?)
+}
+
+/// Table-level access of a role: SELECT privilege and whether row-level security is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableAccess {
+    pub select: bool,
+    pub rls_enabled: bool,
+}
+
+/// `has_table_privilege(role, table, 'SELECT')` and `relrowsecurity`, role as a bound
+/// parameter. A role that no longer exists gets no access.
+pub async fn table_access(
+    client: &tokio_postgres::Client,
+    role: &str,
+    table_oid: u32,
+) -> Result<TableAccess> {
+    let row = client
+        .query_opt(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
+                         THEN pg_catalog.has_table_privilege($1, c.oid, 'SELECT') ELSE false END,
+                    c.relrowsecurity
+             FROM pg_catalog.pg_class c WHERE c.oid = $2",
+            &[&role, &table_oid],
+        )
+        .await
+        .context("checking table privileges")?;
+    Ok(match row {
+        Some(r) => TableAccess {
+            select: r.try_get(0)?,
+            rls_enabled: r.try_get(1)?,
+        },
+        None => TableAccess {
+            select: false,
+            rls_enabled: false,
+        },
+    })
+}

@@ -83,6 +83,42 @@ pub struct ServeArgs {
     /// Listen address.
     #[arg(long, env = "BIND", default_value = "0.0.0.0")]
     pub bind: String,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits and timeouts (Supabase's defaults where it has one).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Channels one socket may join.
+    #[arg(long, env = "MAX_CHANNELS_PER_CLIENT", default_value_t = 100)]
+    pub max_channels_per_client: usize,
+
+    /// Frames queued for one socket before it counts as too slow and is disconnected.
+    #[arg(long, env = "SOCKET_SEND_QUEUE", default_value_t = 4096)]
+    pub socket_send_queue: usize,
+
+    /// A change whose payload exceeds this many bytes is sent trimmed, with an error.
+    #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 1_048_576)]
+    pub max_record_bytes: usize,
+
+    /// Largest WebSocket message or frame accepted from a client, in bytes.
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 5_000_000)]
+    pub max_frame_bytes: usize,
+
+    /// Close a socket that sent nothing (not even a heartbeat) for this many seconds.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Delay before a join error reply, damping rejoin storms (must stay well under the
+    /// clients' 10 s join timeout).
+    #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = 1000)]
+    pub channel_error_backoff_ms: u64,
+
+    /// Delay before refusing a WebSocket upgrade, damping reconnect storms.
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 1000)]
+    pub connect_error_backoff_ms: u64,
 }
 
 #[derive(Debug, Args)]

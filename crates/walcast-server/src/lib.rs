@@ -5,16 +5,24 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod changes;
 pub mod cli;
+pub mod http;
+pub mod metrics;
+pub mod pump;
+pub mod serve;
+pub mod socket;
 pub mod source;
 pub mod sql;
+pub mod state;
 pub mod tail;
 
 /// Run one CLI command to completion.
 pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Tail(args) => tail::run(args).await,
-        cli::Command::Serve(_) | cli::Command::Check(_) | cli::Command::Demo(_) => {
+        cli::Command::Serve(args) => serve::run(args).await,
+        cli::Command::Check(_) | cli::Command::Demo(_) => {
             anyhow::bail!("not implemented yet")
         }
     }

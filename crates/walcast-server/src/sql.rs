@@ -89,3 +89,38 @@ fn explain(cfg: &ReplicationConfig, e: tokio_postgres::Error) -> anyhow::Error {
     }
     anyhow::anyhow!("cannot connect to {at}: {e}; is Postgres running and reachable from here?")
 }
+
+/// A few shared SQL connections for catalog look-ups and authorization checks. Each
+/// `tokio_postgres::Client` pipelines concurrent queries, so a handful is plenty; a closed
+/// connection is replaced on next use.
+pub struct SqlPool {
+    cfg: ReplicationConfig,
+    slots: Vec<tokio::sync::Mutex<Option<std::sync::Arc<tokio_postgres::Client>>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl SqlPool {
+    pub fn new(cfg: ReplicationConfig, size: usize) -> SqlPool {
+        SqlPool {
+            cfg,
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A live connection (opened or reopened on demand).
+    pub async fn get(&self) -> Result<std::sync::Arc<tokio_postgres::Client>> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let client = std::sync::Arc::new(connect(&self.cfg, "walcast").await?);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+}

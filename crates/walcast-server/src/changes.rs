@@ -1,0 +1,170 @@
+//! Turning a join's `config.postgres_changes` entries into live hub bindings.
+//!
+//! Each entry is checked the way Supabase's subscription trigger checks it, with the same
+//! error texts: schema/table present, filter grammar, the table exists and is in the
+//! publication, the channel's role may SELECT it, filter columns and values fit the column
+//! types, selected columns exist. A channel's bindings are registered all together or not at
+//! all; the join itself still succeeds (clients get the error as a `system` message).
+
+use walcast_core::filter;
+use walcast_core::subscription::{binding_id, Binding, EventFilter};
+use walcast_protocol::PostgresBinding;
+
+use crate::catalog::{find_table, role_exists, table_access};
+use crate::state::AppState;
+
+/// The integer id echoed in the join reply for an entry. Never 0: some clients treat 0 as
+/// "no id".
+pub fn id_for(entry: &PostgresBinding) -> u32 {
+    binding_id(entry.raw.get()).max(1)
+}
+
+/// `[event: *, schema: public, table: x, filters: [], select: ]`, as Supabase prints it.
+fn describe(entry: &PostgresBinding) -> String {
+    format!(
+        "[event: {}, schema: {}, table: {}, filters: [{}], select: {}]",
+        entry.event.as_deref().unwrap_or("*"),
+        entry.schema.as_deref().unwrap_or(""),
+        entry.table.as_deref().unwrap_or(""),
+        entry.filter.as_deref().unwrap_or(""),
+        entry
+            .select
+            .as_ref()
+            .map(|s| s.join(","))
+            .unwrap_or_default()
+    )
+}
+
+fn unable(entry: &PostgresBinding, exception: impl std::fmt::Display) -> String {
+    format!(
+        "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: {}. Exception: {exception}",
+        describe(entry)
+    )
+}
+
+/// Check every entry and build the bindings; the error is the `system` message text.
+pub async fn build_bindings(
+    state: &AppState,
+    role: &str,
+    entries: &[PostgresBinding],
+) -> Result<Vec<Binding>, String> {
+    let client = state
+        .sql
+        .get()
+        .await
+        .map_err(|e| format!("Realtime was unable to connect to the project database: {e}"))?;
+    if !role_exists(&client, role)
+        .await
+        .map_err(|e| unable(&entries[0], e))?
+    {
+        return Err(unable(
+            &entries[0],
+            format!("role \"{role}\" does not exist"),
+        ));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let (schema, table) = match (entry.schema.as_deref(), entry.table.as_deref()) {
+            (None | Some(""), None | Some("")) => {
+                return Err(format!(
+                    "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
+                    describe(entry)
+                ))
+            }
+            (None | Some(""), Some(t)) => ("public", t),
+            (Some(s), None | Some("")) => (s, "*"),
+            (Some(s), Some(t)) => (s, t),
+        };
+        let parsed = match entry.filter.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(f) => {
+                Some(filter::parse(f).map_err(|e| format!("Error parsing `filter` params: {e}"))?)
+            }
+        };
+        let event = EventFilter::from_binding_event(entry.event.as_deref().unwrap_or("*"));
+        let id = id_for(entry);
+        if schema == "*" || table == "*" {
+            if entry.select.as_ref().is_some_and(|s| !s.is_empty()) {
+                return Err(unable(
+                    entry,
+                    "Column selection is not supported for wildcard subscriptions",
+                ));
+            }
+            if parsed.as_ref().is_some_and(|f| !f.conditions.is_empty()) {
+                return Err(unable(
+                    entry,
+                    "Filters are not supported for wildcard subscriptions",
+                ));
+            }
+            // Access to each table is checked per change (default deny).
+            out.push(Binding {
+                id,
+                event,
+                schema: schema.to_string(),
+                table: table.to_string(),
+                filter: None,
+                select: None,
+            });
+            continue;
+        }
+        let meta = find_table(&client, &state.publication, schema, table)
+            .await
+            .map_err(|e| unable(entry, e))?;
+        let Some(meta) = meta.filter(|m| m.published) else {
+            return Err(format!(
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
+                describe(entry)
+            ));
+        };
+        let access = table_access(&client, role, meta.oid)
+            .await
+            .map_err(|e| unable(entry, e))?;
+        if !access.select {
+            return Err(unable(
+                entry,
+                format!("permission denied for table {}", meta.name),
+            ));
+        }
+        let compiled = match &parsed {
+            Some(f) if !f.conditions.is_empty() => {
+                let types = state
+                    .types
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                Some(
+                    f.compile(&meta.columns, &types)
+                        .map_err(|e| unable(entry, e))?,
+                )
+            }
+            _ => None,
+        };
+        let select = match &entry.select {
+            Some(cols) if !cols.is_empty() => {
+                for c in cols {
+                    if !meta.columns.iter().any(|m| &m.name == c) {
+                        return Err(unable(entry, format!("invalid column for select {c}")));
+                    }
+                }
+                // Primary-key columns always travel, so clients can identify the row.
+                let mut sel: Vec<String> = meta.primary_key.clone();
+                for c in cols {
+                    if !sel.contains(c) {
+                        sel.push(c.clone());
+                    }
+                }
+                Some(sel)
+            }
+            _ => None,
+        };
+        out.push(Binding {
+            id,
+            event,
+            schema: meta.schema,
+            table: meta.name,
+            filter: compiled,
+            select,
+        });
+    }
+    Ok(out)
+}

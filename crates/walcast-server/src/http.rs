@@ -1,0 +1,119 @@
+//! HTTP surface: WebSocket upgrades (with the connection token checked before anything
+//! else), health and readiness, metrics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use walcast_protocol::Vsn;
+
+use crate::auth::JwtError;
+use crate::metrics;
+use crate::socket::{self, Connection};
+use crate::state::{now_unix, AppState};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub app: Arc<AppState>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/socket/websocket", get(websocket))
+        .route("/realtime/v1/websocket", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    if s.app
+        .shutting_down
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+            .into_response();
+    }
+    if s.app.is_streaming() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the replication stream is not running\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_page(State(s): State<HttpState>) -> Response {
+    match &s.prometheus {
+        Some(h) => h.render().into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response(),
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn websocket(
+    State(s): State<HttpState>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let limits = &s.app.limits;
+    let vsn = match Vsn::from_query(params.get("vsn").map(String::as_str)) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::upgrade_refused("vsn");
+            tokio::time::sleep(limits.connect_error_backoff).await;
+            return refuse(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    // The gateway's header wins over the query parameter, as in Supabase.
+    let token = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| params.get("apikey").cloned())
+        .filter(|t| !t.trim().is_empty());
+    let verified = match &token {
+        None => Err(JwtError::Missing),
+        Some(t) => s.app.jwt.verify(t, now_unix()),
+    };
+    let (token, claims) = match (token, verified) {
+        (Some(t), Ok(c)) => (t, c),
+        (_, Err(e)) => {
+            metrics::upgrade_refused(e.label());
+            tracing::debug!(error = %e, "refusing websocket upgrade");
+            tokio::time::sleep(limits.connect_error_backoff).await;
+            return refuse(StatusCode::UNAUTHORIZED, e.upgrade_message());
+        }
+        (None, Ok(_)) => return refuse(StatusCode::UNAUTHORIZED, "API key is missing"),
+    };
+    let app = s.app.clone();
+    let shutdown = s.shutdown.clone();
+    upgrade
+        .read_buffer_size(2048)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(16 * 1024 * 1024)
+        .max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .on_upgrade(move |ws| socket::run(ws, app, Connection { vsn, token, claims }, shutdown))
+}

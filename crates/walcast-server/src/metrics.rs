@@ -1,0 +1,121 @@
+//! Every metric walcast exports: names in one place, labels from small fixed sets (never a
+//! topic, user or table name). The Prometheus recorder is installed by `serve`; without it
+//! these calls are no-ops.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+pub const SOCKETS_CONNECTED: &str = "walcast_sockets_connected";
+pub const CHANNELS_JOINED: &str = "walcast_channels_joined";
+pub const JOINS: &str = "walcast_joins_total";
+pub const JOIN_ERRORS: &str = "walcast_join_errors_total";
+pub const FRAMES_IN: &str = "walcast_frames_in_total";
+pub const FRAMES_OUT: &str = "walcast_frames_out_total";
+pub const BYTES_IN: &str = "walcast_bytes_in_total";
+pub const BYTES_OUT: &str = "walcast_bytes_out_total";
+pub const CHANGES_DECODED: &str = "walcast_changes_decoded_total";
+pub const CHANGES_DELIVERED: &str = "walcast_changes_delivered_total";
+pub const DELIVERIES_DROPPED: &str = "walcast_deliveries_dropped_total";
+pub const SLOW_CLIENT_DISCONNECTS: &str = "walcast_slow_client_disconnects_total";
+pub const REPLICATION_RECONNECTS: &str = "walcast_replication_reconnects_total";
+pub const UPGRADE_REFUSED: &str = "walcast_upgrades_refused_total";
+pub const COMMIT_TO_SEND: &str = "walcast_commit_to_send_seconds";
+
+/// Register descriptions (shown as `# HELP` lines).
+pub fn describe() {
+    describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
+    describe_gauge!(CHANNELS_JOINED, "Channels currently joined, by kind");
+    describe_counter!(JOINS, "Successful channel joins");
+    describe_counter!(JOIN_ERRORS, "Refused channel joins, by reason");
+    describe_counter!(FRAMES_IN, "Frames received from clients, by kind");
+    describe_counter!(FRAMES_OUT, "Frames written to clients, by kind");
+    describe_counter!(BYTES_IN, "Bytes received from clients");
+    describe_counter!(BYTES_OUT, "Bytes written to clients");
+    describe_counter!(CHANGES_DECODED, "Row changes decoded from the WAL, by kind");
+    describe_counter!(
+        CHANGES_DELIVERED,
+        "postgres_changes frames queued to sockets"
+    );
+    describe_counter!(DELIVERIES_DROPPED, "Deliveries not made, by reason");
+    describe_counter!(
+        SLOW_CLIENT_DISCONNECTS,
+        "Sockets closed because their send queue overflowed"
+    );
+    describe_counter!(
+        REPLICATION_RECONNECTS,
+        "Replication connections re-established"
+    );
+    describe_counter!(UPGRADE_REFUSED, "WebSocket upgrades refused, by reason");
+    describe_histogram!(
+        COMMIT_TO_SEND,
+        "From a change's commit time to its frames being queued"
+    );
+}
+
+pub fn socket_opened() {
+    gauge!(SOCKETS_CONNECTED).increment(1.0);
+}
+
+pub fn socket_closed() {
+    gauge!(SOCKETS_CONNECTED).decrement(1.0);
+}
+
+/// `kind`: "postgres_changes" or "plain".
+pub fn channel_joined(kind: &'static str) {
+    counter!(JOINS).increment(1);
+    gauge!(CHANNELS_JOINED, "kind" => kind).increment(1.0);
+}
+
+pub fn channel_left(kind: &'static str) {
+    gauge!(CHANNELS_JOINED, "kind" => kind).decrement(1.0);
+}
+
+/// `reason`: a fixed label (see the join code).
+pub fn join_error(reason: &'static str) {
+    counter!(JOIN_ERRORS, "reason" => reason).increment(1);
+}
+
+/// `kind`: "text" or "binary".
+pub fn frame_in(kind: &'static str, bytes: usize) {
+    counter!(FRAMES_IN, "kind" => kind).increment(1);
+    counter!(BYTES_IN).increment(bytes as u64);
+}
+
+pub fn frames_out(kind: &'static str, frames: u64, bytes: u64) {
+    counter!(FRAMES_OUT, "kind" => kind).increment(frames);
+    counter!(BYTES_OUT).increment(bytes);
+}
+
+/// `kind`: INSERT, UPDATE, DELETE, TRUNCATE.
+pub fn change_decoded(kind: &'static str) {
+    counter!(CHANGES_DECODED, "kind" => kind).increment(1);
+}
+
+pub fn changes_delivered(n: u64) {
+    counter!(CHANGES_DELIVERED).increment(n);
+}
+
+/// `reason`: "unauthorized", "slow_client".
+pub fn delivery_dropped(reason: &'static str) {
+    counter!(DELIVERIES_DROPPED, "reason" => reason).increment(1);
+}
+
+pub fn delivery_dropped_n(reason: &'static str, n: u64) {
+    counter!(DELIVERIES_DROPPED, "reason" => reason).increment(n);
+}
+
+pub fn slow_client_disconnect() {
+    counter!(SLOW_CLIENT_DISCONNECTS).increment(1);
+}
+
+pub fn replication_reconnected() {
+    counter!(REPLICATION_RECONNECTS).increment(1);
+}
+
+/// `reason`: the JWT error label, or "vsn".
+pub fn upgrade_refused(reason: &'static str) {
+    counter!(UPGRADE_REFUSED, "reason" => reason).increment(1);
+}
+
+pub fn commit_to_send(seconds: f64) {
+    histogram!(COMMIT_TO_SEND).record(seconds);
+}

@@ -1,0 +1,150 @@
+//! `walcast serve`: the realtime server.
+//!
+//! ```text
+//!  Replicator ─▶ Pump ─▶ Hub ─▶ socket queues ─▶ socket tasks ─▶ clients
+//!                           ▲                        │ joins (catalog checks on SqlPool)
+//!                           └────── subscribe ───────┘
+//!  axum: /socket/websocket, /realtime/v1/websocket, /healthz, /readyz, /metrics
+//! ```
+//!
+//! Shutdown (SIGTERM or Ctrl-C): stop accepting, refuse new joins, close every socket with
+//! 1012, stop replication with a final status update, exit 0.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use walcast_core::hub::{Hub, HubConfig};
+use walcast_core::pg_type::TypeRegistry;
+use walcast_replication::Replicator;
+
+use crate::auth::JwtVerifier;
+use crate::cli::ServeArgs;
+use crate::http::{router, HttpState};
+use crate::pump::Pump;
+use crate::source::replication_config;
+use crate::sql::SqlPool;
+use crate::state::{AppState, Limits};
+
+/// Read `--jwt-jwks`: inline JSON or `@path`.
+fn load_jwks(arg: Option<&str>) -> Result<Option<String>> {
+    match arg {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => match s.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .map(Some)
+                .with_context(|| format!("invalid --jwt-jwks / JWT_JWKS: cannot read {path}")),
+            None => Ok(Some(s.to_string())),
+        },
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let jwks = load_jwks(args.jwt_jwks.as_deref())?;
+    let jwt = JwtVerifier::new(args.jwt_secret.as_deref(), jwks.as_deref())
+        .context("invalid --jwt-secret / --jwt-jwks (JWT_SECRET / JWT_JWKS)")?;
+    let cfg = replication_config(&args.source, "walcast")?;
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::metrics::describe();
+
+    let sql = Arc::new(SqlPool::new(cfg.clone(), 4));
+    // Fail fast on an unreachable database or bad credentials.
+    sql.get().await?;
+
+    let limits = Limits {
+        max_channels_per_client: args.limits.max_channels_per_client,
+        socket_send_queue: args.limits.socket_send_queue,
+        max_frame_bytes: args.limits.max_frame_bytes,
+        idle_timeout: Duration::from_secs(args.limits.idle_timeout_secs.max(1)),
+        channel_error_backoff: Duration::from_millis(args.limits.channel_error_backoff_ms),
+        connect_error_backoff: Duration::from_millis(args.limits.connect_error_backoff_ms),
+    };
+    let types = Arc::new(RwLock::new(TypeRegistry::new()));
+    let hub = Arc::new(Hub::new(HubConfig {
+        max_record_bytes: args.limits.max_record_bytes,
+    }));
+    let replicator = Replicator::new(cfg.clone());
+    let state = Arc::new(AppState::new(
+        jwt,
+        hub.clone(),
+        sql.clone(),
+        cfg.publication.clone(),
+        limits,
+        types.clone(),
+        replicator.streaming_flag(),
+    ));
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut pump_shutdown = shutdown_rx.clone();
+    let pump = tokio::spawn(Pump::new(replicator, types, hub, sql).run(async move {
+        let _ = pump_shutdown.changed().await;
+    }));
+
+    let addr = format!("{}:{}", args.bind, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, publication = %cfg.publication, slot = %cfg.slot, "walcast serving");
+    let app = router(HttpState {
+        app: state.clone(),
+        shutdown: shutdown_rx.clone(),
+        prometheus: Some(prometheus),
+    });
+    let mut http_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            })
+            .await
+    });
+
+    let pump_result = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            None
+        }
+        res = pump => Some(res),
+    };
+    state.shutting_down.store(true, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    // Give sockets a moment to send their 1012 close frames.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while state.open_sockets() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    match pump_result {
+        None => Ok(()),
+        Some(Ok(Ok(()))) => anyhow::bail!("replication stopped unexpectedly"),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(anyhow::anyhow!("replication task failed: {e}")),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,632 @@
+//! One WebSocket connection: many channels multiplexed over it.
+//!
+//! ```text
+//!            hub (pump task) ──push──┐          (never blocks: a full queue marks overflow)
+//!   socket's own replies ───push──▶ SocketOutbox ─ bounded queue ─┐
+//!                                                                  ▼
+//!   client ◀── ws.feed(frame)… ws.flush()  ◀── socket task: select! { overflow, queued frames,
+//!   client ──▶ decode_text / decode_binary ──▶ inbound handling      inbound frames, deadline,
+//!                                                                    shutdown }
+//! ```
+//!
+//! Invariants:
+//! - One task per connection; it alone writes the socket. Everything bound for the client,
+//!   replies included, goes through the bounded queue, so the order a client sees is the
+//!   order frames were queued (a join reply is queued under the hub lock, before any change
+//!   for that channel).
+//! - Queued frames are written in batches with one flush (coalesced writes).
+//! - A client that lets its queue fill up is disconnected (close 4008) instead of buffering
+//!   without bound or slowing the fan-out.
+//! - One deadline per socket covers the idle timeout and every channel's token expiry (no
+//!   timer per channel).
+//! - Channel pushes carry the channel's current join_ref or null, never a stale one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use walcast_core::hub::{ChannelTarget, Identity, OutFrame, Outbox};
+use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
+use walcast_protocol::{
+    decode_binary_bytes, decode_text, encode_push, join_reply_ok, FrameAction, FrameError, Inbound,
+    InboundFrame, JoinPayload, PostgresBinding, Vsn,
+};
+
+use crate::auth::Claims;
+use crate::changes::{build_bindings, id_for};
+use crate::metrics;
+use crate::state::{now_unix, AppState};
+
+/// WebSocket close code for a client that cannot keep up (private-use range).
+pub const CLOSE_SLOW_CLIENT: u16 = 4008;
+/// Longest a socket waits for its close frame to be written before it just drops.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most frames written between two flushes.
+const MAX_BATCH: usize = 512;
+
+/// The socket's bounded send queue, as the hub sees it.
+pub struct SocketOutbox {
+    tx: mpsc::Sender<OutFrame>,
+    overflowed: AtomicBool,
+    wake: Notify,
+}
+
+impl Outbox for SocketOutbox {
+    fn push(&self, frame: OutFrame) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::AcqRel) {
+                    self.wake.notify_one();
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// What the upgrade handler established before the socket starts.
+pub struct Connection {
+    pub vsn: Vsn,
+    pub token: String,
+    pub claims: Claims,
+}
+
+struct Channel {
+    id: u64,
+    join_ref: Option<String>,
+    token: String,
+    claims: Claims,
+    /// The postgres_changes entries as joined (kept to re-scope on `access_token`).
+    entries: Vec<PostgresBinding>,
+    registered: bool,
+}
+
+struct Socket {
+    state: Arc<AppState>,
+    vsn: Vsn,
+    conn: Connection,
+    outbox: Arc<SocketOutbox>,
+    channels: HashMap<String, Channel>,
+    last_inbound: Instant,
+}
+
+/// Why the loop ended.
+enum Exit {
+    ClientGone,
+    Close(u16, &'static str),
+}
+
+/// Run a connection to completion.
+pub async fn run(
+    mut ws: WebSocket,
+    state: Arc<AppState>,
+    conn: Connection,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    metrics::socket_opened();
+    let _guard = state.socket_guard();
+    let (tx, mut rx) = mpsc::channel(state.limits.socket_send_queue.max(16));
+    let outbox = Arc::new(SocketOutbox {
+        tx,
+        overflowed: AtomicBool::new(false),
+        wake: Notify::new(),
+    });
+    let mut socket = Socket {
+        vsn: conn.vsn,
+        state,
+        conn,
+        outbox,
+        channels: HashMap::new(),
+        last_inbound: Instant::now(),
+    };
+    let exit = loop {
+        let deadline = socket.next_deadline();
+        tokio::select! {
+            biased;
+            _ = socket.outbox.wake.notified() => {
+                metrics::slow_client_disconnect();
+                tracing::info!("closing a slow client: send queue full");
+                break Exit::Close(CLOSE_SLOW_CLIENT, "slow client: send queue full");
+            }
+            _ = shutdown.changed() => {
+                break Exit::Close(1012, "service restart");
+            }
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break Exit::ClientGone };
+                if write_batch(&mut ws, frame, &mut rx).await.is_err() {
+                    break Exit::ClientGone;
+                }
+            }
+            msg = ws.recv() => {
+                match msg {
+                    Some(Ok(msg)) => {
+                        socket.last_inbound = Instant::now();
+                        if let Some(exit) = socket.on_message(msg).await {
+                            break exit;
+                        }
+                    }
+                    Some(Err(_)) | None => break Exit::ClientGone,
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if let Some(exit) = socket.on_deadline() {
+                    break exit;
+                }
+            }
+        }
+    };
+    socket.leave_all();
+    if let Exit::Close(code, reason) = exit {
+        // Flush what is already queued (e.g. a final system message), then close.
+        let close = async {
+            while let Ok(frame) = rx.try_recv() {
+                if ws.feed(to_message(frame)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = ws
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                })))
+                .await;
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
+    }
+    metrics::socket_closed();
+}
+
+fn to_message(frame: OutFrame) -> Message {
+    match frame {
+        OutFrame::Text(b) => match Utf8Bytes::try_from(b) {
+            Ok(t) => Message::Text(t),
+            // Frames are built from Rust strings; this cannot happen, but never panic.
+            Err(_) => Message::Text(Utf8Bytes::from_static("")),
+        },
+        OutFrame::Binary(b) => Message::Binary(b),
+    }
+}
+
+/// Write `first` and whatever else is queued (up to a batch), then flush once.
+async fn write_batch(
+    ws: &mut WebSocket,
+    first: OutFrame,
+    rx: &mut mpsc::Receiver<OutFrame>,
+) -> Result<(), axum::Error> {
+    let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0u64);
+    let mut next = Some(first);
+    let mut n = 0;
+    while let Some(frame) = next.take() {
+        bytes += frame.len() as u64;
+        match &frame {
+            OutFrame::Text(_) => text += 1,
+            OutFrame::Binary(_) => binary += 1,
+        }
+        ws.feed(to_message(frame)).await?;
+        n += 1;
+        if n < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    ws.flush().await?;
+    if text > 0 {
+        metrics::frames_out("text", text, 0);
+    }
+    if binary > 0 {
+        metrics::frames_out("binary", binary, 0);
+    }
+    metrics::frames_out("bytes", 0, bytes);
+    Ok(())
+}
+
+impl Socket {
+    fn send(&self, frame: String) {
+        self.outbox.push(OutFrame::text(frame));
+    }
+
+    fn reply(&self, frame: &InboundFrame, payload: &str) {
+        self.send(encode_push(
+            self.vsn,
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            &frame.topic,
+            "phx_reply",
+            payload,
+        ));
+    }
+
+    fn push_to_channel(&self, topic: &str, join_ref: Option<&str>, event: &str, payload: &str) {
+        self.send(encode_push(self.vsn, join_ref, None, topic, event, payload));
+    }
+
+    fn system(
+        &self,
+        topic: &str,
+        join_ref: Option<&str>,
+        ext: SystemExtension,
+        status: SystemStatus,
+        msg: &str,
+    ) {
+        self.push_to_channel(
+            topic,
+            join_ref,
+            "system",
+            &outbound::system(ext, status, msg, topic),
+        );
+    }
+
+    /// The earliest of the idle timeout and every channel's token expiry.
+    fn next_deadline(&self) -> Instant {
+        let mut deadline = self.last_inbound + self.state.limits.idle_timeout;
+        let now_unix = now_unix();
+        let now = Instant::now();
+        for ch in self.channels.values() {
+            let left = ch.claims.exp.saturating_sub(now_unix).max(0) as u64;
+            deadline = deadline.min(now + Duration::from_secs(left));
+        }
+        deadline
+    }
+
+    fn on_deadline(&mut self) -> Option<Exit> {
+        if self.last_inbound.elapsed() >= self.state.limits.idle_timeout {
+            tracing::debug!("closing an idle socket");
+            return Some(Exit::Close(1000, "idle timeout"));
+        }
+        let now = now_unix();
+        let expired: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in expired {
+            if let Some(ch) = self.channels.get(&topic) {
+                let msg = format!("Token has expired {} seconds ago", now - ch.claims.exp);
+                self.close_channel(&topic, &msg);
+            }
+        }
+        None
+    }
+
+    /// Server-side channel stop: `system` error, then `phx_close`.
+    fn close_channel(&mut self, topic: &str, message: &str) {
+        if let Some(ch) = self.channels.remove(topic) {
+            self.state.hub.unsubscribe(ch.id);
+            metrics::channel_left(kind_of(&ch));
+            let jr = ch.join_ref.as_deref();
+            self.system(
+                topic,
+                jr,
+                SystemExtension::System,
+                SystemStatus::Error,
+                message,
+            );
+            self.send(encode_push(
+                self.vsn,
+                jr,
+                jr,
+                topic,
+                "phx_close",
+                outbound::PHX_CLOSE_PAYLOAD,
+            ));
+        }
+    }
+
+    fn leave_all(&mut self) {
+        for (_, ch) in self.channels.drain() {
+            self.state.hub.unsubscribe(ch.id);
+            metrics::channel_left(kind_of(&ch));
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) -> Option<Exit> {
+        let decoded = match msg {
+            Message::Text(t) => {
+                metrics::frame_in("text", t.len());
+                decode_text(self.vsn, t.as_str())
+            }
+            Message::Binary(b) => {
+                metrics::frame_in("binary", b.len());
+                decode_binary_bytes(self.vsn, &b)
+            }
+            Message::Close(_) => return Some(Exit::ClientGone),
+            // Pings are answered by the WebSocket layer itself.
+            Message::Ping(_) | Message::Pong(_) => return None,
+        };
+        match decoded {
+            Ok(frame) => self.on_frame(frame).await,
+            Err(e) => self.on_bad_frame(e),
+        }
+    }
+
+    fn on_bad_frame(&mut self, e: FrameError) -> Option<Exit> {
+        match e.action() {
+            FrameAction::Close => {
+                tracing::debug!(error = %e, "closing: unacceptable frame");
+                Some(Exit::Close(1007, "unacceptable frame"))
+            }
+            FrameAction::Reply => {
+                if let (Some(refs), Some(reason)) = (e.reply_to(), e.reply_reason()) {
+                    self.send(encode_push(
+                        self.vsn,
+                        refs.join_ref.as_deref(),
+                        refs.msg_ref.as_deref(),
+                        &refs.topic,
+                        "phx_reply",
+                        &outbound::reply_error_reason(reason),
+                    ));
+                }
+                None
+            }
+            FrameAction::Ignore => {
+                tracing::debug!(error = %e, "ignoring a malformed frame");
+                None
+            }
+        }
+    }
+
+    async fn on_frame(&mut self, frame: InboundFrame) -> Option<Exit> {
+        match &frame.payload {
+            Inbound::Heartbeat => {
+                self.reply(&frame, outbound::REPLY_OK_EMPTY);
+            }
+            Inbound::Join(_) => {
+                let InboundFrame {
+                    payload: Inbound::Join(join),
+                    ..
+                } = &frame
+                else {
+                    return None;
+                };
+                let join = join.clone();
+                self.on_join(&frame, join).await;
+            }
+            Inbound::Leave => {
+                self.reply(&frame, outbound::REPLY_OK_EMPTY);
+                if let Some(ch) = self.channels.remove(&frame.topic) {
+                    self.state.hub.unsubscribe(ch.id);
+                    metrics::channel_left(kind_of(&ch));
+                    let jr = ch.join_ref.as_deref();
+                    self.send(encode_push(
+                        self.vsn,
+                        jr,
+                        jr,
+                        &frame.topic,
+                        "phx_close",
+                        outbound::PHX_CLOSE_PAYLOAD,
+                    ));
+                }
+            }
+            Inbound::AccessToken { access_token } => {
+                if let Some(token) = access_token.clone() {
+                    self.on_access_token(&frame.topic, token).await;
+                }
+            }
+            Inbound::Broadcast(_) | Inbound::Presence(_) | Inbound::Other { .. } => {
+                if !self.channels.contains_key(&frame.topic) {
+                    self.reply(&frame, &outbound::reply_error_reason("unmatched topic"));
+                } else if let Inbound::Presence(_) = frame.payload {
+                    // Presence is acknowledged; state tracking lands with the presence work.
+                    self.reply(&frame, outbound::REPLY_OK_EMPTY);
+                }
+            }
+        }
+        None
+    }
+
+    async fn join_error(&self, frame: &InboundFrame, reason: &'static str, message: String) {
+        metrics::join_error(reason);
+        tracing::debug!(topic = %frame.topic, %message, "join refused");
+        // Damp rejoin storms, but stay well inside the client's 10 s join timeout.
+        tokio::time::sleep(self.state.limits.channel_error_backoff).await;
+        self.reply(frame, &outbound::reply_error_reason(&message));
+    }
+
+    async fn on_join(&mut self, frame: &InboundFrame, join: JoinPayload) {
+        let topic = frame.topic.clone();
+        let Some(name) = topic.strip_prefix("realtime:") else {
+            self.reply(frame, &outbound::reply_error_reason("unmatched topic"));
+            return;
+        };
+        // A second join on the same topic replaces the channel: close the old one first.
+        if let Some(old) = self.channels.remove(&topic) {
+            self.state.hub.unsubscribe(old.id);
+            metrics::channel_left(kind_of(&old));
+            let jr = old.join_ref.as_deref();
+            self.send(encode_push(
+                self.vsn,
+                jr,
+                jr,
+                &topic,
+                "phx_close",
+                outbound::PHX_CLOSE_PAYLOAD,
+            ));
+        }
+        if self.state.shutting_down.load(Ordering::Acquire) {
+            return self
+                .join_error(
+                    frame,
+                    "restarting",
+                    "RealtimeRestarting: Realtime is restarting, please standby".into(),
+                )
+                .await;
+        }
+        if name.is_empty() {
+            return self
+                .join_error(
+                    frame,
+                    "topic",
+                    "TopicNameRequired: You must provide a topic name".into(),
+                )
+                .await;
+        }
+        if self.channels.len() >= self.state.limits.max_channels_per_client {
+            return self
+                .join_error(
+                    frame,
+                    "too_many_channels",
+                    "ChannelRateLimitReached: Too many channels".into(),
+                )
+                .await;
+        }
+        let token = join
+            .access_token
+            .clone()
+            .unwrap_or_else(|| self.conn.token.clone());
+        // Verified again even when it is the connection's token: it may have expired since.
+        let claims = match self.state.jwt.verify(&token, now_unix()) {
+            Ok(c) => c,
+            Err(e) => return self.join_error(frame, e.label(), e.join_reason()).await,
+        };
+        if join.config.private {
+            // Private channels need the realtime.messages policies; until those are evaluated,
+            // nobody may read a private channel (default deny).
+            return self
+                .join_error(
+                    frame,
+                    "unauthorized",
+                    format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}"),
+                )
+                .await;
+        }
+        let entries = join.config.postgres_changes.clone();
+        let id = self.state.next_subscriber_id();
+        let reply_ids: Vec<(u32, &serde_json::value::RawValue)> =
+            entries.iter().map(|e| (id_for(e), &*e.raw)).collect();
+        let reply = outbound::reply_ok(&join_reply_ok(&reply_ids));
+        let reply_frame = encode_push(
+            self.vsn,
+            frame.join_ref.as_deref(),
+            frame.msg_ref.as_deref(),
+            &topic,
+            "phx_reply",
+            &reply,
+        );
+        let mut channel = Channel {
+            id,
+            join_ref: frame.join_ref.clone(),
+            token,
+            claims,
+            entries,
+            registered: false,
+        };
+        if channel.entries.is_empty() {
+            self.send(reply_frame);
+        } else {
+            match self.register(&topic, &channel).await {
+                Ok(bindings) => {
+                    let target = self.target(&topic, &channel.claims);
+                    let outbox = self.outbox.clone();
+                    let subscribed = encode_push(
+                        self.vsn,
+                        channel.join_ref.as_deref(),
+                        None,
+                        &topic,
+                        "system",
+                        &outbound::system(
+                            SystemExtension::PostgresChanges,
+                            SystemStatus::Ok,
+                            "Subscribed to PostgreSQL",
+                            &topic,
+                        ),
+                    );
+                    // Queued under the hub lock: the reply precedes every change for the channel.
+                    self.state.hub.subscribe(id, target, bindings, move || {
+                        outbox.push(OutFrame::text(reply_frame));
+                        outbox.push(OutFrame::text(subscribed));
+                    });
+                    channel.registered = true;
+                }
+                Err(message) => {
+                    self.send(reply_frame);
+                    self.system(
+                        &topic,
+                        channel.join_ref.as_deref(),
+                        SystemExtension::PostgresChanges,
+                        SystemStatus::Error,
+                        &message,
+                    );
+                }
+            }
+        }
+        metrics::channel_joined(kind_of(&channel));
+        self.channels.insert(topic, channel);
+    }
+
+    fn target(&self, topic: &str, claims: &Claims) -> ChannelTarget {
+        ChannelTarget {
+            outbox: self.outbox.clone(),
+            vsn: self.vsn,
+            topic: Arc::from(topic),
+            identity: Arc::new(Identity {
+                role: Arc::from(claims.role.as_str()),
+                claims: Arc::from(claims.claims_json().as_str()),
+            }),
+        }
+    }
+
+    /// Validate a channel's postgres_changes entries under its role; the error is the
+    /// `system` message.
+    async fn register(
+        &self,
+        topic: &str,
+        channel: &Channel,
+    ) -> Result<Vec<walcast_core::subscription::Binding>, String> {
+        // Bindings are only live once the replication stream runs; wait for it (bounded) so
+        // a successful reply never promises changes the stream cannot deliver.
+        if !self.state.wait_streaming(Duration::from_secs(5)).await {
+            tracing::warn!(%topic, "join while replication is not running");
+            return Err("Realtime was unable to connect to the project database".into());
+        }
+        build_bindings(&self.state, &channel.claims.role, &channel.entries).await
+    }
+
+    async fn on_access_token(&mut self, topic: &str, token: String) {
+        let Some(ch) = self.channels.get(topic) else {
+            return;
+        };
+        if ch.token == token {
+            return;
+        }
+        let claims = match self.state.jwt.verify(&token, now_unix()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.close_channel(topic, &e.system_message());
+                return;
+            }
+        };
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return;
+        };
+        ch.token = token;
+        let role_or_claims_changed = ch.claims.raw != claims.raw;
+        ch.claims = claims;
+        if !(ch.registered && role_or_claims_changed) {
+            return;
+        }
+        // Re-scope: the bindings are checked again under the new role and claims.
+        let ch = &self.channels[topic];
+        match self.register(topic, ch).await {
+            Ok(bindings) => {
+                let target = self.target(topic, &ch.claims);
+                self.state.hub.subscribe(ch.id, target, bindings, || ());
+            }
+            Err(message) => self.close_channel(topic, &message),
+        }
+    }
+}
+
+fn kind_of(ch: &Channel) -> &'static str {
+    if ch.registered {
+        "postgres_changes"
+    } else {
+        "plain"
+    }
+}
