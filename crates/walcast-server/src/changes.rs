@@ -3,8 +3,8 @@
 //! Each entry is checked the way Supabase's subscription trigger checks it, with the same
 //! error texts: schema/table present, filter grammar, the table exists and is in the
 //! publication, the channel's role may SELECT it, filter columns and values fit the column
-//! types, selected columns exist. A channel's bindings are registered all together or not at
-//! all; the join itself still succeeds (clients get the error as a `system` message).
+//! types, selected columns exist. Valid entries are registered; each invalid one is reported
+//! as a `system` error without affecting the others, and the join itself still succeeds.
 
 use walcast_core::filter;
 use walcast_core::subscription::{binding_id, Binding, EventFilter};
@@ -42,29 +42,55 @@ fn unable(entry: &PostgresBinding, exception: impl std::fmt::Display) -> String 
     )
 }
 
-/// Check every entry and build the bindings; the error is the `system` message text.
-pub async fn build_bindings(
-    state: &AppState,
-    role: &str,
-    entries: &[PostgresBinding],
-) -> Result<Vec<Binding>, String> {
-    let client = state
-        .sql
-        .get()
-        .await
-        .map_err(|e| format!("Realtime was unable to connect to the project database: {e}"))?;
-    if !role_exists(&client, role)
-        .await
-        .map_err(|e| unable(&entries[0], e))?
-    {
-        return Err(unable(
-            &entries[0],
-            format!("role \"{role}\" does not exist"),
-        ));
+/// The bindings that passed, and a `system` error text for each entry that did not.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub bindings: Vec<Binding>,
+    pub errors: Vec<String>,
+}
+
+/// Check every entry under `role`.
+pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBinding]) -> Checked {
+    let mut out = Checked::default();
+    let client = match state.sql.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "catalog connection failed during a join");
+            out.errors
+                .push("Realtime was unable to connect to the project database".to_string());
+            return out;
+        }
+    };
+    match role_exists(&client, role).await {
+        Ok(true) => {}
+        Ok(false) => {
+            out.errors.push(unable(
+                &entries[0],
+                format!("role \"{role}\" does not exist"),
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.errors.push(unable(&entries[0], e));
+            return out;
+        }
     }
-    let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
-        let (schema, table) = match (entry.schema.as_deref(), entry.table.as_deref()) {
+        match check_entry(state, &client, role, entry).await {
+            Ok(b) => out.bindings.push(b),
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out
+}
+
+async fn check_entry(
+    state: &AppState,
+    client: &tokio_postgres::Client,
+    role: &str,
+    entry: &PostgresBinding,
+) -> Result<Binding, String> {
+    let (schema, table) = match (entry.schema.as_deref(), entry.table.as_deref()) {
             (None | Some(""), None | Some("")) => {
                 return Err(format!(
                     "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
@@ -75,96 +101,93 @@ pub async fn build_bindings(
             (Some(s), None | Some("")) => (s, "*"),
             (Some(s), Some(t)) => (s, t),
         };
-        let parsed = match entry.filter.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(f) => {
-                Some(filter::parse(f).map_err(|e| format!("Error parsing `filter` params: {e}"))?)
-            }
-        };
-        let event = EventFilter::from_binding_event(entry.event.as_deref().unwrap_or("*"));
-        let id = id_for(entry);
-        if schema == "*" || table == "*" {
-            if entry.select.as_ref().is_some_and(|s| !s.is_empty()) {
-                return Err(unable(
-                    entry,
-                    "Column selection is not supported for wildcard subscriptions",
-                ));
-            }
-            if parsed.as_ref().is_some_and(|f| !f.conditions.is_empty()) {
-                return Err(unable(
-                    entry,
-                    "Filters are not supported for wildcard subscriptions",
-                ));
-            }
-            // Access to each table is checked per change (default deny).
-            out.push(Binding {
-                id,
-                event,
-                schema: schema.to_string(),
-                table: table.to_string(),
-                filter: None,
-                select: None,
-            });
-            continue;
+    let parsed = match entry.filter.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(f) => {
+            Some(filter::parse(f).map_err(|e| format!("Error parsing `filter` params: {e}"))?)
         }
-        let meta = find_table(&client, &state.publication, schema, table)
-            .await
-            .map_err(|e| unable(entry, e))?;
-        let Some(meta) = meta.filter(|m| m.published) else {
-            return Err(format!(
+    };
+    let event = EventFilter::from_binding_event(entry.event.as_deref().unwrap_or("*"));
+    let id = id_for(entry);
+    if schema == "*" || table == "*" {
+        if entry.select.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(unable(
+                entry,
+                "Column selection is not supported for wildcard subscriptions",
+            ));
+        }
+        if parsed.as_ref().is_some_and(|f| !f.conditions.is_empty()) {
+            return Err(unable(
+                entry,
+                "Filters are not supported for wildcard subscriptions",
+            ));
+        }
+        // Access to each table is checked per change (default deny).
+        return Ok(Binding {
+            id,
+            event,
+            schema: schema.to_string(),
+            table: table.to_string(),
+            filter: None,
+            select: None,
+        });
+    }
+    let meta = find_table(client, &state.publication, schema, table)
+        .await
+        .map_err(|e| unable(entry, e))?;
+    let Some(meta) = meta.filter(|m| m.published) else {
+        return Err(format!(
                 "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
                 describe(entry)
             ));
-        };
-        let access = table_access(&client, role, meta.oid)
-            .await
-            .map_err(|e| unable(entry, e))?;
-        if !access.select {
-            return Err(unable(
-                entry,
-                format!("permission denied for table {}", meta.name),
-            ));
-        }
-        let compiled = match &parsed {
-            Some(f) if !f.conditions.is_empty() => {
-                let types = state
-                    .types
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                Some(
-                    f.compile(&meta.columns, &types)
-                        .map_err(|e| unable(entry, e))?,
-                )
-            }
-            _ => None,
-        };
-        let select = match &entry.select {
-            Some(cols) if !cols.is_empty() => {
-                for c in cols {
-                    if !meta.columns.iter().any(|m| &m.name == c) {
-                        return Err(unable(entry, format!("invalid column for select {c}")));
-                    }
-                }
-                // Primary-key columns always travel, so clients can identify the row.
-                let mut sel: Vec<String> = meta.primary_key.clone();
-                for c in cols {
-                    if !sel.contains(c) {
-                        sel.push(c.clone());
-                    }
-                }
-                Some(sel)
-            }
-            _ => None,
-        };
-        out.push(Binding {
-            id,
-            event,
-            schema: meta.schema,
-            table: meta.name,
-            filter: compiled,
-            select,
-        });
+    };
+    let access = table_access(client, role, meta.oid)
+        .await
+        .map_err(|e| unable(entry, e))?;
+    if !access.select {
+        return Err(unable(
+            entry,
+            format!("permission denied for table {}", meta.name),
+        ));
     }
-    Ok(out)
+    let compiled = match &parsed {
+        Some(f) if !f.conditions.is_empty() => {
+            let types = state
+                .types
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            Some(
+                f.compile(&meta.columns, &types)
+                    .map_err(|e| unable(entry, e))?,
+            )
+        }
+        _ => None,
+    };
+    let select = match &entry.select {
+        Some(cols) if !cols.is_empty() => {
+            for c in cols {
+                if !meta.columns.iter().any(|m| &m.name == c) {
+                    return Err(unable(entry, format!("invalid column for select {c}")));
+                }
+            }
+            // Primary-key columns always travel, so clients can identify the row.
+            let mut sel: Vec<String> = meta.primary_key.clone();
+            for c in cols {
+                if !sel.contains(c) {
+                    sel.push(c.clone());
+                }
+            }
+            Some(sel)
+        }
+        _ => None,
+    };
+    Ok(Binding {
+        id,
+        event,
+        schema: meta.schema,
+        table: meta.name,
+        filter: compiled,
+        select,
+    })
 }

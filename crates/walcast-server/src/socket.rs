@@ -38,7 +38,7 @@ use walcast_protocol::{
 };
 
 use crate::auth::Claims;
-use crate::changes::{build_bindings, id_for};
+use crate::changes::{build_bindings, id_for, Checked};
 use crate::metrics;
 use crate::state::{now_unix, AppState};
 
@@ -242,6 +242,18 @@ impl Socket {
         ));
     }
 
+    /// A push for a topic this socket has not joined (join_ref null, as Phoenix does).
+    fn unmatched(&self, frame: &InboundFrame) {
+        self.send(encode_push(
+            self.vsn,
+            None,
+            frame.msg_ref.as_deref(),
+            &frame.topic,
+            "phx_reply",
+            &outbound::reply_error_reason("unmatched topic"),
+        ));
+    }
+
     fn push_to_channel(&self, topic: &str, join_ref: Option<&str>, event: &str, payload: &str) {
         self.send(encode_push(self.vsn, join_ref, None, topic, event, payload));
     }
@@ -411,7 +423,7 @@ impl Socket {
             }
             Inbound::Broadcast(_) | Inbound::Presence(_) | Inbound::Other { .. } => {
                 if !self.channels.contains_key(&frame.topic) {
-                    self.reply(&frame, &outbound::reply_error_reason("unmatched topic"));
+                    self.unmatched(&frame);
                 } else if let Inbound::Presence(_) = frame.payload {
                     // Presence is acknowledged; state tracking lands with the presence work.
                     self.reply(&frame, outbound::REPLY_OK_EMPTY);
@@ -432,7 +444,7 @@ impl Socket {
     async fn on_join(&mut self, frame: &InboundFrame, join: JoinPayload) {
         let topic = frame.topic.clone();
         let Some(name) = topic.strip_prefix("realtime:") else {
-            self.reply(frame, &outbound::reply_error_reason("unmatched topic"));
+            self.unmatched(frame);
             return;
         };
         // A second join on the same topic replaces the channel: close the old one first.
@@ -500,7 +512,7 @@ impl Socket {
         let id = self.state.next_subscriber_id();
         let reply_ids: Vec<(u32, &serde_json::value::RawValue)> =
             entries.iter().map(|e| (id_for(e), &*e.raw)).collect();
-        let reply = outbound::reply_ok(&join_reply_ok(&reply_ids));
+        let reply = join_reply_ok(&reply_ids);
         let reply_frame = encode_push(
             self.vsn,
             frame.join_ref.as_deref(),
@@ -520,40 +532,53 @@ impl Socket {
         if channel.entries.is_empty() {
             self.send(reply_frame);
         } else {
-            match self.register(&topic, &channel).await {
-                Ok(bindings) => {
-                    let target = self.target(&topic, &channel.claims);
-                    let outbox = self.outbox.clone();
-                    let subscribed = encode_push(
-                        self.vsn,
-                        channel.join_ref.as_deref(),
-                        None,
-                        &topic,
-                        "system",
-                        &outbound::system(
-                            SystemExtension::PostgresChanges,
-                            SystemStatus::Ok,
-                            "Subscribed to PostgreSQL",
-                            &topic,
-                        ),
-                    );
-                    // Queued under the hub lock: the reply precedes every change for the channel.
-                    self.state.hub.subscribe(id, target, bindings, move || {
-                        outbox.push(OutFrame::text(reply_frame));
-                        outbox.push(OutFrame::text(subscribed));
-                    });
-                    channel.registered = true;
-                }
-                Err(message) => {
-                    self.send(reply_frame);
-                    self.system(
-                        &topic,
-                        channel.join_ref.as_deref(),
+            let checked = self.register(&topic, &channel).await;
+            let jr = channel.join_ref.as_deref();
+            let mut queued = vec![reply_frame];
+            for message in &checked.errors {
+                queued.push(encode_push(
+                    self.vsn,
+                    jr,
+                    None,
+                    &topic,
+                    "system",
+                    &outbound::system(
                         SystemExtension::PostgresChanges,
                         SystemStatus::Error,
-                        &message,
-                    );
+                        message,
+                        &topic,
+                    ),
+                ));
+            }
+            if checked.bindings.is_empty() {
+                for f in queued {
+                    self.send(f);
                 }
+            } else {
+                queued.push(encode_push(
+                    self.vsn,
+                    jr,
+                    None,
+                    &topic,
+                    "system",
+                    &outbound::system(
+                        SystemExtension::PostgresChanges,
+                        SystemStatus::Ok,
+                        "Subscribed to PostgreSQL",
+                        &topic,
+                    ),
+                ));
+                let target = self.target(&topic, &channel.claims);
+                let outbox = self.outbox.clone();
+                // Queued under the hub lock: the reply precedes every change for the channel.
+                self.state
+                    .hub
+                    .subscribe(id, target, checked.bindings, move || {
+                        for f in queued {
+                            outbox.push(OutFrame::text(f));
+                        }
+                    });
+                channel.registered = true;
             }
         }
         metrics::channel_joined(kind_of(&channel));
@@ -572,18 +597,16 @@ impl Socket {
         }
     }
 
-    /// Validate a channel's postgres_changes entries under its role; the error is the
-    /// `system` message.
-    async fn register(
-        &self,
-        topic: &str,
-        channel: &Channel,
-    ) -> Result<Vec<walcast_core::subscription::Binding>, String> {
+    /// Validate a channel's postgres_changes entries under its role.
+    async fn register(&self, topic: &str, channel: &Channel) -> Checked {
         // Bindings are only live once the replication stream runs; wait for it (bounded) so
         // a successful reply never promises changes the stream cannot deliver.
         if !self.state.wait_streaming(Duration::from_secs(5)).await {
             tracing::warn!(%topic, "join while replication is not running");
-            return Err("Realtime was unable to connect to the project database".into());
+            return Checked {
+                bindings: Vec::new(),
+                errors: vec!["Realtime was unable to connect to the project database".into()],
+            };
         }
         build_bindings(&self.state, &channel.claims.role, &channel.entries).await
     }
@@ -613,12 +636,19 @@ impl Socket {
         }
         // Re-scope: the bindings are checked again under the new role and claims.
         let ch = &self.channels[topic];
-        match self.register(topic, ch).await {
-            Ok(bindings) => {
+        let checked = self.register(topic, ch).await;
+        match checked.errors.first() {
+            None => {
                 let target = self.target(topic, &ch.claims);
-                self.state.hub.subscribe(ch.id, target, bindings, || ());
+                self.state
+                    .hub
+                    .subscribe(ch.id, target, checked.bindings, || ());
             }
-            Err(message) => self.close_channel(topic, &message),
+            // The new identity may not see what the old one could: stop the channel.
+            Some(message) => {
+                let message = message.clone();
+                self.close_channel(topic, &message);
+            }
         }
     }
 }

@@ -78,19 +78,20 @@ async fn main() -> Result<()> {
     }
     eprintln!("writing {} single-row commits…", opts.rows);
     let t = Instant::now();
+    // A procedure may COMMIT inside its loop only when CALLed as its own statement (a
+    // multi-statement query string is one implicit transaction).
     client
-        .batch_execute(&format!(
+        .batch_execute(
             "CREATE PROCEDURE fill(n int8) LANGUAGE plpgsql AS $$
              BEGIN
                FOR i IN 1..n LOOP
                  INSERT INTO bench (n, body) VALUES (i, 'row number ' || i);
                  COMMIT;
                END LOOP;
-             END $$;
-             CALL fill({});",
-            opts.rows
-        ))
+             END $$",
+        )
         .await?;
+    client.execute("CALL fill($1)", &[&(opts.rows as i64)]).await?;
     let end_lsn: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
