@@ -62,6 +62,16 @@ pub trait Outbox: Send + Sync + 'static {
     fn push(&self, frame: OutFrame) -> bool;
 }
 
+/// Who a channel acts as: the role and claims of its token. Authorization decisions are
+/// made per identity (channels with the same role and claims share them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Postgres role (the token's `role` claim).
+    pub role: Arc<str>,
+    /// The whole claims object as JSON (`request.jwt.claims`).
+    pub claims: Arc<str>,
+}
+
 /// A joined channel, as the hub needs to know it.
 #[derive(Clone)]
 pub struct ChannelTarget {
@@ -69,6 +79,7 @@ pub struct ChannelTarget {
     pub vsn: Vsn,
     /// Full topic, `realtime:<name>`.
     pub topic: Arc<str>,
+    pub identity: Arc<Identity>,
 }
 
 /// Limits applied while rendering change payloads.
@@ -114,6 +125,7 @@ pub struct Hub {
 #[derive(Default)]
 pub struct DispatchScratch {
     matches: Vec<Match>,
+    routes: Vec<(Match, ChannelTarget)>,
     data: HashMap<Option<Vec<String>>, Arc<str>>,
     frames: HashMap<(Vsn, Arc<str>, Vec<u32>, Option<Vec<String>>), OutFrame>,
 }
@@ -156,20 +168,43 @@ impl Hub {
         self.inner.read().map(|i| i.channels.len()).unwrap_or(0)
     }
 
-    /// Deliver one change to every matching channel.
-    pub fn dispatch(&self, change: &Change, scratch: &mut DispatchScratch) -> DispatchStats {
-        let mut stats = DispatchStats::default();
+    /// Find the channels a change goes to (before authorization). Returns the distinct
+    /// identities among them, for the caller to authorize; then call [`Hub::deliver`].
+    pub fn route(&self, change: &Change, scratch: &mut DispatchScratch) -> Vec<Arc<Identity>> {
+        scratch.routes.clear();
         if change.kind == ChangeKind::Truncate {
-            return stats;
+            return Vec::new();
         }
-        scratch.data.clear();
-        scratch.frames.clear();
+        let mut identities: Vec<Arc<Identity>> = Vec::new();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         inner.index.matches(change, &mut scratch.matches);
         for m in scratch.matches.drain(..) {
             let Some(target) = inner.channels.get(&m.subscriber) else {
                 continue;
             };
+            if !identities.iter().any(|i| **i == *target.identity) {
+                identities.push(target.identity.clone());
+            }
+            scratch.routes.push((m, target.clone()));
+        }
+        identities
+    }
+
+    /// Queue the change to the routed channels whose identity `allowed` accepts.
+    pub fn deliver(
+        &self,
+        change: &Change,
+        scratch: &mut DispatchScratch,
+        allowed: impl Fn(&Identity) -> bool,
+    ) -> DispatchStats {
+        let mut stats = DispatchStats::default();
+        scratch.data.clear();
+        scratch.frames.clear();
+        let routes = std::mem::take(&mut scratch.routes);
+        for (m, target) in routes {
+            if !allowed(&target.identity) {
+                continue;
+            }
             let key = (target.vsn, target.topic.clone(), m.binding_ids, m.select);
             let frame = match scratch.frames.get(&key) {
                 Some(f) => f.clone(),
@@ -204,6 +239,12 @@ impl Hub {
             }
         }
         stats
+    }
+
+    /// Route and deliver to every matching channel, without authorization (tests, tools).
+    pub fn dispatch(&self, change: &Change, scratch: &mut DispatchScratch) -> DispatchStats {
+        self.route(change, scratch);
+        self.deliver(change, scratch, |_| true)
     }
 }
 
@@ -385,6 +426,10 @@ mod tests {
             outbox: sink.clone(),
             vsn,
             topic: topic.into(),
+            identity: Arc::new(Identity {
+                role: "anon".into(),
+                claims: "{}".into(),
+            }),
         }
     }
 
@@ -506,5 +551,33 @@ mod tests {
         let stats = hub.dispatch(&insert(table(true), "y"), &mut scratch);
         assert_eq!((stats.delivered, stats.dropped), (0, 1));
         assert_eq!(ok.frames.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn route_reports_identities_and_deliver_applies_the_decision() {
+        let hub = Hub::new(HubConfig::default());
+        let a = Arc::new(Sink::default());
+        let b = Arc::new(Sink::default());
+        let mut tb = target(&b, Vsn::V2, "realtime:b");
+        tb.identity = Arc::new(Identity {
+            role: "authenticated".into(),
+            claims: "{}".into(),
+        });
+        hub.subscribe(
+            1,
+            target(&a, Vsn::V2, "realtime:a"),
+            vec![binding(1)],
+            || (),
+        );
+        hub.subscribe(2, tb, vec![binding(1)], || ());
+        let mut scratch = DispatchScratch::default();
+        let change = insert(table(true), "x");
+        let ids = hub.route(&change, &mut scratch);
+        let roles: Vec<&str> = ids.iter().map(|i| &*i.role).collect();
+        assert_eq!(roles, ["anon", "authenticated"]);
+        let stats = hub.deliver(&change, &mut scratch, |i| &*i.role == "authenticated");
+        assert_eq!(stats.delivered, 1);
+        assert!(a.frames.lock().unwrap().is_empty());
+        assert_eq!(b.frames.lock().unwrap().len(), 1);
     }
 }
