@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod catalog;
 pub mod changes;
+pub mod check;
 pub mod cli;
 pub mod http;
 pub mod metrics;
@@ -22,7 +23,8 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Tail(args) => tail::run(args).await,
         cli::Command::Serve(args) => serve::run(args).await,
-        cli::Command::Check(_) | cli::Command::Demo(_) => {
+        cli::Command::Check(args) => check::run(args).await,
+        cli::Command::Demo(_) => {
             anyhow::bail!("not implemented yet")
         }
     }

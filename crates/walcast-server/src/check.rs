@@ -1,0 +1,330 @@
+//! `walcast check`: diagnose a database before (or while) walcast streams from it.
+//!
+//! Each finding is one line: `ok`, `warn` or `error`, what was found, and for problems the
+//! SQL that fixes it. The exit status is non-zero when an `error` would stop walcast from
+//! streaming. Identifiers in the suggested SQL are quoted by Postgres itself (`format('%I')`).
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use walcast_replication::ReplicationConfig;
+
+use crate::cli::CheckArgs;
+use crate::sql;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    Warn,
+    Error,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub level: Level,
+    pub message: String,
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn new(level: Level, message: impl Into<String>, fix: Option<String>) -> Finding {
+        Finding {
+            level,
+            message: message.into(),
+            fix,
+        }
+    }
+}
+
+/// Run every check against the database.
+pub async fn diagnose(
+    client: &tokio_postgres::Client,
+    publication: &str,
+    slot: &str,
+) -> Result<Vec<Finding>> {
+    let mut out = Vec::new();
+
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    if wal_level == "logical" {
+        out.push(Finding::new(Level::Ok, "wal_level is logical", None));
+    } else {
+        out.push(Finding::new(
+            Level::Error,
+            format!("wal_level is '{wal_level}'; logical replication needs 'logical'"),
+            Some("ALTER SYSTEM SET wal_level = logical; -- then restart Postgres".into()),
+        ));
+    }
+
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int,
+                    (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int,
+                    (SELECT count(*) FROM pg_catalog.pg_stat_replication)::int,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    let (max_slots, used_slots, max_senders, used_senders, slot_exists): (
+        i32,
+        i32,
+        i32,
+        i32,
+        bool,
+    ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let slots_needed = if slot_exists { 0 } else { 1 };
+    if max_slots - used_slots >= slots_needed {
+        out.push(Finding::new(
+            Level::Ok,
+            format!("replication slots: {used_slots} of {max_slots} used"),
+            None,
+        ));
+    } else {
+        out.push(Finding::new(
+            Level::Error,
+            format!("replication slots: all {max_slots} in use, none left for walcast"),
+            Some(format!(
+                "ALTER SYSTEM SET max_replication_slots = {}; -- then restart Postgres",
+                max_slots + 4
+            )),
+        ));
+    }
+    if used_senders < max_senders {
+        out.push(Finding::new(
+            Level::Ok,
+            format!("WAL senders: {used_senders} of {max_senders} busy"),
+            None,
+        ));
+    } else {
+        out.push(Finding::new(
+            Level::Error,
+            format!("WAL senders: all {max_senders} busy"),
+            Some(format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; -- then restart Postgres",
+                max_senders + 4
+            )),
+        ));
+    }
+
+    let publication_row = client
+        .query_opt(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete
+             FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    let fix_pub: String = client
+        .query_one(
+            "SELECT format('CREATE PUBLICATION %I FOR ALL TABLES;', $1::text)",
+            &[&publication],
+        )
+        .await?
+        .get(0);
+    match publication_row {
+        None => out.push(Finding::new(
+            Level::Warn,
+            format!(
+                "publication \"{publication}\" does not exist (walcast creates it when its role may)"
+            ),
+            Some(format!(
+                "{fix_pub} -- or FOR TABLE with the tables clients may subscribe to"
+            )),
+        )),
+        Some(r) => {
+            let all: bool = r.get(0);
+            let (ins, upd, del): (bool, bool, bool) = (r.get(1), r.get(2), r.get(3));
+            out.push(Finding::new(
+                Level::Ok,
+                format!(
+                    "publication \"{publication}\" exists ({})",
+                    if all { "all tables" } else { "listed tables" }
+                ),
+                None,
+            ));
+            if !(ins && upd && del) {
+                out.push(Finding::new(
+                    Level::Warn,
+                    format!("publication \"{publication}\" does not publish every INSERT, UPDATE and DELETE"),
+                    Some(
+                        client
+                            .query_one(
+                                "SELECT format('ALTER PUBLICATION %I SET (publish = ''insert, update, delete'');', $1::text)",
+                                &[&publication],
+                            )
+                            .await?
+                            .get(0),
+                    ),
+                ));
+            }
+        }
+    }
+
+    // Tables in the publication: replica identity, primary key, row-level security.
+    let tables = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text, c.relrowsecurity,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    format('%I.%I', n.nspname, c.relname)
+             FROM pg_catalog.pg_publication_tables pt
+             JOIN pg_catalog.pg_namespace n ON n.nspname = pt.schemaname
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+             WHERE pt.pubname = $1
+             ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await?;
+    for t in &tables {
+        let (schema, name, ident, rls, pk, quoted): (String, String, String, bool, bool, String) =
+            (t.get(0), t.get(1), t.get(2), t.get(3), t.get(4), t.get(5));
+        let full_fix = format!("ALTER TABLE {quoted} REPLICA IDENTITY FULL;");
+        match (ident.as_str(), pk) {
+            ("f", _) => out.push(Finding::new(
+                Level::Ok,
+                format!("{schema}.{name}: REPLICA IDENTITY FULL (UPDATE and DELETE carry the whole old row)"),
+                None,
+            )),
+            ("d", true) | ("i", _) => out.push(Finding::new(
+                Level::Ok,
+                format!(
+                    "{schema}.{name}: replica identity {} (old_record holds the key only; unchanged TOASTed columns are missing from UPDATE)",
+                    if ident == "d" { "DEFAULT (primary key)" } else { "USING INDEX" }
+                ),
+                None,
+            )),
+            ("d", false) => out.push(Finding::new(
+                Level::Error,
+                format!("{schema}.{name}: no primary key and REPLICA IDENTITY DEFAULT: UPDATE and DELETE on it fail on the source while it is published, and its changes cannot be identified"),
+                Some(format!("ALTER TABLE {quoted} ADD PRIMARY KEY (...); -- or: {full_fix}")),
+            )),
+            _ => out.push(Finding::new(
+                Level::Warn,
+                format!("{schema}.{name}: REPLICA IDENTITY NOTHING: UPDATE and DELETE on it fail on the source while it is published"),
+                Some(full_fix.clone()),
+            )),
+        }
+        if !rls {
+            out.push(Finding::new(
+                Level::Warn,
+                format!("{schema}.{name}: row-level security is disabled: every role with SELECT on it sees every row"),
+                Some(format!(
+                    "ALTER TABLE {quoted} ENABLE ROW LEVEL SECURITY; -- and CREATE POLICY … FOR SELECT"
+                )),
+            ));
+        } else if ident != "f" {
+            out.push(Finding::new(
+                Level::Warn,
+                format!("{schema}.{name}: row-level security is on but the old row is not logged: its DELETEs cannot be authorized and are not delivered"),
+                Some(full_fix),
+            ));
+        }
+    }
+
+    // The slot: lag and WAL retention.
+    let slot_row = client
+        .query_opt(
+            "SELECT plugin::text, active, wal_status::text,
+                    pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
+                    pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::int8,
+                    format('SELECT pg_drop_replication_slot(%L);', slot_name)
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    match slot_row {
+        None => out.push(Finding::new(
+            Level::Ok,
+            format!("slot \"{slot}\" does not exist yet (walcast creates it)"),
+            None,
+        )),
+        Some(r) => {
+            let plugin: Option<String> = r.get(0);
+            let active: bool = r.get(1);
+            let wal_status: Option<String> = r.get(2);
+            let lag: Option<i64> = r.get(3);
+            let retained: Option<i64> = r.get(4);
+            let drop_sql: String = r.get(5);
+            if plugin.as_deref() != Some("pgoutput") {
+                out.push(Finding::new(
+                    Level::Error,
+                    format!("slot \"{slot}\" uses plugin {plugin:?}, walcast needs pgoutput"),
+                    Some(drop_sql.clone()),
+                ));
+            }
+            match wal_status.as_deref() {
+                Some("lost") => out.push(Finding::new(
+                    Level::Error,
+                    format!(
+                        "slot \"{slot}\" is invalidated (wal_status lost): its changes are gone"
+                    ),
+                    Some(format!(
+                        "{drop_sql} -- walcast then creates a new slot; clients must refetch"
+                    )),
+                )),
+                Some("unreserved") => out.push(Finding::new(
+                    Level::Warn,
+                    format!("slot \"{slot}\" is about to lose WAL (wal_status unreserved)"),
+                    None,
+                )),
+                _ => {}
+            }
+            out.push(Finding::new(
+                Level::Ok,
+                format!(
+                    "slot \"{slot}\": {}, {} behind, {} of WAL retained, wal_status {}",
+                    if active { "in use" } else { "idle" },
+                    bytes(lag.unwrap_or(0)),
+                    bytes(retained.unwrap_or(0)),
+                    wal_status.as_deref().unwrap_or("unknown")
+                ),
+                None,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n.max(0) as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Render findings as the CLI prints them.
+pub fn render(findings: &[Finding]) -> String {
+    let mut out = String::new();
+    for f in findings {
+        let tag = match f.level {
+            Level::Ok => "ok   ",
+            Level::Warn => "warn ",
+            Level::Error => "error",
+        };
+        let _ = writeln!(out, "{tag} {}", f.message);
+        if let Some(fix) = &f.fix {
+            let _ = writeln!(out, "      fix: {fix}");
+        }
+    }
+    out
+}
+
+pub async fn run(args: CheckArgs) -> Result<()> {
+    let cfg = ReplicationConfig::from_url(&args.database_url)
+        .map_err(|e| anyhow::anyhow!("invalid --database-url / DATABASE_URL: {e}"))?;
+    let client = sql::connect(&cfg, "walcast check").await?;
+    let findings = diagnose(&client, &args.publication, &args.slot).await?;
+    print!("{}", render(&findings));
+    let errors = findings.iter().filter(|f| f.level == Level::Error).count();
+    if errors > 0 {
+        anyhow::bail!("{errors} problem(s) stop walcast from streaming; see the fixes above");
+    }
+    Ok(())
+}
