@@ -1,10 +1,14 @@
 //! Fan-out of row changes to joined channels.
 //!
 //! ```text
-//!  pump (one task, commit order) ──Change──▶ Hub::dispatch
+//!  pump (one task, commit order) ──Change──▶ Hub::route_owned ─▶ Routed (channels, identities)
 //!        SubscriptionIndex::matches ── only bindings of this table + wildcard lists
-//!        per match: frame = cache[(vsn, topic, ids, select)]   ← data JSON rendered once per select
+//!  pump authorizes the identities (a batch of changes at a time) ─▶ Access per identity
+//!  Hub::deliver_routed(change, routed, decide)
+//!        per match: frame = cache[(vsn, topic, ids, select, visibility)]
+//!                   ← data JSON rendered once per (select, visible columns)
 //!        outbox.push(frame.clone())   ← a refcount bump; never blocks
+//!  Hub::fail(subscriber, message): bindings removed + `system` error, for one channel only
 //! ```
 //!
 //! Invariants:
@@ -14,6 +18,9 @@
 //! - Each change is serialized once per distinct column selection, and each frame once per
 //!   (protocol version, topic, binding ids, selection); sockets share the bytes.
 //! - Per subscriber, frames are pushed in dispatch order, which is commit order.
+//! - An identity gets only what its [`Access`] grants: nothing on `Deny`, and never a column
+//!   outside its [`Visibility`]. A channel that left, or re-subscribed under another identity,
+//!   between routing and delivery gets nothing from that routing.
 //! - [`Hub::subscribe`] runs its callback under the same lock that dispatch takes, so a join
 //!   reply queued there precedes every change delivered to the new channel, and every change
 //!   dispatched after it is matched against the new bindings.
@@ -125,9 +132,74 @@ pub struct Hub {
 #[derive(Default)]
 pub struct DispatchScratch {
     matches: Vec<Match>,
+    routed: Routed,
+    data: HashMap<RenderKey, Arc<str>>,
+    frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
+}
+
+/// What one identity may see of one change: nothing, or the change trimmed to its columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Deny,
+    Allow(Visibility),
+}
+
+impl Access {
+    /// Every column, old record included.
+    pub const ALL: Access = Access::Allow(Visibility::ALL);
+}
+
+/// The part of a change an authorized identity receives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Visibility {
+    /// Columns the role may SELECT, one flag per column of the change's table; `None` = all.
+    pub columns: Option<Arc<[bool]>>,
+    /// False when the old row image must shrink to its key columns (the identity may see the
+    /// new row but not the old one, e.g. a row that moved into its tenant).
+    pub old_record: bool,
+}
+
+impl Visibility {
+    pub const ALL: Visibility = Visibility {
+        columns: None,
+        old_record: true,
+    };
+}
+
+/// Rendering variant of a change's `data`: the binding selection and the visibility.
+type RenderKey = (Option<Vec<String>>, Visibility);
+
+/// The channels one change goes to, before authorization. Owned, so a pump can route a
+/// batch of changes, authorize the batch, then deliver each in order.
+#[derive(Default, Clone)]
+pub struct Routed {
     routes: Vec<(Match, ChannelTarget)>,
-    data: HashMap<Option<Vec<String>>, Arc<str>>,
-    frames: HashMap<(Vsn, Arc<str>, Vec<u32>, Option<Vec<String>>), OutFrame>,
+}
+
+impl Routed {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Distinct identities among the routed channels, in first-seen order.
+    pub fn identities(&self) -> Vec<Arc<Identity>> {
+        let mut out: Vec<Arc<Identity>> = Vec::new();
+        for (_, t) in &self.routes {
+            if !out.iter().any(|i| **i == *t.identity) {
+                out.push(t.identity.clone());
+            }
+        }
+        out
+    }
+
+    /// Subscribers routed under `identity`.
+    pub fn subscribers_of(&self, identity: &Identity) -> Vec<SubscriberId> {
+        self.routes
+            .iter()
+            .filter(|(_, t)| *t.identity == *identity)
+            .map(|(m, _)| m.subscriber)
+            .collect()
+    }
 }
 
 impl Hub {
@@ -163,57 +235,124 @@ impl Hub {
         inner.channels.remove(&id);
     }
 
+    /// Stop a channel's postgres_changes because its authorization failed: its bindings are
+    /// removed and it gets a `system` error (extension `postgres_changes`) with `message`.
+    /// The channel itself stays joined (broadcast, presence); a new `access_token` or a
+    /// rejoin registers its bindings again. Returns false when it was not subscribed.
+    pub fn fail(&self, id: SubscriberId, message: &str) -> bool {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.index.remove_subscriber(id);
+        let Some(target) = inner.channels.remove(&id) else {
+            return false;
+        };
+        let payload = outbound::system(
+            outbound::SystemExtension::PostgresChanges,
+            outbound::SystemStatus::Error,
+            message,
+            &target.topic,
+        );
+        target.outbox.push(OutFrame::text(encode_push(
+            target.vsn,
+            None,
+            None,
+            &target.topic,
+            "system",
+            &payload,
+        )));
+        true
+    }
+
     /// Number of channels with bindings.
     pub fn channel_count(&self) -> usize {
         self.inner.read().map(|i| i.channels.len()).unwrap_or(0)
     }
 
-    /// Find the channels a change goes to (before authorization). Returns the distinct
-    /// identities among them, for the caller to authorize; then call [`Hub::deliver`].
-    pub fn route(&self, change: &Change, scratch: &mut DispatchScratch) -> Vec<Arc<Identity>> {
-        scratch.routes.clear();
+    /// Find the channels a change goes to (before authorization).
+    pub fn route_owned(&self, change: &Change, scratch: &mut DispatchScratch) -> Routed {
+        let mut routed = Routed::default();
         if change.kind == ChangeKind::Truncate {
-            return Vec::new();
+            return routed;
         }
-        let mut identities: Vec<Arc<Identity>> = Vec::new();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         inner.index.matches(change, &mut scratch.matches);
         for m in scratch.matches.drain(..) {
             let Some(target) = inner.channels.get(&m.subscriber) else {
                 continue;
             };
-            if !identities.iter().any(|i| **i == *target.identity) {
-                identities.push(target.identity.clone());
-            }
-            scratch.routes.push((m, target.clone()));
+            routed.routes.push((m, target.clone()));
         }
-        identities
+        routed
     }
 
-    /// Queue the change to the routed channels whose identity `allowed` accepts.
+    /// [`Hub::route_owned`], keeping the routes in `scratch` for [`Hub::deliver`]. Returns
+    /// the distinct identities among the routed channels.
+    pub fn route(&self, change: &Change, scratch: &mut DispatchScratch) -> Vec<Arc<Identity>> {
+        scratch.routed = self.route_owned(change, scratch);
+        scratch.routed.identities()
+    }
+
+    /// Queue the change to the channels routed by [`Hub::route`] whose identity `allowed`
+    /// accepts (all columns).
     pub fn deliver(
         &self,
         change: &Change,
         scratch: &mut DispatchScratch,
         allowed: impl Fn(&Identity) -> bool,
     ) -> DispatchStats {
+        let routed = std::mem::take(&mut scratch.routed);
+        self.deliver_routed(change, routed, scratch, |i| {
+            if allowed(i) {
+                Access::ALL
+            } else {
+                Access::Deny
+            }
+        })
+    }
+
+    /// Queue the change to the routed channels, each trimmed to what `decide` grants its
+    /// identity. Channels that left, or whose identity changed (new token), since routing
+    /// get nothing: the decision was made for the identity they no longer have.
+    pub fn deliver_routed(
+        &self,
+        change: &Change,
+        routed: Routed,
+        scratch: &mut DispatchScratch,
+        decide: impl Fn(&Identity) -> Access,
+    ) -> DispatchStats {
         let mut stats = DispatchStats::default();
         scratch.data.clear();
         scratch.frames.clear();
-        let routes = std::mem::take(&mut scratch.routes);
-        for (m, target) in routes {
-            if !allowed(&target.identity) {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        for (m, target) in routed.routes {
+            let live = inner
+                .channels
+                .get(&m.subscriber)
+                .is_some_and(|t| Arc::ptr_eq(&t.identity, &target.identity));
+            if !live {
                 continue;
             }
-            let key = (target.vsn, target.topic.clone(), m.binding_ids, m.select);
+            let Access::Allow(vis) = decide(&target.identity) else {
+                continue;
+            };
+            let key = (
+                target.vsn,
+                target.topic.clone(),
+                m.binding_ids,
+                (m.select, vis),
+            );
             let frame = match scratch.frames.get(&key) {
                 Some(f) => f.clone(),
                 None => {
                     let data = match scratch.data.get(&key.3) {
                         Some(d) => d.clone(),
                         None => {
-                            let d: Arc<str> =
-                                render_data(change, key.3.as_deref(), &self.config).into();
+                            let d: Arc<str> = render_data_visible(
+                                change,
+                                key.3 .0.as_deref(),
+                                &key.3 .1,
+                                &self.config,
+                            )
+                            .into();
                             scratch.data.insert(key.3.clone(), d.clone());
                             d
                         }
@@ -250,6 +389,16 @@ impl Hub {
 
 /// The `data` object of a `postgres_changes` payload (Supabase's record shape).
 pub fn render_data(change: &Change, select: Option<&[String]>, config: &HubConfig) -> String {
+    render_data_visible(change, select, &Visibility::ALL, config)
+}
+
+/// [`render_data`] for an identity that sees only `vis` of the change.
+pub fn render_data_visible(
+    change: &Change,
+    select: Option<&[String]>,
+    vis: &Visibility,
+    config: &HubConfig,
+) -> String {
     let kind = change.kind.as_str();
     let table = &change.table;
     let has_key = table.columns.iter().any(|c| c.is_key);
@@ -260,21 +409,37 @@ pub fn render_data(change: &Change, select: Option<&[String]>, config: &HubConfi
         out.push_str(",\"errors\":[\"Error 400: Bad Request, no primary key\"]}");
         return out;
     }
-    let keep = |i: usize| -> bool {
-        match select {
-            None => true,
-            Some(cols) => table
-                .columns
-                .get(i)
-                .is_some_and(|c| cols.iter().any(|s| s.as_str() == &*c.name)),
-        }
+    let granted = |i: usize| -> bool {
+        vis.columns
+            .as_ref()
+            .is_none_or(|m| m.get(i).copied().unwrap_or(false))
     };
-    let full = render_body(change, kind, &keep, None);
+    if (0..table.columns.len()).any(|i| table.columns[i].is_key && !granted(i)) {
+        // A row the role cannot identify is not shown at all (Supabase does the same).
+        let mut out = String::with_capacity(128);
+        head(&mut out, change, kind);
+        out.push_str(",\"errors\":[\"Error 401: Unauthorized\"]}");
+        return out;
+    }
+    let keep = |i: usize| -> bool {
+        granted(i)
+            && match select {
+                None => true,
+                Some(cols) => table
+                    .columns
+                    .get(i)
+                    .is_some_and(|c| cols.iter().any(|s| s.as_str() == &*c.name)),
+            }
+    };
+    let keep_old = |i: usize| -> bool {
+        keep(i) && (vis.old_record || table.columns.get(i).is_some_and(|c| c.is_key))
+    };
+    let full = render_body(change, kind, &keep, &keep_old, None);
     if full.len() <= config.max_record_bytes {
         return full;
     }
     // Too large: keep only values whose text is short, and say so.
-    render_body(change, kind, &keep, Some(64))
+    render_body(change, kind, &keep, &keep_old, Some(64))
 }
 
 fn head(out: &mut String, change: &Change, kind: &str) {
@@ -291,6 +456,7 @@ fn render_body(
     change: &Change,
     kind: &str,
     keep: &dyn Fn(usize) -> bool,
+    keep_old: &dyn Fn(usize) -> bool,
     max_value_text: Option<usize>,
 ) -> String {
     let mut out = String::with_capacity(256);
@@ -314,7 +480,7 @@ fn render_body(
         out.push('}');
     }
     out.push(']');
-    let short = |i: usize, row: &[Value]| -> bool {
+    let short = |keep: &dyn Fn(usize) -> bool, i: usize, row: &[Value]| -> bool {
         keep(i)
             && match max_value_text {
                 None => true,
@@ -326,11 +492,11 @@ fn render_body(
     };
     if let Some(rec) = &change.record {
         out.push_str(",\"record\":");
-        change.write_row(rec, &mut out, |i| short(i, rec));
+        change.write_row(rec, &mut out, |i| short(keep, i, rec));
     }
     if let Some(old) = &change.old_record {
         out.push_str(",\"old_record\":");
-        change.write_row(old, &mut out, |i| short(i, old));
+        change.write_row(old, &mut out, |i| short(keep_old, i, old));
     }
     if max_value_text.is_some() {
         let _ = write!(out, ",\"errors\":[\"Error 413: Payload Too Large\"]}}");
@@ -578,6 +744,156 @@ mod tests {
         let stats = hub.deliver(&change, &mut scratch, |i| &*i.role == "authenticated");
         assert_eq!(stats.delivered, 1);
         assert!(a.frames.lock().unwrap().is_empty());
+        assert_eq!(b.frames.lock().unwrap().len(), 1);
+    }
+
+    fn routed_pair(hub: &Hub) -> (Arc<Sink>, Arc<Sink>) {
+        let a = Arc::new(Sink::default());
+        let b = Arc::new(Sink::default());
+        hub.subscribe(
+            1,
+            target(&a, Vsn::V2, "realtime:a"),
+            vec![binding(1)],
+            || (),
+        );
+        hub.subscribe(
+            2,
+            target(&b, Vsn::V2, "realtime:b"),
+            vec![binding(1)],
+            || (),
+        );
+        (a, b)
+    }
+
+    fn data_of(frame: &OutFrame) -> serde_json::Value {
+        let OutFrame::Text(bytes) = frame else {
+            panic!("text frame expected")
+        };
+        let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        v[4]["data"].clone()
+    }
+
+    #[test]
+    fn visibility_trims_columns_and_old_record() {
+        let t = table(true);
+        let mut change = insert(t, "secret");
+        change.kind = ChangeKind::Update;
+        change.old_record = Some(vec![present("46", "46"), present("old", "\"old\"")]);
+        let only_id = Visibility {
+            columns: Some(Arc::from(vec![true, false])),
+            old_record: true,
+        };
+        let v: serde_json::Value = serde_json::from_str(&render_data_visible(
+            &change,
+            None,
+            &only_id,
+            &HubConfig::default(),
+        ))
+        .unwrap();
+        assert_eq!(
+            v["columns"],
+            serde_json::json!([{"name": "id", "type": "int8"}])
+        );
+        assert_eq!(v["record"], serde_json::json!({"id": 46}));
+        assert_eq!(v["old_record"], serde_json::json!({"id": 46}));
+        let new_only = Visibility {
+            columns: None,
+            old_record: false,
+        };
+        let v: serde_json::Value = serde_json::from_str(&render_data_visible(
+            &change,
+            None,
+            &new_only,
+            &HubConfig::default(),
+        ))
+        .unwrap();
+        assert_eq!(
+            v["record"],
+            serde_json::json!({"id": 46, "title": "secret"})
+        );
+        assert_eq!(v["old_record"], serde_json::json!({"id": 46}));
+        let no_key = Visibility {
+            columns: Some(Arc::from(vec![false, true])),
+            old_record: true,
+        };
+        let v: serde_json::Value = serde_json::from_str(&render_data_visible(
+            &change,
+            None,
+            &no_key,
+            &HubConfig::default(),
+        ))
+        .unwrap();
+        assert_eq!(v["errors"], serde_json::json!(["Error 401: Unauthorized"]));
+        assert!(v.get("record").is_none());
+    }
+
+    #[test]
+    fn deliver_routed_renders_per_visibility_and_denies_per_identity() {
+        let hub = Hub::new(HubConfig::default());
+        let (a, b) = routed_pair(&hub);
+        let mut scratch = DispatchScratch::default();
+        let change = insert(table(true), "x");
+        let routed = hub.route_owned(&change, &mut scratch);
+        assert_eq!(routed.identities().len(), 1);
+        assert_eq!(routed.subscribers_of(&routed.identities()[0]), vec![1, 2]);
+        let mask = Visibility {
+            columns: Some(Arc::from(vec![true, false])),
+            old_record: true,
+        };
+        let stats = hub.deliver_routed(&change, routed, &mut scratch, |_| {
+            Access::Allow(mask.clone())
+        });
+        assert_eq!((stats.delivered, stats.encoded), (2, 2));
+        assert_eq!(
+            data_of(&a.frames.lock().unwrap()[0])["record"],
+            serde_json::json!({"id": 46})
+        );
+        let routed = hub.route_owned(&change, &mut scratch);
+        let stats = hub.deliver_routed(&change, routed, &mut scratch, |_| Access::Deny);
+        assert_eq!(stats.delivered, 0);
+        assert_eq!(b.frames.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn routes_go_stale_when_a_channel_leaves_or_changes_identity() {
+        let hub = Hub::new(HubConfig::default());
+        let (a, b) = routed_pair(&hub);
+        let mut scratch = DispatchScratch::default();
+        let change = insert(table(true), "x");
+        let routed = hub.route_owned(&change, &mut scratch);
+        hub.unsubscribe(1);
+        // Channel 2 re-subscribes with a new token: decisions made for the old one are void.
+        let mut tb = target(&b, Vsn::V2, "realtime:b");
+        tb.identity = Arc::new(Identity {
+            role: "anon".into(),
+            claims: "{\"sub\":\"other\"}".into(),
+        });
+        hub.subscribe(2, tb, vec![binding(1)], || ());
+        let stats = hub.deliver_routed(&change, routed, &mut scratch, |_| Access::ALL);
+        assert_eq!(stats.delivered, 0);
+        assert!(a.frames.lock().unwrap().is_empty());
+        assert!(b.frames.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fail_stops_one_channel_with_a_system_error() {
+        let hub = Hub::new(HubConfig::default());
+        let (a, b) = routed_pair(&hub);
+        assert!(hub.fail(1, "policy failed"));
+        assert!(!hub.fail(1, "again"));
+        let mut scratch = DispatchScratch::default();
+        let stats = hub.dispatch(&insert(table(true), "x"), &mut scratch);
+        assert_eq!(stats.delivered, 1);
+        let frames = a.frames.lock().unwrap();
+        assert_eq!(frames.len(), 1);
+        let OutFrame::Text(bytes) = &frames[0] else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(v[3], "system");
+        assert_eq!(v[4]["status"], "error");
+        assert_eq!(v[4]["extension"], "postgres_changes");
+        assert_eq!(v[4]["message"], "policy failed");
         assert_eq!(b.frames.lock().unwrap().len(), 1);
     }
 }
