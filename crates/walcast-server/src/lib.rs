@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod changes;
 pub mod check;
 pub mod cli;
+pub mod env_compat;
 pub mod http;
 pub mod metrics;
 pub mod pump;

@@ -2,6 +2,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    walcast_server::env_compat::apply();
     let cli = walcast_server::cli::Cli::parse();
     // Logs go to stderr: `walcast tail` owns stdout.
     tracing_subscriber::fmt()
