@@ -1,9 +1,11 @@
 //! Change model, to_jsonb-compatible values, filters, subscription index and fan-out hub.
 
+pub mod broadcast;
 pub mod change;
 pub mod filter;
 pub mod hub;
 pub mod pg_type;
+pub mod presence;
 pub mod subscription;
 pub mod value;
 
