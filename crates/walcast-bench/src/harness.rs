@@ -46,6 +46,13 @@ pub struct HarnessArgs {
     /// RUST_LOG for the server.
     #[arg(long, default_value = "warn")]
     pub server_log: String,
+    /// Postgres `synchronous_commit`. With `off`, a logical walsender only sends WAL the
+    /// WAL writer has flushed, i.e. up to `wal_writer_delay` after the COMMIT returned.
+    #[arg(long, default_value = "off")]
+    pub synchronous_commit: String,
+    /// Postgres `wal_writer_delay` (how often the WAL writer flushes async commits).
+    #[arg(long, default_value = "200ms")]
+    pub wal_writer_delay: String,
 }
 
 impl HarnessArgs {
@@ -57,6 +64,14 @@ impl HarnessArgs {
             p(&self.server_cpus),
             p(&self.client_cpus),
             p(&self.pg_cpus)
+        )
+    }
+
+    /// "synchronous_commit=off, wal_writer_delay=200ms" for the report.
+    pub fn postgres_settings(&self) -> String {
+        format!(
+            "synchronous_commit={}, wal_writer_delay={}, fsync=off",
+            self.synchronous_commit, self.wal_writer_delay
         )
     }
 }
@@ -77,7 +92,8 @@ impl Harness {
         let walcast = walcast_binary(args.walcast.as_deref())?;
         let cluster = PgCluster::start(ClusterOptions {
             settings: vec![
-                ("synchronous_commit".into(), "off".into()),
+                ("synchronous_commit".into(), args.synchronous_commit.clone()),
+                ("wal_writer_delay".into(), args.wal_writer_delay.clone()),
                 ("max_wal_size".into(), "4GB".into()),
                 ("wal_sender_timeout".into(), "60s".into()),
             ],
@@ -260,6 +276,32 @@ pub fn http_status(addr: SocketAddr, path: &str) -> Result<u16> {
     Ok(code)
 }
 
+/// Body of `GET path` (HTTP/1.1, `Connection: close`, no chunked decoding needed for
+/// the plain-text `/metrics`; a chunked body keeps its chunk-size lines, which never start
+/// with a metric name).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok(body.to_string())
+}
+
+/// `/metrics` lines of the server whose name starts with one of `prefixes`.
+pub fn metric_lines(addr: SocketAddr, prefixes: &[&str]) -> Vec<String> {
+    http_get(addr, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -369,6 +411,16 @@ pub fn clk_tck() -> u64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100)
+}
+
+/// The first three fields of /proc/loadavg (other work on the box shows here).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// VmRSS of `pid` in KiB.

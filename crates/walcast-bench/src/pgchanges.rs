@@ -57,6 +57,11 @@ pub struct CommonArgs {
     /// Connections opened at once while setting up subscribers.
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: usize,
+    /// Diagnostic: re-arm TCP_QUICKACK on each client socket after every frame, so the
+    /// client never delays its ACKs. If latency collapses with it, the server's writes are
+    /// being held by Nagle's algorithm waiting for delayed ACKs (no TCP_NODELAY).
+    #[arg(long)]
+    pub client_quickack: bool,
 }
 
 /// Pass/fail thresholds printed next to the figures.
@@ -91,6 +96,7 @@ pub fn runtime(common: &CommonArgs) -> Result<tokio::runtime::Runtime> {
 }
 
 struct Shared {
+    quickack: bool,
     log: Arc<CommitLog>,
     measured_from: u64,
     delivered: AtomicU64,
@@ -123,11 +129,13 @@ pub async fn run(plan: Plan) -> Result<()> {
         plan.name,
         common.harness.pinning()
     );
+    let load_start = harness::loadavg();
     let mut h = Harness::start(&common.harness).await?;
     let rows = ((common.warmup_secs + plan.duration_secs) as f64 * plan.rate).round() as u64;
     let measured_from = (common.warmup_secs as f64 * plan.rate).round() as u64 + 1;
     let log = Arc::new(CommitLog::new(Instant::now(), rows));
     let shared = Arc::new(Shared {
+        quickack: common.client_quickack,
         log: log.clone(),
         measured_from,
         delivered: AtomicU64::new(0),
@@ -311,13 +319,33 @@ pub async fn run(plan: Plan) -> Result<()> {
     let delivered_pct = total.received as f64 / expected as f64 * 100.0;
     let lag = &report.lag_us;
     let server_warnings = count_log_lines(&h.log_path);
+    let addr = h.addr();
+    let server_metrics = tokio::task::spawn_blocking(move || {
+        harness::metric_lines(
+            addr,
+            &[
+                "walcast_commit_to_send_seconds",
+                "walcast_slow_client_disconnects_total",
+                "walcast_deliveries_dropped_total",
+                "walcast_changes_decoded_total",
+                "walcast_frames_out_total",
+            ],
+        )
+    })
+    .await?;
 
     println!("== {} ==", plan.name);
+    println!(
+        "load average at start / end: {} / {}",
+        load_start,
+        harness::loadavg()
+    );
     println!("command: {}", harness::command_line());
     println!(
-        "machine: {} vCPU shared by postgres, walcast and the load generator; {}",
+        "machine: {} vCPU shared by postgres, walcast and the load generator; {}; postgres {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        common.harness.pinning()
+        common.harness.pinning(),
+        common.harness.postgres_settings()
     );
     println!(
         "plan: {} subscribers x {} commits/s, {} s measured after {} s warm-up, {} writer connections, body {} B, client read buffer {} B, {} client threads",
@@ -400,6 +428,8 @@ pub async fn run(plan: Plan) -> Result<()> {
         server_warnings
     );
 
+    println!("server metrics: {}", server_metrics.join(" | "));
+
     let mut verdicts = Vec::new();
     let mut check = |name: &str, ok: bool| {
         verdicts.push(format!("{name} {}", if ok { "met" } else { "MISSED" }))
@@ -422,12 +452,13 @@ pub async fn run(plan: Plan) -> Result<()> {
     }
     println!("targets: {}", verdicts.join("; "));
     println!(
-        "SUMMARY {}: {} subs x {:.0} commits/s for {} s ({}): delivered {}/{} ({:.4}%), {:.0} msgs/s; commit→receipt p50 {:.2} / p90 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms ({} early); last-receiver p99 {:.2} ms; writes {:.1}/s, writer lag p99 {:.2} ms; cpu {}; targets: {}. Command: {}",
+        "SUMMARY {}: {} subs x {:.0} commits/s for {} s ({}; {}): delivered {}/{} ({:.4}%), {:.0} msgs/s; commit→receipt p50 {:.2} / p90 {:.2} / p99 {:.2} / p99.9 {:.2} / max {:.2} ms ({} early); last-receiver p99 {:.2} ms; writes {:.1}/s, writer lag p99 {:.2} ms; cpu {}; targets: {}. Command: {}",
         plan.name,
         plan.subscribers,
         plan.rate,
         plan.duration_secs,
         common.harness.pinning(),
+        common.harness.postgres_settings(),
         total.received,
         expected,
         delivered_pct,
@@ -493,6 +524,9 @@ async fn subscriber(
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
+                    if shared.quickack {
+                        let _ = ws.get_ref().set_quickack(true);
+                    }
                     let bytes = t.as_bytes();
                     match classifier.classify(bytes) {
                         Inbound::Change(Some(id)) => {

@@ -91,7 +91,9 @@ async fn main() -> Result<()> {
              END $$",
         )
         .await?;
-    client.execute("CALL fill($1)", &[&(opts.rows as i64)]).await?;
+    client
+        .execute("CALL fill($1)", &[&(opts.rows as i64)])
+        .await?;
     let end_lsn: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
