@@ -1,38 +1,42 @@
-//! The replication pump: WAL → changes → hub, in commit order, never blocking on clients.
+//! The replication pump: WAL → changes → authorization → hub, in commit order, never
+//! blocking on clients.
 //!
 //! ```text
-//! Replicator.recv() ─▶ ChangeDecoder ─▶ hub.route ─▶ access (role, table) ─▶ hub.deliver
-//!      ▲                   │ Relation: resolve types, forget cached access for the table
+//! Replicator.recv() ─▶ ChangeDecoder ─▶ hub.route_owned ─▶ pending (this transaction)
+//!      ▲                   │ Relation: flush, resolve types, forget the table's policies
+//!      │                   │ Commit, or BATCH_MAX pending: flush ─▶ rls (one statement per
+//!      │                   │   table × identity group) ─▶ hub.deliver_routed, change by change
 //!      └── the next recv() confirms everything before it was handed to the hub
 //! ```
 //!
 //! Invariants:
-//! - A change is handed to the hub (queued on every matching socket, or dropped for a full
-//!   one) before the next `recv`, so the position confirmed to Postgres never passes a
-//!   change that was not handed on.
-//! - Default deny: a subscriber gets a change only when its role has SELECT on the table,
-//!   and, until row-level security is evaluated per row, never from a table with RLS on.
-//!   A failed access check delivers nothing.
-//! - Access decisions are cached per (role, table) and dropped whenever Postgres re-sends the
-//!   table's Relation message (it does after any ALTER, GRANT or REVOKE on it), and after
-//!   [`ACCESS_TTL`] in any case.
+//! - Every routed change is handed to the hub (queued on every authorized socket, or dropped
+//!   for a full one) before the `recv` that follows its Commit, and before any `recv` once
+//!   [`BATCH_MAX`] are pending: the position confirmed to Postgres never passes a change that
+//!   was not handed on, and memory stays bounded whatever the transaction size.
+//! - Changes are delivered in the order they were decoded, so each subscriber sees commit
+//!   order.
+//! - Default deny and isolation as documented in [`crate::rls`]: a failed check for one
+//!   identity stops only that identity's channels ([`Hub::fail`]), with a `system` error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use walcast_core::broadcast::Topics;
 use walcast_core::change::{Change, ChangeDecoder, Decoded};
-use walcast_core::hub::{DispatchScratch, Hub, Identity};
+use walcast_core::hub::{Access, DispatchScratch, Hub, Identity, Routed};
 use walcast_core::pg_type::TypeRegistry;
 use walcast_replication::{Replicator, StreamEvent};
 
-use crate::catalog::{resolve_types, table_access, TableAccess};
+use crate::catalog::resolve_types;
 use crate::metrics;
-use crate::sql::SqlPool;
+use crate::rls::{self, AuthzError, ImageBatch, PolicyCache, RowRule, TablePolicy};
+use crate::sql::{ExclusivePool, SqlPool};
 
-/// Longest an access decision is reused without a Relation message invalidating it.
-pub const ACCESS_TTL: Duration = Duration::from_secs(30);
+/// Most routed changes held before they are authorized and delivered, inside one
+/// transaction.
+pub const BATCH_MAX: usize = 1_000;
 
 pub struct Pump {
     replicator: Replicator,
@@ -40,8 +44,22 @@ pub struct Pump {
     types: Arc<RwLock<TypeRegistry>>,
     hub: Arc<Hub>,
     sql: Arc<SqlPool>,
-    access: HashMap<(Arc<str>, u32), (TableAccess, Instant)>,
+    authz: Arc<ExclusivePool>,
+    policies: PolicyCache,
+    pending: Vec<(Change, Routed)>,
     scratch: DispatchScratch,
+    /// Broadcast topics, for `realtime.send` messages from the database.
+    topics: Option<Arc<Topics>>,
+}
+
+/// The images of one (table, identity) group and where their verdicts go.
+struct Group {
+    identity: Arc<Identity>,
+    relid: u32,
+    check: Arc<rls::RowCheck>,
+    images: ImageBatch,
+    /// (pending index, ordinal of its primary image, ordinal of its old image)
+    members: Vec<(usize, Option<usize>, Option<usize>)>,
 }
 
 impl Pump {
@@ -50,6 +68,7 @@ impl Pump {
         types: Arc<RwLock<TypeRegistry>>,
         hub: Arc<Hub>,
         sql: Arc<SqlPool>,
+        authz: Arc<ExclusivePool>,
     ) -> Pump {
         Pump {
             replicator,
@@ -57,9 +76,18 @@ impl Pump {
             types,
             hub,
             sql,
-            access: HashMap::new(),
+            authz,
+            policies: PolicyCache::default(),
+            pending: Vec::new(),
             scratch: DispatchScratch::default(),
+            topics: None,
         }
+    }
+
+    /// Deliver `realtime.broadcast` logical messages to these broadcast topics.
+    pub fn with_topics(mut self, topics: Arc<Topics>) -> Pump {
+        self.topics = Some(topics);
+        self
     }
 
     /// Run until `shutdown` resolves or replication fails for good.
@@ -84,10 +112,14 @@ impl Pump {
                     tracing::warn!(%resume_from, "replication reconnected; resuming");
                     metrics::replication_reconnected();
                     self.decoder.reset();
-                    self.access.clear();
+                    // The unconfirmed transaction is sent again from its start.
+                    self.pending.clear();
+                    self.policies.clear();
                 }
             }
         }
+        // Pending changes belong to a transaction whose commit was not received, so its
+        // position is not confirmed: it is streamed again after a restart.
         self.replicator.mark_handed_on();
         match self.replicator.shutdown().await {
             Ok(lsn) => tracing::info!(confirmed = %lsn, "replication stopped"),
@@ -102,7 +134,10 @@ impl Pump {
                 table,
                 unresolved_types,
             } => {
-                self.access.retain(|(_, rel), _| *rel != table.relation_id);
+                // Changes before it were decoded against the old shape: authorize them with
+                // the policies compiled for that shape.
+                self.flush().await;
+                self.policies.forget_table(table.relation_id);
                 if !unresolved_types.is_empty() {
                     let client = self.sql.get().await?;
                     let mut types = self.types.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -113,11 +148,27 @@ impl Pump {
             }
             Decoded::Change(change) => {
                 metrics::change_decoded(change.kind.as_str());
-                self.dispatch(&change).await;
+                let routed = self.hub.route_owned(&change, &mut self.scratch);
+                if !routed.is_empty() {
+                    self.pending.push((change, routed));
+                    if self.pending.len() >= BATCH_MAX {
+                        self.flush().await;
+                    }
+                }
             }
             Decoded::Changes(changes) => {
                 for c in changes {
                     metrics::change_decoded(c.kind.as_str());
+                }
+            }
+            Decoded::Commit { .. } => self.flush().await,
+            Decoded::Message(m) => {
+                if let (Some(topics), "realtime.broadcast") =
+                    (self.topics.clone(), m.prefix.as_str())
+                {
+                    // Changes decoded before the message go out before it.
+                    self.flush().await;
+                    crate::broadcast::deliver_db_message(&topics, &m.content);
                 }
             }
             _ => {}
@@ -125,53 +176,170 @@ impl Pump {
         Ok(())
     }
 
-    async fn dispatch(&mut self, change: &Change) {
-        let identities = self.hub.route(change, &mut self.scratch);
-        if identities.is_empty() {
+    /// Authorize and deliver every pending change, in order.
+    async fn flush(&mut self) {
+        if self.pending.is_empty() {
             return;
         }
-        let relid = change.table.relation_id;
-        let mut decisions: Vec<(Arc<Identity>, bool)> = Vec::with_capacity(identities.len());
-        for identity in identities {
-            let allowed = match self.access_for(&identity.role, relid).await {
-                // Row-level security is not evaluated per row yet: default deny.
-                Some(a) => a.select && !a.rls_enabled,
-                None => false,
-            };
-            if !allowed {
-                metrics::delivery_dropped("unauthorized");
-            }
-            decisions.push((identity, allowed));
-        }
-        let stats = self.hub.deliver(change, &mut self.scratch, |id| {
-            decisions.iter().any(|(i, allowed)| *allowed && **i == *id)
-        });
-        metrics::changes_delivered(stats.delivered);
-        if stats.dropped > 0 {
-            metrics::delivery_dropped_n("slow_client", stats.dropped);
-        }
-    }
+        let pending = std::mem::take(&mut self.pending);
 
-    async fn access_for(&mut self, role: &Arc<str>, relid: u32) -> Option<TableAccess> {
-        let key = (role.clone(), relid);
-        if let Some((a, at)) = self.access.get(&key) {
-            if at.elapsed() < ACCESS_TTL {
-                return Some(*a);
+        // 1. Table policy per (role, table) among the routed identities.
+        let mut table_policy: HashMap<(Arc<str>, u32), Arc<TablePolicy>> = HashMap::new();
+        for (change, routed) in &pending {
+            let relid = change.table.relation_id;
+            for identity in routed.identities() {
+                let key = (identity.role.clone(), relid);
+                if table_policy.contains_key(&key) {
+                    continue;
+                }
+                let policy = match self.policies.get(&identity.role, relid) {
+                    Some(p) => p,
+                    None => match rls::compile(&self.authz, &identity.role, &change.table).await
+                    {
+                        Ok(p) => {
+                            let p = Arc::new(p);
+                            self.policies
+                                .insert(identity.role.clone(), relid, p.clone());
+                            p
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, role = %identity.role, relid, "compiling table policies failed; delivering nothing");
+                            metrics::authz_check("unavailable");
+                            Arc::new(TablePolicy {
+                                select: false,
+                                columns: None,
+                                rows: RowRule::Nothing,
+                            })
+                        }
+                    },
+                };
+                table_policy.insert(key, policy);
             }
         }
-        let result = async {
-            let client = self.sql.get().await?;
-            table_access(&client, role, relid).await
+
+        // 2. Group the images to check per (table, identity).
+        let mut groups: Vec<Group> = Vec::new();
+        let mut group_of: HashMap<(u32, Arc<Identity>), usize> = HashMap::new();
+        for (idx, (change, routed)) in pending.iter().enumerate() {
+            let relid = change.table.relation_id;
+            for identity in routed.identities() {
+                let policy = &table_policy[&(identity.role.clone(), relid)];
+                let RowRule::Check(check) = &policy.rows else {
+                    continue;
+                };
+                if !policy.select {
+                    continue;
+                }
+                let g = *group_of
+                    .entry((relid, identity.clone()))
+                    .or_insert_with(|| {
+                        groups.push(Group {
+                            identity: identity.clone(),
+                            relid,
+                            check: check.clone(),
+                            images: ImageBatch::default(),
+                            members: Vec::new(),
+                        });
+                        groups.len() - 1
+                    });
+                let group = &mut groups[g];
+                let images = rls::images(change);
+                let primary = images
+                    .primary
+                    .as_deref()
+                    .and_then(|row| group.images.push(row, &check.reads));
+                let old = match (primary, images.old) {
+                    (Some(_), Some(row)) => group.images.push(row, &check.reads),
+                    _ => None,
+                };
+                group.members.push((idx, primary, old));
+            }
         }
+
+        // 3. One statement per group, in parallel on the authorization pool.
+        let authz = self.authz.clone();
+        let results = futures_util::future::join_all(groups.iter_mut().map(|g| {
+            let images = std::mem::take(&mut g.images);
+            let authz = authz.clone();
+            let identity = g.identity.clone();
+            let check = g.check.clone();
+            async move {
+                if images.is_empty() {
+                    return Ok(Vec::new());
+                }
+                rls::check_images(&authz, &identity, &check, images).await
+            }
+        }))
         .await;
-        match result {
-            Ok(a) => {
-                self.access.insert(key, (a, Instant::now()));
-                Some(a)
+
+        // Verdicts per (pending index, identity): (primary visible, old visible).
+        let mut verdicts: HashMap<(usize, Arc<Identity>), (bool, bool)> = HashMap::new();
+        for (group, result) in groups.iter().zip(results) {
+            match result {
+                Ok(visible) => {
+                    metrics::authz_check("ok");
+                    let seen = |o: Option<usize>| o.is_some_and(|o| visible.get(o) == Some(&true));
+                    for (idx, primary, old) in &group.members {
+                        verdicts.insert(
+                            (*idx, group.identity.clone()),
+                            (seen(*primary), seen(*old)),
+                        );
+                    }
+                }
+                Err(AuthzError::Unavailable(e)) => {
+                    metrics::authz_check("unavailable");
+                    tracing::warn!(error = %e, role = %group.identity.role, relid = group.relid, "authorization unavailable; delivering nothing");
+                }
+                Err(AuthzError::Failed { code, message }) => {
+                    metrics::authz_check("failed");
+                    tracing::warn!(%code, error = %message, role = %group.identity.role, relid = group.relid, "authorization failed; stopping this identity's changes");
+                    let message = format!(
+                        "Unable to authorize changes for this channel's token: a row-level security check failed (SQLSTATE {code}); the subscription was stopped"
+                    );
+                    let mut stopped = Vec::new();
+                    for (idx, _, _) in &group.members {
+                        for id in pending[*idx].1.subscribers_of(&group.identity) {
+                            if !stopped.contains(&id) && self.hub.fail(id, &message) {
+                                stopped.push(id);
+                            }
+                        }
+                    }
+                    metrics::authz_stopped(stopped.len() as u64);
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, role = %role, relid, "access check failed; delivering nothing");
-                None
+        }
+
+        // 4. Deliver in order.
+        for (idx, (change, routed)) in pending.into_iter().enumerate() {
+            let relid = change.table.relation_id;
+            let mut decisions: Vec<(Arc<Identity>, Access)> = Vec::new();
+            for identity in routed.identities() {
+                let policy = &table_policy[&(identity.role.clone(), relid)];
+                let decision = match &policy.rows {
+                    RowRule::All => rls::access(policy, true, true),
+                    RowRule::Nothing => Access::Deny,
+                    RowRule::Check(_) => match verdicts.get(&(idx, identity.clone())) {
+                        Some((primary, old)) => rls::access(policy, *primary, *old),
+                        None => Access::Deny,
+                    },
+                };
+                if decision == Access::Deny {
+                    metrics::delivery_dropped("unauthorized");
+                }
+                decisions.push((identity, decision));
+            }
+            let stats = self
+                .hub
+                .deliver_routed(&change, routed, &mut self.scratch, |id| {
+                    decisions
+                        .iter()
+                        .find(|(i, _)| **i == *id)
+                        .map(|(_, a)| a.clone())
+                        .unwrap_or(Access::Deny)
+                });
+            metrics::changes_delivered(stats.delivered);
+            if stats.dropped > 0 {
+                metrics::delivery_dropped_n("slow_client", stats.dropped);
             }
         }
     }

@@ -124,3 +124,77 @@ impl SqlPool {
         Ok(client)
     }
 }
+
+impl SqlPool {
+    /// The connection settings (for opening other pools to the same database).
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.cfg
+    }
+}
+
+/// Connections lent to one task at a time, for work that needs a session of its own:
+/// authorization checks run `BEGIN; SET LOCAL ROLE …; …; ROLLBACK`, which must not interleave
+/// with anyone else's statements on the connection. A broken connection is replaced on the
+/// next lease.
+pub struct ExclusivePool {
+    cfg: ReplicationConfig,
+    application_name: &'static str,
+    slots: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// A connection on loan from an [`ExclusivePool`]; returned when dropped.
+pub struct Lease<'a> {
+    guard: tokio::sync::MutexGuard<'a, Option<tokio_postgres::Client>>,
+}
+
+impl Lease<'_> {
+    pub fn client(&self) -> &tokio_postgres::Client {
+        self.guard
+            .as_ref()
+            .expect("a lease always holds a connection: acquire() fills the slot before lending it")
+    }
+
+    /// Drop the connection (after an error that may have left the session dirty).
+    pub fn discard(mut self) {
+        *self.guard = None;
+    }
+}
+
+impl ExclusivePool {
+    pub fn new(cfg: ReplicationConfig, application_name: &'static str, size: usize) -> Self {
+        ExclusivePool {
+            cfg,
+            application_name,
+            slots: (0..size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// A free connection (waiting for one when all are lent), opened on demand.
+    pub async fn acquire(&self) -> Result<Lease<'_>> {
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.slots.len();
+        let mut guard = None;
+        for k in 0..n {
+            if let Ok(g) = self.slots[(start + k) % n].try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut guard = match guard {
+            Some(g) => g,
+            None => self.slots[start % n].lock().await,
+        };
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
+            *guard = Some(connect(&self.cfg, self.application_name).await?);
+        }
+        Ok(Lease { guard })
+    }
+}
