@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod changes;
 pub mod check;
 pub mod cli;
+pub mod demo;
 pub mod env_compat;
 pub mod http;
 pub mod metrics;
@@ -25,8 +26,6 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Tail(args) => tail::run(args).await,
         cli::Command::Serve(args) => serve::run(args).await,
         cli::Command::Check(args) => check::run(args).await,
-        cli::Command::Demo(_) => {
-            anyhow::bail!("not implemented yet")
-        }
+        cli::Command::Demo(args) => demo::run(args).await,
     }
 }

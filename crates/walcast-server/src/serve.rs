@@ -42,6 +42,11 @@ fn load_jwks(arg: Option<&str>) -> Result<Option<String>> {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
+    run_with(args, axum::Router::new()).await
+}
+
+/// [`run`] with `extra` routes served beside walcast's own (how `walcast demo` adds its page).
+pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let jwks = load_jwks(args.jwt_jwks.as_deref())?;
     let jwt = JwtVerifier::new(args.jwt_secret.as_deref(), jwks.as_deref())
         .context("invalid --jwt-secret / --jwt-jwks (JWT_SECRET / JWT_JWKS)")?;
@@ -93,7 +98,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         app: state.clone(),
         shutdown: shutdown_rx.clone(),
         prometheus: Some(prometheus),
-    });
+    })
+    .merge(extra);
     let mut http_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
