@@ -113,7 +113,8 @@ pub struct TableAccess {
     pub rls_enabled: bool,
 }
 
-/// `has_table_privilege(role, table, 'SELECT')` and `relrowsecurity`, role as a bound
+/// `has_any_column_privilege(role, table, 'SELECT')` (SELECT on the table or on some of its
+/// columns; the others are trimmed from payloads) and `relrowsecurity`, role as a bound
 /// parameter. A role that no longer exists gets no access.
 pub async fn table_access(
     client: &tokio_postgres::Client,
@@ -123,7 +124,7 @@ pub async fn table_access(
     let row = client
         .query_opt(
             "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
-                         THEN pg_catalog.has_table_privilege($1, c.oid, 'SELECT') ELSE false END,
+                         THEN pg_catalog.has_any_column_privilege($1, c.oid, 'SELECT') ELSE false END,
                     c.relrowsecurity
              FROM pg_catalog.pg_class c WHERE c.oid = $2",
             &[&role, &table_oid],
