@@ -305,15 +305,16 @@ async fn token(State(demo): State<Arc<DemoState>>, Query(q): Query<TokenQuery>) 
     }
 }
 
-fn bearer(demo: &DemoState, headers: &HeaderMap) -> Result<Claims, Response> {
+/// The verified claims of the request's bearer token, or why there are none.
+fn bearer(demo: &DemoState, headers: &HeaderMap) -> Result<Claims, (StatusCode, String)> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        .ok_or_else(|| (StatusCode::UNAUTHORIZED, "missing bearer token".to_string()))?;
     demo.verifier
         .verify(token, now_unix())
-        .map_err(|e| error(StatusCode::UNAUTHORIZED, e.to_string()))
+        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))
 }
 
 /// Run one statement returning `jsonb` as the token's role, with its claims, the way
@@ -361,7 +362,7 @@ async fn as_user(
 async fn list_todos(State(demo): State<Arc<DemoState>>, headers: HeaderMap) -> Response {
     let claims = match bearer(&demo, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     as_user(
         &demo,
@@ -386,7 +387,7 @@ async fn add_todo(
 ) -> Response {
     let claims = match bearer(&demo, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     let name = claims
         .raw
@@ -417,7 +418,7 @@ async fn update_todo(
 ) -> Response {
     let claims = match bearer(&demo, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     as_user(
         &demo,
@@ -435,7 +436,7 @@ async fn delete_todo(
 ) -> Response {
     let claims = match bearer(&demo, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     as_user(
         &demo,
