@@ -121,6 +121,7 @@ async fn parent(o: Opts) -> Result<()> {
         "idle-sockets: starting postgres and walcast ({})",
         o.harness.pinning()
     );
+    let load_start = harness::loadavg();
     let mut h = Harness::start(&o.harness).await?;
     let pid = h.server_pid();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -132,6 +133,7 @@ async fn parent(o: Opts) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut workers = Vec::new();
     let t_connect = Instant::now();
+    let join_cpu = CpuWindow::start(&[("walcast", pid, false)]);
     for w in 0..n_workers {
         let first = w * o.sockets / n_workers;
         let count = (w + 1) * o.sockets / n_workers - first;
@@ -184,6 +186,7 @@ async fn parent(o: Opts) -> Result<()> {
         }
     }
     let join_secs = t_connect.elapsed().as_secs_f64();
+    let join_cpu = join_cpu.finish().first().map_or(0.0, |c| c.1);
     let t_joined = Instant::now();
     eprintln!(
         "idle-sockets: {joined} joined, {failed} failed in {join_secs:.1}s; settling {} s",
@@ -246,6 +249,10 @@ async fn parent(o: Opts) -> Result<()> {
     let slab_per = (slab_after as f64 - slab_before as f64) * 1024.0 / joined.max(1) as f64;
     let kib = |k: u64| k as f64 / 1024.0;
     println!("== idle-sockets ==");
+    println!(
+        "load average at start / end: {load_start} / {}",
+        harness::loadavg()
+    );
     println!("command: {}", harness::command_line());
     println!(
         "machine: {} vCPU shared by postgres, walcast and {} client worker processes; {}; sources {:?}",
@@ -255,7 +262,7 @@ async fn parent(o: Opts) -> Result<()> {
         o.sources
     );
     println!(
-        "sockets: {joined} joined, {failed} failed{} in {join_secs:.1} s ({:.0} connect+join/s, {} worker(s) × ≤{} concurrent), {subscribed} got \"Subscribed to PostgreSQL\"; server holds {fds} fds",
+        "sockets: {joined} joined, {failed} failed{} in {join_secs:.1} s ({:.0} connect+join/s, {} worker(s) × ≤{} concurrent), {subscribed} got \"Subscribed to PostgreSQL\"; server cpu during the joins {join_cpu:.0}% of one core; server holds {fds} fds",
         join_errors.first().map(|e| format!(" (first: {e})")).unwrap_or_default(),
         (joined + failed) as f64 / join_secs,
         n_workers,
@@ -316,36 +323,36 @@ async fn worker(o: Opts) -> Result<()> {
     let token: Arc<str> = o.token.context("--token is required with --worker")?.into();
     let source = o.source;
     let read_buffer = o.read_buffer;
-    let results: Vec<Result<(usize, Ws, bool)>> =
+    let counters = Arc::new(Counters::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let period = Duration::from_secs(o.heartbeat_secs.max(1));
+    // Each socket starts heartbeating as soon as it has joined: a socket that waited for the
+    // whole connect phase in silence would hit the server's idle timeout.
+    let results: Vec<Result<(bool, tokio::task::JoinHandle<()>)>> =
         futures_util::stream::iter(o.first..o.first + o.count)
             .map(|i| {
                 let token = token.clone();
+                let counters = counters.clone();
+                let stop_rx = stop_rx.clone();
                 async move {
                     let mut ws = realtime::connect(server, source, &token, read_buffer).await?;
                     let j = realtime::join(&mut ws, i, &token, Duration::from_secs(10)).await?;
-                    Ok((i, ws, j.subscribed))
+                    let task = tokio::spawn(hold(i, ws, period, counters, stop_rx));
+                    Ok((j.subscribed, task))
                 }
             })
             .buffer_unordered(o.connect_concurrency.max(1))
             .collect()
             .await;
-    let counters = Arc::new(Counters::default());
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (mut joined, mut failed, mut subscribed) = (0u64, 0u64, 0u64);
     let mut first_error = None;
     let mut tasks = Vec::new();
     for r in results {
         match r {
-            Ok((i, ws, sub)) => {
+            Ok((sub, task)) => {
                 joined += 1;
                 subscribed += u64::from(sub);
-                tasks.push(tokio::spawn(hold(
-                    i,
-                    ws,
-                    Duration::from_secs(o.heartbeat_secs.max(1)),
-                    counters.clone(),
-                    stop_rx.clone(),
-                )));
+                tasks.push(task);
             }
             Err(e) => {
                 failed += 1;
