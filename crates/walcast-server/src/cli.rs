@@ -119,6 +119,34 @@ pub struct LimitArgs {
     /// Delay before refusing a WebSocket upgrade, damping reconnect storms.
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 1000)]
     pub connect_error_backoff_ms: u64,
+
+    /// Largest broadcast or presence payload, in KB (Supabase's `max_payload_size_in_kb`).
+    #[arg(long, env = "MAX_PAYLOAD_SIZE_KB", default_value_t = 3000)]
+    pub max_payload_size_kb: usize,
+
+    /// Presence calls (track/untrack) one channel may make per window.
+    #[arg(long, env = "CLIENT_PRESENCE_MAX_CALLS", default_value_t = 5)]
+    pub client_presence_max_calls: u32,
+
+    /// The presence call window, in milliseconds.
+    #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = 30_000)]
+    pub client_presence_window_ms: u64,
+
+    /// Messages per second the REST broadcast endpoints accept (all callers together).
+    #[arg(long, env = "MAX_HTTP_BROADCASTS_PER_SECOND", default_value_t = 1000)]
+    pub max_http_broadcasts_per_second: u32,
+}
+
+impl LimitArgs {
+    /// The broadcast and presence limits these flags describe.
+    pub fn broadcast_limits(&self) -> crate::broadcast::BroadcastLimits {
+        crate::broadcast::BroadcastLimits {
+            max_payload_bytes: self.max_payload_size_kb.saturating_mul(1024),
+            presence_max_calls: self.client_presence_max_calls,
+            presence_window: std::time::Duration::from_millis(self.client_presence_window_ms),
+            rest_messages_per_second: self.max_http_broadcasts_per_second,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

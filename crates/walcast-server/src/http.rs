@@ -1,5 +1,5 @@
 //! HTTP surface: WebSocket upgrades (with the connection token checked before anything
-//! else), health and readiness, metrics.
+//! else), REST broadcast ([`crate::broadcast_api`]), health and readiness, metrics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +25,9 @@ pub struct HttpState {
 }
 
 pub fn router(state: HttpState) -> Router {
+    let max_body = state.app.limits.max_frame_bytes;
     Router::new()
+        .merge(crate::broadcast_api::routes(max_body))
         .route("/socket/websocket", get(websocket))
         .route("/realtime/v1/websocket", get(websocket))
         .route("/healthz", get(healthz))

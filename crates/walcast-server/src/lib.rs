@@ -4,6 +4,8 @@
 //! Binaries stay thin: `main.rs` parses the command line and calls [`run`].
 
 pub mod auth;
+pub mod broadcast;
+pub mod broadcast_api;
 pub mod catalog;
 pub mod changes;
 pub mod check;

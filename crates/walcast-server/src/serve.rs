@@ -67,6 +67,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         idle_timeout: Duration::from_secs(args.limits.idle_timeout_secs.max(1)),
         channel_error_backoff: Duration::from_millis(args.limits.channel_error_backoff_ms),
         connect_error_backoff: Duration::from_millis(args.limits.connect_error_backoff_ms),
+        broadcast: args.limits.broadcast_limits(),
     };
     let types = Arc::new(RwLock::new(TypeRegistry::new()));
     let hub = Arc::new(Hub::new(HubConfig {
@@ -85,9 +86,13 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut pump_shutdown = shutdown_rx.clone();
-    let pump = tokio::spawn(Pump::new(replicator, types, hub, sql).run(async move {
-        let _ = pump_shutdown.changed().await;
-    }));
+    let pump = tokio::spawn(
+        Pump::new(replicator, types, hub, sql)
+            .with_topics(state.topics.clone())
+            .run(async move {
+                let _ = pump_shutdown.changed().await;
+            }),
+    );
 
     let addr = format!("{}:{}", args.bind, args.port);
     let listener = tokio::net::TcpListener::bind(&addr)

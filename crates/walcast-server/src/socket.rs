@@ -20,6 +20,9 @@
 //! - One deadline per socket covers the idle timeout and every channel's token expiry (no
 //!   timer per channel).
 //! - Channel pushes carry the channel's current join_ref or null, never a stale one.
+//! - Every joined channel is a member of its broadcast topic; every way a channel ends
+//!   (leave, replacement, server close, socket end including the idle timeout) removes it
+//!   there too, which turns its presence into a leave diff for the others.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,14 +33,17 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
+use walcast_core::broadcast::{Body, Member, TopicKey};
 use walcast_core::hub::{ChannelTarget, Identity, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
     decode_binary_bytes, decode_text, encode_push, join_reply_ok, FrameAction, FrameError, Inbound,
     InboundFrame, JoinPayload, PostgresBinding, Vsn,
 };
+use walcast_protocol::{BroadcastPush, PresencePush};
 
 use crate::auth::Claims;
+use crate::broadcast::{can_write, CallWindow, Extension};
 use crate::changes::{build_bindings, id_for, Checked};
 use crate::metrics;
 use crate::state::{now_unix, AppState};
@@ -86,6 +92,40 @@ struct Channel {
     /// The postgres_changes entries as joined (kept to re-scope on `access_token`).
     entries: Vec<PostgresBinding>,
     registered: bool,
+    /// Broadcast and presence state of this channel.
+    realtime: ChannelRealtime,
+}
+
+/// A channel's broadcast and presence settings and caches.
+struct ChannelRealtime {
+    key: TopicKey,
+    self_broadcast: bool,
+    ack: bool,
+    /// `config.presence.key`, or a fresh UUID per join.
+    presence_key: String,
+    presence_calls: CallWindow,
+    /// Private channels: write permission, evaluated on first use, kept until `access_token`.
+    can_broadcast: Option<bool>,
+    can_track: Option<bool>,
+}
+
+impl ChannelRealtime {
+    fn new(name: &str, join: &JoinPayload) -> ChannelRealtime {
+        let key = &join.config.presence.key;
+        ChannelRealtime {
+            key: TopicKey::new(name, join.config.private),
+            self_broadcast: join.config.broadcast.self_broadcast,
+            ack: join.config.broadcast.ack,
+            presence_key: if key.is_empty() {
+                uuid::Uuid::new_v4().to_string()
+            } else {
+                key.clone()
+            },
+            presence_calls: CallWindow::default(),
+            can_broadcast: None,
+            can_track: None,
+        }
+    }
 }
 
 struct Socket {
@@ -311,6 +351,7 @@ impl Socket {
     fn close_channel(&mut self, topic: &str, message: &str) {
         if let Some(ch) = self.channels.remove(topic) {
             self.state.hub.unsubscribe(ch.id);
+            self.state.topics.leave(&ch.realtime.key, ch.id);
             metrics::channel_left(kind_of(&ch));
             let jr = ch.join_ref.as_deref();
             self.system(
@@ -334,6 +375,7 @@ impl Socket {
     fn leave_all(&mut self) {
         for (_, ch) in self.channels.drain() {
             self.state.hub.unsubscribe(ch.id);
+            self.state.topics.leave(&ch.realtime.key, ch.id);
             metrics::channel_left(kind_of(&ch));
         }
     }
@@ -404,6 +446,7 @@ impl Socket {
                 self.reply(&frame, outbound::REPLY_OK_EMPTY);
                 if let Some(ch) = self.channels.remove(&frame.topic) {
                     self.state.hub.unsubscribe(ch.id);
+                    self.state.topics.leave(&ch.realtime.key, ch.id);
                     metrics::channel_left(kind_of(&ch));
                     let jr = ch.join_ref.as_deref();
                     self.send(encode_push(
@@ -424,9 +467,8 @@ impl Socket {
             Inbound::Broadcast(_) | Inbound::Presence(_) | Inbound::Other { .. } => {
                 if !self.channels.contains_key(&frame.topic) {
                     self.unmatched(&frame);
-                } else if let Inbound::Presence(_) = frame.payload {
-                    // Presence is acknowledged; state tracking lands with the presence work.
-                    self.reply(&frame, outbound::REPLY_OK_EMPTY);
+                } else {
+                    self.on_channel_push(frame).await;
                 }
             }
         }
@@ -450,6 +492,7 @@ impl Socket {
         // A second join on the same topic replaces the channel: close the old one first.
         if let Some(old) = self.channels.remove(&topic) {
             self.state.hub.unsubscribe(old.id);
+            self.state.topics.leave(&old.realtime.key, old.id);
             metrics::channel_left(kind_of(&old));
             let jr = old.join_ref.as_deref();
             self.send(encode_push(
@@ -528,6 +571,7 @@ impl Socket {
             claims,
             entries,
             registered: false,
+            realtime: ChannelRealtime::new(name, &join),
         };
         if channel.entries.is_empty() {
             self.send(reply_frame);
@@ -581,6 +625,24 @@ impl Socket {
                 channel.registered = true;
             }
         }
+        // After the reply is queued: presence_state (when asked for) follows it, and every
+        // broadcast or diff published from here on reaches the channel.
+        let presence_state = join
+            .config
+            .presence
+            .enabled
+            .then_some(channel.join_ref.as_deref());
+        self.state.topics.join(
+            &channel.realtime.key,
+            channel.id,
+            Member {
+                outbox: self.outbox.clone(),
+                vsn: self.vsn,
+                broadcast: true,
+                presence: true,
+            },
+            presence_state,
+        );
         metrics::channel_joined(kind_of(&channel));
         self.channels.insert(topic, channel);
     }
@@ -629,6 +691,9 @@ impl Socket {
             return;
         };
         ch.token = token;
+        // Write permissions are evaluated again under the new token.
+        ch.realtime.can_broadcast = None;
+        ch.realtime.can_track = None;
         let role_or_claims_changed = ch.claims.raw != claims.raw;
         ch.claims = claims;
         if !(ch.registered && role_or_claims_changed) {
@@ -650,6 +715,115 @@ impl Socket {
                 self.close_channel(topic, &message);
             }
         }
+    }
+}
+
+impl Socket {
+    /// A broadcast or presence push on a joined channel.
+    async fn on_channel_push(&mut self, mut frame: InboundFrame) {
+        match std::mem::replace(&mut frame.payload, Inbound::Leave) {
+            Inbound::Broadcast(push) => self.on_broadcast(&frame, push).await,
+            Inbound::Presence(push) => self.on_presence(&frame, push).await,
+            _ => {}
+        }
+    }
+
+    /// Private channels: may this channel write `ext` messages? Evaluated once, cached.
+    async fn may_write(&mut self, topic: &str, ext: Extension) -> bool {
+        let Some(ch) = self.channels.get(topic) else {
+            return false;
+        };
+        if !ch.realtime.key.private {
+            return true;
+        }
+        let cached = match ext {
+            Extension::Broadcast => ch.realtime.can_broadcast,
+            Extension::Presence => ch.realtime.can_track,
+        };
+        if let Some(allowed) = cached {
+            return allowed;
+        }
+        let allowed = can_write(&self.state, &ch.claims, &ch.realtime.key.name, ext).await;
+        if let Some(ch) = self.channels.get_mut(topic) {
+            match ext {
+                Extension::Broadcast => ch.realtime.can_broadcast = Some(allowed),
+                Extension::Presence => ch.realtime.can_track = Some(allowed),
+            }
+        }
+        allowed
+    }
+
+    async fn on_broadcast(&mut self, frame: &InboundFrame, push: BroadcastPush) {
+        if !self.may_write(&frame.topic, Extension::Broadcast).await {
+            // Dropped without a reply, even with ack (the reference server does the same).
+            metrics::delivery_dropped("unauthorized");
+            return;
+        }
+        let Some(ch) = self.channels.get(&frame.topic) else {
+            return;
+        };
+        let body = match push {
+            BroadcastPush::Json(j) => Body::Map(String::from(Box::<str>::from(j.payload))),
+            BroadcastPush::Binary(b) => Body::User(b.into()),
+        };
+        if body.payload_len() > self.state.limits.broadcast.max_payload_bytes {
+            if ch.realtime.ack {
+                self.reply(
+                    frame,
+                    &outbound::reply_error_response(r#""payload_size_exceeded""#),
+                );
+            }
+            return;
+        }
+        let exclude = (!ch.realtime.self_broadcast).then_some(ch.id);
+        let ack = ch.realtime.ack;
+        let stats = self.state.topics.publish(&ch.realtime.key, &body, exclude);
+        if stats.dropped > 0 {
+            metrics::delivery_dropped_n("slow_client", stats.dropped);
+        }
+        if ack {
+            self.reply(frame, outbound::REPLY_OK_EMPTY);
+        }
+    }
+
+    async fn on_presence(&mut self, frame: &InboundFrame, push: PresencePush) {
+        let limits = self.state.limits.broadcast.clone();
+        let Some(ch) = self.channels.get_mut(&frame.topic) else {
+            return;
+        };
+        if !ch
+            .realtime
+            .presence_calls
+            .hit(limits.presence_max_calls, limits.presence_window)
+        {
+            self.close_channel(&frame.topic, "Client presence rate limit exceeded");
+            return;
+        }
+        match push {
+            PresencePush::Track { payload } => {
+                if payload.get().len() > limits.max_payload_bytes {
+                    self.close_channel(&frame.topic, "Track message size exceeded");
+                    return;
+                }
+                if !self.may_write(&frame.topic, Extension::Presence).await {
+                    self.reply(frame, &outbound::reply_error_response("{}"));
+                    return;
+                }
+                let Some(ch) = self.channels.get(&frame.topic) else {
+                    return;
+                };
+                self.state.topics.track(
+                    &ch.realtime.key,
+                    ch.id,
+                    &ch.realtime.presence_key,
+                    payload.get(),
+                );
+            }
+            PresencePush::Untrack => {
+                self.state.topics.untrack(&ch.realtime.key, ch.id);
+            }
+        }
+        self.reply(frame, outbound::REPLY_OK_EMPTY);
     }
 }
 

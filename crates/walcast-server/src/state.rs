@@ -4,10 +4,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use walcast_core::broadcast::Topics;
 use walcast_core::hub::Hub;
 use walcast_core::pg_type::TypeRegistry;
 
 use crate::auth::JwtVerifier;
+use crate::broadcast::{BroadcastLimits, RateWindow};
 use crate::sql::SqlPool;
 
 /// Settings the socket layer needs.
@@ -19,6 +21,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub channel_error_backoff: Duration,
     pub connect_error_backoff: Duration,
+    /// Broadcast and presence limits.
+    pub broadcast: BroadcastLimits,
 }
 
 /// Shared by everything in `walcast serve`.
@@ -34,6 +38,10 @@ pub struct AppState {
     pub streaming: Arc<AtomicBool>,
     /// Set once shutdown began: new joins are refused.
     pub shutting_down: AtomicBool,
+    /// Broadcast topics and presence.
+    pub topics: Arc<Topics>,
+    /// Messages accepted by the REST broadcast endpoints in the current second.
+    pub rest_rate: RateWindow,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -58,6 +66,8 @@ impl AppState {
             types,
             streaming,
             shutting_down: AtomicBool::new(false),
+            topics: Arc::new(Topics::new(ref_salt())),
+            rest_rate: RateWindow::new(Duration::from_secs(1)),
             next_subscriber: AtomicU64::new(1),
             sockets: AtomicU64::new(0),
         }
@@ -94,6 +104,14 @@ impl AppState {
         }
         true
     }
+}
+
+/// Salt for presence refs, so refs differ across restarts.
+fn ref_salt() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the Unix epoch.
