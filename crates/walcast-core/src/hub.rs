@@ -414,7 +414,11 @@ pub fn render_data_visible(
             .as_ref()
             .is_none_or(|m| m.get(i).copied().unwrap_or(false))
     };
-    if (0..table.columns.len()).any(|i| table.columns[i].is_key && !granted(i)) {
+    // Under REPLICA IDENTITY FULL pgoutput flags every column as part of the identity, so
+    // the flags only name the primary key for the other settings.
+    let full = table.replica_identity == walcast_pgoutput::ReplicaIdentity::Full;
+    let primary_key = |i: usize| !full && table.columns.get(i).is_some_and(|c| c.is_key);
+    if (0..table.columns.len()).any(|i| primary_key(i) && !granted(i)) {
         // A row the role cannot identify is not shown at all (Supabase does the same).
         let mut out = String::with_capacity(128);
         head(&mut out, change, kind);
@@ -431,9 +435,7 @@ pub fn render_data_visible(
                     .is_some_and(|c| cols.iter().any(|s| s.as_str() == &*c.name)),
             }
     };
-    let keep_old = |i: usize| -> bool {
-        keep(i) && (vis.old_record || table.columns.get(i).is_some_and(|c| c.is_key))
-    };
+    let keep_old = |i: usize| -> bool { keep(i) && (vis.old_record || primary_key(i)) };
     let full = render_body(change, kind, &keep, &keep_old, None);
     if full.len() <= config.max_record_bytes {
         return full;

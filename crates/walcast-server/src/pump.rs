@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 
 use anyhow::Result;
 use walcast_core::broadcast::Topics;
-use walcast_core::change::{Change, ChangeDecoder, Decoded};
+use walcast_core::change::{Change, ChangeDecoder, ChangeKind, Decoded};
 use walcast_core::hub::{Access, DispatchScratch, Hub, Identity, Routed};
 use walcast_core::pg_type::TypeRegistry;
 use walcast_replication::{Replicator, StreamEvent};
@@ -194,8 +194,7 @@ impl Pump {
                 }
                 let policy = match self.policies.get(&identity.role, relid) {
                     Some(p) => p,
-                    None => match rls::compile(&self.authz, &identity.role, &change.table).await
-                    {
+                    None => match rls::compile(&self.authz, &identity.role, &change.table).await {
                         Ok(p) => {
                             let p = Arc::new(p);
                             self.policies
@@ -249,6 +248,8 @@ impl Pump {
                     .as_deref()
                     .and_then(|row| group.images.push(row, &check.reads));
                 let old = match (primary, images.old) {
+                    // A DELETE's old row is the image that was judged.
+                    _ if change.kind == ChangeKind::Delete => primary,
                     (Some(_), Some(row)) => group.images.push(row, &check.reads),
                     _ => None,
                 };
@@ -280,10 +281,8 @@ impl Pump {
                     metrics::authz_check("ok");
                     let seen = |o: Option<usize>| o.is_some_and(|o| visible.get(o) == Some(&true));
                     for (idx, primary, old) in &group.members {
-                        verdicts.insert(
-                            (*idx, group.identity.clone()),
-                            (seen(*primary), seen(*old)),
-                        );
+                        verdicts
+                            .insert((*idx, group.identity.clone()), (seen(*primary), seen(*old)));
                     }
                 }
                 Err(AuthzError::Unavailable(e)) => {

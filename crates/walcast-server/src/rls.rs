@@ -303,6 +303,7 @@ pub async fn compile(
                 .is_some_and(|k| granted.get(k).copied().unwrap_or(false))
         })
         .collect();
+    tracing::debug!(role, relid, ?mask, ?names, ?granted, "compiled column mask");
     let columns = if mask.iter().all(|g| *g) {
         None
     } else {
@@ -509,21 +510,19 @@ pub fn images(change: &Change) -> Images<'_> {
         },
         ChangeKind::Update => {
             let old = change.old_record.as_deref().filter(|_| full);
-            let primary = change.record.as_deref().map(|rec| {
-                match old {
-                    Some(o) if rec.iter().any(|v| matches!(v, Value::UnchangedToast)) => {
-                        let filled: Vec<Value> = rec
-                            .iter()
-                            .zip(o)
-                            .map(|(n, o)| match n {
-                                Value::UnchangedToast => o.clone(),
-                                v => v.clone(),
-                            })
-                            .collect();
-                        std::borrow::Cow::Owned(filled)
-                    }
-                    _ => std::borrow::Cow::Borrowed(rec),
+            let primary = change.record.as_deref().map(|rec| match old {
+                Some(o) if rec.iter().any(|v| matches!(v, Value::UnchangedToast)) => {
+                    let filled: Vec<Value> = rec
+                        .iter()
+                        .zip(o)
+                        .map(|(n, o)| match n {
+                            Value::UnchangedToast => o.clone(),
+                            v => v.clone(),
+                        })
+                        .collect();
+                    std::borrow::Cow::Owned(filled)
                 }
+                _ => std::borrow::Cow::Borrowed(rec),
             });
             Images { primary, old }
         }
@@ -597,8 +596,13 @@ mod tests {
         assert_eq!(combine(&[p(false, "a = 1")]), None);
         assert_eq!(combine(&[p(true, "a = 1")]).unwrap(), "((a = 1))");
         assert_eq!(
-            combine(&[p(true, "a = 1"), p(false, "b"), p(true, "c OR d"), p(false, "e")])
-                .unwrap(),
+            combine(&[
+                p(true, "a = 1"),
+                p(false, "b"),
+                p(true, "c OR d"),
+                p(false, "e")
+            ])
+            .unwrap(),
             "((a = 1) OR (c OR d)) AND (b) AND (e)"
         );
     }
@@ -653,7 +657,10 @@ mod tests {
             Some(0)
         );
         assert_eq!(
-            batch.push(&[v("2"), Value::UnchangedToast, v("x")], &[false, true, false]),
+            batch.push(
+                &[v("2"), Value::UnchangedToast, v("x")],
+                &[false, true, false]
+            ),
             None
         );
         assert_eq!(

@@ -1,0 +1,547 @@
+//! Row-level security on postgres_changes, differential: for generated tables, policies
+//! (owner, tenant, membership through a second table, restrictive + permissive, per-role
+//! policies), column privileges and claims, what the real `walcast serve` delivers to each
+//! subscriber equals what `SELECT` under that role and claims returns for the same row.
+//!
+//! Fixed seed by default (`WALCAST_RLS_SEED`), `WALCAST_RLS_OPS` operations (default 60);
+//! the bench runs it with a larger count.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use walcast_testkit::PgCluster;
+
+const SECRET: &str = "rls-differential-secret-at-least-32-bytes";
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn token(claims: &Value) -> String {
+    let mut c = claims.clone();
+    c["exp"] = json!(4_000_000_000u64);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("test token encodes")
+}
+
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve(url: &str, slot: &str) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = support::walcast()
+        .args(["serve", "--database-url", url, "--jwt-secret", SECRET])
+        .args(["--slot", slot, "--publication", slot, "--temporary-slot"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .env("CHANNEL_ERROR_BACKOFF_MS", "0")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn walcast serve");
+    let server = Server { child, port };
+    for _ in 0..300 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await;
+            let mut buf = vec![0u8; 64];
+            if let Ok(n) = s.read(&mut buf).await {
+                if String::from_utf8_lossy(&buf[..n]).contains(" 200") {
+                    return server;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("walcast serve did not become ready");
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One channel (vsn 1.0.0 JSON frames) subscribed to `tables` under `claims`.
+struct Subscriber {
+    ws: Ws,
+    topic: String,
+    events: Vec<Value>,
+    system: Vec<Value>,
+}
+
+impl Subscriber {
+    async fn join(port: u16, name: &str, claims: &Value, tables: &[String]) -> Subscriber {
+        let tok = token(claims);
+        let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=1.0.0");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
+        let topic = format!("realtime:{name}");
+        let bindings: Vec<Value> = tables
+            .iter()
+            .map(|t| json!({"event": "*", "schema": "public", "table": t}))
+            .collect();
+        let join = json!({"topic": topic, "event": "phx_join", "ref": "1", "join_ref": "1",
+            "payload": {"config": {"postgres_changes": bindings}, "access_token": tok}});
+        ws.send(Message::text(join.to_string()))
+            .await
+            .expect("send join");
+        let mut sub = Subscriber {
+            ws,
+            topic,
+            events: Vec::new(),
+            system: Vec::new(),
+        };
+        loop {
+            let v = sub.next_frame().await;
+            if v["event"] == "phx_reply" {
+                assert_eq!(v["payload"]["status"], "ok", "join refused: {v}");
+                break;
+            }
+        }
+        sub
+    }
+
+    async fn next_frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("{}: no frame within 30 s", self.topic))
+                .expect("socket open")
+                .expect("frame");
+            if let Message::Text(t) = msg {
+                let v: Value = serde_json::from_str(&t).expect("json frame");
+                match v["event"].as_str() {
+                    Some("postgres_changes") => self.events.push(v["payload"]["data"].clone()),
+                    Some("system") => self.system.push(v["payload"].clone()),
+                    _ => {}
+                }
+                return v;
+            }
+        }
+    }
+
+    /// Collect until a change of `fence` with id `id` arrives.
+    async fn until_fence(&mut self, fence: &str, id: i64) {
+        loop {
+            let seen = self
+                .events
+                .iter()
+                .any(|e| e["table"] == fence && e["record"]["id"] == id);
+            if seen {
+                return;
+            }
+            self.next_frame().await;
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let hb = json!({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "hb"});
+        let _ = self.ws.send(Message::text(hb.to_string())).await;
+    }
+}
+
+/// A generated table: which policies it has and what each role may read.
+struct Spec {
+    name: String,
+    full: bool,
+    /// Columns each role may SELECT.
+    granted: HashMap<&'static str, Vec<&'static str>>,
+}
+
+const COLS: [&str; 6] = ["id", "owner", "tenant", "team", "score", "secret"];
+
+async fn setup(sql: &tokio_postgres::Client, rng: &mut Rng, roles: [&'static str; 2]) -> Vec<Spec> {
+    support::exec_each(
+        sql,
+        &[
+            "CREATE SCHEMA auth",
+            "CREATE FUNCTION auth.jwt() RETURNS jsonb LANGUAGE sql STABLE AS \
+             $$ SELECT coalesce(nullif(current_setting('request.jwt.claims', true), ''), '{}')::jsonb $$",
+            "CREATE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS \
+             $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '') $$",
+            "GRANT USAGE ON SCHEMA auth TO PUBLIC",
+            "CREATE TABLE members (team int4, member text, PRIMARY KEY (team, member))",
+            "INSERT INTO members VALUES (1, 'u1'), (2, 'u1'), (2, 'u2'), (3, 'u3')",
+            "GRANT SELECT ON members TO PUBLIC",
+            "CREATE TABLE fence (id int8 PRIMARY KEY)",
+            "GRANT SELECT ON fence TO PUBLIC",
+        ],
+    )
+    .await;
+    let mut specs = Vec::new();
+    for k in 0..4 {
+        let name = format!("docs{k}");
+        let full = rng.chance(70);
+        let mut stmts = vec![
+            format!(
+                "CREATE TABLE {name} (id int8 PRIMARY KEY, owner text, tenant int4, team int4, \
+                 score int4, secret text)"
+            ),
+            format!("ALTER TABLE {name} ENABLE ROW LEVEL SECURITY"),
+        ];
+        if full {
+            stmts.push(format!("ALTER TABLE {name} REPLICA IDENTITY FULL"));
+        }
+        let permissive = [
+            "owner = auth.uid()".to_string(),
+            "tenant = ((auth.jwt() ->> 'tenant'))::int4".to_string(),
+            format!("team IN (SELECT m.team FROM members m WHERE m.member = auth.uid())"),
+            format!("EXISTS (SELECT 1 FROM members m WHERE m.team = {name}.team AND m.member = auth.uid() AND {name}.score > 5)"),
+        ];
+        let restrictive = ["score >= 0", "secret IS DISTINCT FROM 'classified'"];
+        let mut n = 0;
+        for (i, p) in permissive.iter().enumerate() {
+            if rng.chance(55) || (i == 3 && n == 0) {
+                let to = match rng.below(3) {
+                    0 => roles[0],
+                    1 => roles[1],
+                    _ => "PUBLIC",
+                };
+                stmts.push(format!(
+                    "CREATE POLICY p{i} ON {name} FOR {} TO {to} USING ({p})",
+                    if rng.chance(50) { "SELECT" } else { "ALL" }
+                ));
+                n += 1;
+            }
+        }
+        for (i, r) in restrictive.iter().enumerate() {
+            if rng.chance(50) {
+                stmts.push(format!(
+                    "CREATE POLICY r{i} ON {name} AS RESTRICTIVE FOR SELECT TO PUBLIC USING ({r})"
+                ));
+            }
+        }
+        let mut granted = HashMap::new();
+        for role in roles {
+            if rng.chance(40) {
+                let cols = vec!["id", "owner", "tenant", "team", "score"];
+                stmts.push(format!(
+                    "GRANT SELECT ({}) ON {name} TO {role}",
+                    cols.join(", ")
+                ));
+                granted.insert(role, cols);
+            } else {
+                stmts.push(format!("GRANT SELECT ON {name} TO {role}"));
+                granted.insert(role, COLS.to_vec());
+            }
+        }
+        let refs: Vec<&str> = stmts.iter().map(String::as_str).collect();
+        support::exec_each(sql, &refs).await;
+        specs.push(Spec {
+            name,
+            full,
+            granted,
+        });
+    }
+    specs
+}
+
+/// The row as `SELECT` under the role and claims returns it (granted columns), if visible.
+async fn visible_as(
+    sql: &tokio_postgres::Client,
+    role: &str,
+    claims: &Value,
+    spec: &Spec,
+    id: i64,
+) -> Option<Value> {
+    let cols = spec.granted[role].join(", ");
+    sql.batch_execute(&format!("BEGIN; SET LOCAL ROLE {role}"))
+        .await
+        .expect("begin");
+    let sub = claims["sub"].as_str().unwrap_or("").to_string();
+    sql.execute(
+        "SELECT set_config('request.jwt.claims', $1, true), set_config('request.jwt.claim.sub', $2, true)",
+        &[&claims.to_string(), &sub],
+    )
+    .await
+    .expect("claims");
+    let row = sql
+        .query_opt(
+            &format!(
+                "SELECT to_jsonb(x)::text FROM (SELECT {cols} FROM {} WHERE id = $1) x",
+                spec.name
+            ),
+            &[&id],
+        )
+        .await
+        .expect("select as role");
+    sql.batch_execute("ROLLBACK").await.expect("rollback");
+    row.map(|r| serde_json::from_str(&r.get::<_, String>(0)).expect("json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_equal_select_under_each_role_and_claims() {
+    let seed: u64 = std::env::var("WALCAST_RLS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_2026);
+    let ops: usize = std::env::var("WALCAST_RLS_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let mut rng = Rng(seed | 1);
+    let db = PgCluster::shared()
+        .fresh_database()
+        .await
+        .expect("database");
+    let sql = db.connect().await.expect("connect");
+    let ra: &'static str = Box::leak(format!("{}_ra", db.name()).into_boxed_str());
+    let rb: &'static str = Box::leak(format!("{}_rb", db.name()).into_boxed_str());
+    for r in [ra, rb] {
+        sql.batch_execute(&format!("CREATE ROLE {r} NOLOGIN"))
+            .await
+            .expect("role");
+    }
+    let specs = setup(&sql, &mut rng, [ra, rb]).await;
+    let server = serve(db.url(), &format!("{}_rls", db.name())).await;
+
+    let identities: Vec<(&'static str, Value)> = vec![
+        (ra, json!({"role": ra, "sub": "u1", "tenant": 1})),
+        (ra, json!({"role": ra, "sub": "u2", "tenant": 2})),
+        (rb, json!({"role": rb, "sub": "u1", "tenant": 2})),
+        (rb, json!({"role": rb, "sub": "u3", "tenant": 1})),
+        (ra, json!({"role": ra})),
+        (rb, json!({"role": rb, "sub": "u2"})),
+    ];
+    let mut tables: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    tables.push("fence".into());
+    let mut subs = Vec::new();
+    for (i, (_, claims)) in identities.iter().enumerate() {
+        // Two channels per identity: they share the identity group.
+        for j in 0..2 {
+            subs.push(Subscriber::join(server.port, &format!("s{i}-{j}"), claims, &tables).await);
+        }
+    }
+
+    // Expected per identity: (table, type, id, record or old_record).
+    let mut expected: Vec<Vec<(String, &'static str, i64, Value)>> =
+        vec![Vec::new(); identities.len()];
+    let mut live: Vec<(usize, i64)> = Vec::new();
+    let owners = ["u1", "u2", "u3", "u4"];
+    for n in 0..ops {
+        let t = rng.below(specs.len() as u64) as usize;
+        let spec = &specs[t];
+        let kind = match rng.below(10) {
+            _ if live.is_empty() => 0,
+            0..=4 => 0,
+            5..=7 => 1,
+            _ => 2,
+        };
+        let values = (
+            owners[rng.below(4) as usize],
+            rng.below(3) as i32 + 1,
+            rng.below(4) as i32,
+            rng.below(12) as i32 - 2,
+            if rng.chance(20) { "classified" } else { "open" },
+        );
+        match kind {
+            0 | 1 => {
+                let id = if kind == 0 {
+                    let id = n as i64 + 1;
+                    sql.execute(
+                        &format!("INSERT INTO {} VALUES ($1, $2, $3, $4, $5, $6)", spec.name),
+                        &[&id, &values.0, &values.1, &values.2, &values.3, &values.4],
+                    )
+                    .await
+                    .expect("insert");
+                    live.push((t, id));
+                    id
+                } else {
+                    let pick = rng.below(live.len() as u64) as usize;
+                    let (lt, id) = live[pick];
+                    sql.execute(
+                        &format!(
+                            "UPDATE {} SET owner = $2, tenant = $3, team = $4, score = $5, secret = $6 WHERE id = $1",
+                            specs[lt].name
+                        ),
+                        &[&id, &values.0, &values.1, &values.2, &values.3, &values.4],
+                    )
+                    .await
+                    .expect("update");
+                    let spec = &specs[lt];
+                    for (i, (role, claims)) in identities.iter().enumerate() {
+                        if let Some(row) = visible_as(&sql, role, claims, spec, id).await {
+                            expected[i].push((spec.name.clone(), "UPDATE", id, row));
+                        }
+                    }
+                    continue;
+                };
+                for (i, (role, claims)) in identities.iter().enumerate() {
+                    if let Some(row) = visible_as(&sql, role, claims, spec, id).await {
+                        expected[i].push((spec.name.clone(), "INSERT", id, row));
+                    }
+                }
+            }
+            _ => {
+                let pick = rng.below(live.len() as u64) as usize;
+                let (lt, id) = live.swap_remove(pick);
+                let spec = &specs[lt];
+                let mut before = Vec::new();
+                for (role, claims) in &identities {
+                    before.push(visible_as(&sql, role, claims, spec, id).await);
+                }
+                sql.execute(&format!("DELETE FROM {} WHERE id = $1", spec.name), &[&id])
+                    .await
+                    .expect("delete");
+                for (i, row) in before.into_iter().enumerate() {
+                    // Without the full old row a DELETE cannot be authorized: not delivered.
+                    if let (Some(row), true) = (row, spec.full) {
+                        expected[i].push((spec.name.clone(), "DELETE", id, row));
+                    }
+                }
+            }
+        }
+    }
+    sql.execute("INSERT INTO fence VALUES (1)", &[])
+        .await
+        .expect("fence");
+
+    let mut delivered_total = 0;
+    for (k, sub) in subs.iter_mut().enumerate() {
+        sub.heartbeat().await;
+        sub.until_fence("fence", 1).await;
+        let i = k / 2;
+        let got: Vec<(String, &'static str, i64, Value)> = sub
+            .events
+            .iter()
+            .filter(|e| e["table"] != "fence")
+            .map(|e| {
+                let kind: &'static str = match e["type"].as_str() {
+                    Some("INSERT") => "INSERT",
+                    Some("UPDATE") => "UPDATE",
+                    Some("DELETE") => "DELETE",
+                    other => panic!("unexpected type {other:?}"),
+                };
+                let row = if kind == "DELETE" {
+                    e["old_record"].clone()
+                } else {
+                    e["record"].clone()
+                };
+                let id = row["id"]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("id in row: {e}"));
+                (e["table"].as_str().unwrap_or("").to_string(), kind, id, row)
+            })
+            .collect();
+        assert!(
+            sub.system.iter().all(|s| s["status"] != "error"),
+            "{}: unexpected system error {:?}",
+            sub.topic,
+            sub.system
+        );
+        assert_eq!(
+            got, expected[i],
+            "subscriber {} ({}) got a different set of rows than SELECT returns",
+            sub.topic, identities[i].1
+        );
+        delivered_total += got.len();
+    }
+    // The workload must exercise both outcomes.
+    let expected_total: usize = expected.iter().map(Vec::len).sum::<usize>() * 2;
+    assert_eq!(delivered_total, expected_total);
+    assert!(expected_total > 0, "some rows must be visible to someone");
+    let hidden = expected.iter().any(|e| e.len() < ops / 3);
+    assert!(hidden, "some rows must be hidden from someone");
+}
+
+/// One identity whose claims make a policy raise (a cast error, Supabase #2093) loses its
+/// binding with a system error; the others keep receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_policy_stops_only_that_subscriber() {
+    let db = PgCluster::shared()
+        .fresh_database()
+        .await
+        .expect("database");
+    let sql = db.connect().await.expect("connect");
+    let role = format!("{}_r", db.name());
+    support::exec_each(
+        &sql,
+        &[
+            &format!("CREATE ROLE {role} NOLOGIN"),
+            "CREATE TABLE t (id int8 PRIMARY KEY, tenant int4)",
+            "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+            &format!("GRANT SELECT ON t TO {role}"),
+            "CREATE POLICY p ON t FOR SELECT USING (tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4)",
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_iso", db.name())).await;
+    let tables = vec!["t".to_string()];
+    let mut bad = Subscriber::join(
+        server.port,
+        "bad",
+        &json!({"role": role, "tenant": "not a number"}),
+        &tables,
+    )
+    .await;
+    let mut good = Subscriber::join(
+        server.port,
+        "good",
+        &json!({"role": role, "tenant": 1}),
+        &tables,
+    )
+    .await;
+    sql.batch_execute("INSERT INTO t VALUES (1, 1); INSERT INTO t VALUES (2, 2)")
+        .await
+        .expect("insert");
+    sql.batch_execute("INSERT INTO t VALUES (3, 1)")
+        .await
+        .expect("insert");
+    while good.events.len() < 2 {
+        good.next_frame().await;
+    }
+    let ids: Vec<&Value> = good.events.iter().map(|e| &e["record"]["id"]).collect();
+    assert_eq!(ids, [&json!(1), &json!(3)]);
+    while !bad.system.iter().any(|s| s["status"] == "error") {
+        bad.next_frame().await;
+    }
+    let err = bad
+        .system
+        .iter()
+        .find(|s| s["status"] == "error")
+        .expect("an error");
+    assert_eq!(err["extension"], "postgres_changes");
+    assert!(
+        err["message"].as_str().is_some_and(|m| m.contains("22P02")),
+        "{:?}",
+        bad.system
+    );
+    assert!(
+        bad.events.is_empty(),
+        "nothing was delivered to the failing identity"
+    );
+}
