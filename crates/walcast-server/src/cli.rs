@@ -24,6 +24,8 @@ pub enum Command {
     Tail(TailArgs),
     /// Diagnose a database: wal_level, slots, publication, replica identity, RLS.
     Check(CheckArgs),
+    /// Create or update the `realtime` schema objects (private channels) in the database.
+    Migrate(MigrateArgs),
     /// Start a throwaway Postgres, a demo schema and the server on port 4000.
     Demo(DemoArgs),
 }
@@ -162,6 +164,13 @@ pub struct CheckArgs {
     /// Replication slot walcast uses.
     #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
     pub slot: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Database to create the objects in.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
 }
 
 #[derive(Debug, Args)]

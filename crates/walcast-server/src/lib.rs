@@ -14,7 +14,10 @@ pub mod demo;
 pub mod env_compat;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
+pub mod private;
 pub mod pump;
+pub mod rls;
 pub mod serve;
 pub mod socket;
 pub mod source;
@@ -28,6 +31,24 @@ pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Tail(args) => tail::run(args).await,
         cli::Command::Serve(args) => serve::run(args).await,
         cli::Command::Check(args) => check::run(args).await,
+        cli::Command::Migrate(args) => migrate_command(args).await,
         cli::Command::Demo(args) => demo::run(args).await,
     }
+}
+
+/// `walcast migrate`: apply the realtime schema objects (`sql/`) and say what was done.
+async fn migrate_command(args: cli::MigrateArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cfg = walcast_replication::ReplicationConfig::from_url(&args.database_url)
+        .context("invalid --database-url / DATABASE_URL")?;
+    let mut client = sql::connect(&cfg, "walcast migrate").await?;
+    let applied = migrate::run(&mut client).await?;
+    if applied.files.is_empty() {
+        println!("realtime schema up to date");
+    } else {
+        for f in applied.files {
+            println!("applied sql/{f}");
+        }
+    }
+    Ok(())
 }

@@ -18,6 +18,8 @@ pub const DELIVERIES_DROPPED: &str = "walcast_deliveries_dropped_total";
 pub const SLOW_CLIENT_DISCONNECTS: &str = "walcast_slow_client_disconnects_total";
 pub const REPLICATION_RECONNECTS: &str = "walcast_replication_reconnects_total";
 pub const UPGRADE_REFUSED: &str = "walcast_upgrades_refused_total";
+pub const AUTHZ_CHECKS: &str = "walcast_authz_checks_total";
+pub const AUTHZ_STOPPED: &str = "walcast_authz_stopped_channels_total";
 pub const COMMIT_TO_SEND: &str = "walcast_commit_to_send_seconds";
 
 /// Register descriptions (shown as `# HELP` lines).
@@ -45,6 +47,14 @@ pub fn describe() {
         "Replication connections re-established"
     );
     describe_counter!(UPGRADE_REFUSED, "WebSocket upgrades refused, by reason");
+    describe_counter!(
+        AUTHZ_CHECKS,
+        "Row-level security checks (one per table x identity group x batch), by outcome"
+    );
+    describe_counter!(
+        AUTHZ_STOPPED,
+        "Channels whose postgres_changes were stopped because their authorization failed"
+    );
     describe_histogram!(
         COMMIT_TO_SEND,
         "From a change's commit time to its frames being queued"
@@ -118,4 +128,13 @@ pub fn upgrade_refused(reason: &'static str) {
 
 pub fn commit_to_send(seconds: f64) {
     histogram!(COMMIT_TO_SEND).record(seconds);
+}
+
+/// One authorization step: `ok`, `failed` (the identity's check raised) or `unavailable`.
+pub fn authz_check(outcome: &'static str) {
+    counter!(AUTHZ_CHECKS, "outcome" => outcome).increment(1);
+}
+
+pub fn authz_stopped(channels: u64) {
+    counter!(AUTHZ_STOPPED).increment(channels);
 }

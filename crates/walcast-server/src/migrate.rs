@@ -25,9 +25,7 @@ pub struct Applied {
     pub files: Vec<String>,
 }
 
-async fn recorded(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<Vec<(String, String)>> {
+async fn recorded(client: &impl tokio_postgres::GenericClient) -> Result<Vec<(String, String)>> {
     let exists: bool = client
         .query_one(
             "SELECT pg_catalog.to_regclass('realtime.walcast_migrations') IS NOT NULL",
@@ -39,7 +37,10 @@ async fn recorded(
         return Ok(Vec::new());
     }
     let rows = client
-        .query("SELECT name, checksum FROM realtime.walcast_migrations", &[])
+        .query(
+            "SELECT name, checksum FROM realtime.walcast_migrations",
+            &[],
+        )
         .await?;
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
@@ -64,11 +65,7 @@ pub async fn run(client: &mut tokio_postgres::Client) -> Result<Applied> {
     let todo = |done: &[(String, String)]| -> Vec<(&'static str, &'static str)> {
         SQL_FILES
             .iter()
-            .filter(|(name, sql)| {
-                !done
-                    .iter()
-                    .any(|(n, c)| n == name && *c == checksum(sql))
-            })
+            .filter(|(name, sql)| !done.iter().any(|(n, c)| n == name && *c == checksum(sql)))
             .copied()
             .collect()
     };
@@ -85,7 +82,9 @@ pub async fn run(client: &mut tokio_postgres::Client) -> Result<Applied> {
              applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await
-    .context("creating realtime.walcast_migrations (does the walcast user have CREATE on the database?)")?;
+    .context(
+        "creating realtime.walcast_migrations (does the walcast user have CREATE on the database?)",
+    )?;
     // Someone else may have applied them while we waited for the lock.
     let done = recorded(&tx).await?;
     let mut applied = Applied::default();

@@ -73,7 +73,9 @@ pub fn identity_of(claims: &crate::auth::Claims) -> Identity {
 
 /// The join error for a private channel the token may not read (Supabase's text).
 pub fn unauthorized_read(sub_topic: &str) -> String {
-    format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}")
+    format!(
+        "Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
+    )
 }
 
 /// The pool the checks run on.

@@ -60,6 +60,23 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     // Fail fast on an unreachable database or bad credentials.
     sql.get().await?;
 
+    // The realtime schema (private channels); a server without the privileges to create
+    // it still serves everything else.
+    match crate::sql::connect(&cfg, "walcast migrate").await {
+        Ok(mut client) => match crate::migrate::run(&mut client).await {
+            Ok(applied) if !applied.files.is_empty() => {
+                tracing::info!(files = ?applied.files, "applied the realtime schema")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot apply the realtime schema (sql/); private channels will be refused until `walcast migrate` runs")
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "cannot connect to apply the realtime schema")
+        }
+    }
+
     let limits = Limits {
         max_channels_per_client: args.limits.max_channels_per_client,
         socket_send_queue: args.limits.socket_send_queue,
@@ -87,7 +104,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut pump_shutdown = shutdown_rx.clone();
     let pump = tokio::spawn(
-        Pump::new(replicator, types, hub, sql)
+        Pump::new(replicator, types, hub, sql, state.authz.clone())
             .with_topics(state.topics.clone())
             .run(async move {
                 let _ = pump_shutdown.changed().await;

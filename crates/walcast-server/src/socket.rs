@@ -34,7 +34,7 @@ use futures_util::SinkExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use walcast_core::broadcast::{Body, Member, TopicKey};
-use walcast_core::hub::{ChannelTarget, Identity, OutFrame, Outbox};
+use walcast_core::hub::{ChannelTarget, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
     decode_binary_bytes, decode_text, encode_push, join_reply_ok, FrameAction, FrameError, Inbound,
@@ -46,6 +46,8 @@ use crate::auth::Claims;
 use crate::broadcast::{can_write, CallWindow, Extension};
 use crate::changes::{build_bindings, id_for, Checked};
 use crate::metrics;
+use crate::private::{self, identity_of, ChannelPerms};
+use crate::rls::AuthzError;
 use crate::state::{now_unix, AppState};
 
 /// WebSocket close code for a client that cannot keep up (private-use range).
@@ -94,6 +96,8 @@ struct Channel {
     registered: bool,
     /// Broadcast and presence state of this channel.
     realtime: ChannelRealtime,
+    /// Private channels: what the token may read (and, once checked, write).
+    perms: Option<ChannelPerms>,
 }
 
 /// A channel's broadcast and presence settings and caches.
@@ -192,7 +196,13 @@ pub async fn run(
                             break exit;
                         }
                     }
-                    Some(Err(_)) | None => break Exit::ClientGone,
+                    Some(Err(e)) => {
+                        if is_too_big(e) {
+                            break Exit::Close(1009, "message too big");
+                        }
+                        break Exit::ClientGone;
+                    }
+                    None => break Exit::ClientGone,
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -221,6 +231,14 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
     }
     metrics::socket_closed();
+}
+
+/// A frame or message over `--max-frame-bytes`: answered with 1009 rather than a silent drop.
+fn is_too_big(e: axum::Error) -> bool {
+    matches!(
+        e.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
 }
 
 fn to_message(frame: OutFrame) -> Message {
@@ -540,17 +558,19 @@ impl Socket {
             Ok(c) => c,
             Err(e) => return self.join_error(frame, e.label(), e.join_reason()).await,
         };
-        if join.config.private {
-            // Private channels need the realtime.messages policies; until those are evaluated,
-            // nobody may read a private channel (default deny).
-            return self
-                .join_error(
-                    frame,
-                    "unauthorized",
-                    format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}"),
-                )
-                .await;
-        }
+        // Private channels: the realtime.messages SELECT policies must let the token read
+        // broadcast or presence (see crate::private); the result is kept until access_token.
+        let perms = if join.config.private {
+            match self
+                .private_perms(&claims, name, join.config.presence.enabled)
+                .await
+            {
+                Ok(p) => Some(p),
+                Err((reason, message)) => return self.join_error(frame, reason, message).await,
+            }
+        } else {
+            None
+        };
         let entries = join.config.postgres_changes.clone();
         let id = self.state.next_subscriber_id();
         let reply_ids: Vec<(u32, &serde_json::value::RawValue)> =
@@ -572,6 +592,7 @@ impl Socket {
             entries,
             registered: false,
             realtime: ChannelRealtime::new(name, &join),
+            perms,
         };
         if channel.entries.is_empty() {
             self.send(reply_frame);
@@ -638,8 +659,9 @@ impl Socket {
             Member {
                 outbox: self.outbox.clone(),
                 vsn: self.vsn,
-                broadcast: true,
-                presence: true,
+                // Private channels: only what the read policies allow.
+                broadcast: channel.perms.is_none_or(|p| p.broadcast_read),
+                presence: channel.perms.is_none_or(|p| p.presence_read),
             },
             presence_state,
         );
@@ -647,15 +669,37 @@ impl Socket {
         self.channels.insert(topic, channel);
     }
 
+    /// Read permissions of a private channel, or the join error (metric reason, message).
+    async fn private_perms(
+        &self,
+        claims: &Claims,
+        name: &str,
+        presence: bool,
+    ) -> Result<ChannelPerms, (&'static str, String)> {
+        let identity = identity_of(claims);
+        match private::read_perms(&self.state, &identity, name, presence).await {
+            Ok(p) if p.may_join() => Ok(p),
+            Ok(_) => Err(("unauthorized", private::unauthorized_read(name))),
+            Err(AuthzError::Failed { code, message }) => {
+                tracing::debug!(%code, %message, topic = %name, "private channel read check failed");
+                Err(("unauthorized", private::unauthorized_read(name)))
+            }
+            Err(AuthzError::Unavailable(e)) => {
+                tracing::warn!(error = %e, topic = %name, "private channel check unavailable");
+                Err((
+                    "unavailable",
+                    "Realtime was unable to connect to the project database".to_string(),
+                ))
+            }
+        }
+    }
+
     fn target(&self, topic: &str, claims: &Claims) -> ChannelTarget {
         ChannelTarget {
             outbox: self.outbox.clone(),
             vsn: self.vsn,
             topic: Arc::from(topic),
-            identity: Arc::new(Identity {
-                role: Arc::from(claims.role.as_str()),
-                claims: Arc::from(claims.claims_json().as_str()),
-            }),
+            identity: Arc::new(identity_of(claims)),
         }
     }
 
@@ -696,6 +740,25 @@ impl Socket {
         ch.realtime.can_track = None;
         let role_or_claims_changed = ch.claims.raw != claims.raw;
         ch.claims = claims;
+        if ch.perms.is_some() && role_or_claims_changed {
+            // Read permissions are evaluated again too; losing them ends the channel.
+            let presence = ch.perms.is_some_and(|p| p.presence_read);
+            let (claims, name) = (ch.claims.clone(), ch.realtime.key.name.clone());
+            match self.private_perms(&claims, &name, presence).await {
+                Ok(p) => {
+                    if let Some(ch) = self.channels.get_mut(topic) {
+                        ch.perms = Some(p);
+                    }
+                }
+                Err((_, message)) => {
+                    self.close_channel(topic, &message);
+                    return;
+                }
+            }
+        }
+        let Some(ch) = self.channels.get(topic) else {
+            return;
+        };
         if !(ch.registered && role_or_claims_changed) {
             return;
         }

@@ -10,7 +10,7 @@ use walcast_core::pg_type::TypeRegistry;
 
 use crate::auth::JwtVerifier;
 use crate::broadcast::{BroadcastLimits, RateWindow};
-use crate::sql::SqlPool;
+use crate::sql::{ExclusivePool, SqlPool};
 
 /// Settings the socket layer needs.
 #[derive(Debug, Clone)]
@@ -38,6 +38,9 @@ pub struct AppState {
     pub streaming: Arc<AtomicBool>,
     /// Set once shutdown began: new joins are refused.
     pub shutting_down: AtomicBool,
+    /// Connections for authorization checks (RLS on changes, private channels): each check
+    /// owns its session (role, claims, timeout) while it runs.
+    pub authz: Arc<ExclusivePool>,
     /// Broadcast topics and presence.
     pub topics: Arc<Topics>,
     /// Messages accepted by the REST broadcast endpoints in the current second.
@@ -57,7 +60,9 @@ impl AppState {
         types: Arc<RwLock<TypeRegistry>>,
         streaming: Arc<AtomicBool>,
     ) -> AppState {
+        let authz = Arc::new(ExclusivePool::new(sql.config().clone(), "walcast authz", 4));
         AppState {
+            authz,
             jwt,
             hub,
             sql,

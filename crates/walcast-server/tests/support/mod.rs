@@ -19,7 +19,11 @@ use serde_json::Value;
 
 pub fn walcast() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_walcast"));
-    c.env("RUST_LOG", "info,walcast_replication=debug");
+    c.env(
+        "RUST_LOG",
+        std::env::var("WALCAST_TEST_LOG")
+            .unwrap_or_else(|_| "info,walcast_replication=debug".into()),
+    );
     c
 }
 
