@@ -294,13 +294,18 @@ async fn token(State(demo): State<Arc<DemoState>>, Query(q): Query<TokenQuery>) 
         "user_metadata": { "name": name },
     });
     match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &demo.signer) {
-        Ok(token) => Json(json!({
+        // Any origin may ask: the examples/ page is served from elsewhere, and the demo only
+        // listens on 127.0.0.1.
+        Ok(token) => (
+            [(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")],
+            Json(json!({
             "token": token,
             "user_id": id.to_string(),
             "name": name,
-            "expires_at": now + TOKEN_TTL_SECS,
-        }))
-        .into_response(),
+                "expires_at": now + TOKEN_TTL_SECS,
+            })),
+        )
+            .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Writes dashboards/walcast.json, the Grafana dashboard for walcast's metrics.
+
+Metric names come from crates/walcast-server/src/metrics.rs; edit the panels here and run
+`python3 deploy/grafana/make-dashboard.py` rather than editing the JSON by hand.
+"""
+import json
+import os
+
+DS = {"type": "prometheus", "uid": "walcast-prometheus"}
+panels = []
+_next_id = [0]
+_y = [0]
+
+
+def nid():
+    _next_id[0] += 1
+    return _next_id[0]
+
+
+def sel(extra=""):
+    return '{job="$job", instance=~"$instance"' + (", " + extra if extra else "") + "}"
+
+
+J = sel()
+Q = sel('quantile=~"0.5|0.9|0.99"')
+
+
+def row(title):
+    panels.append({"type": "row", "id": nid(), "title": title, "collapsed": False,
+                   "gridPos": {"h": 1, "w": 24, "x": 0, "y": _y[0]}, "panels": []})
+    _y[0] += 1
+
+
+def stat(x, w, title, expr, unit="short", desc=""):
+    return {"type": "stat", "id": nid(), "title": title, "description": desc, "datasource": DS,
+            "gridPos": {"h": 4, "w": w, "x": x, "y": _y[0]},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                        "colorMode": "value", "graphMode": "area", "textMode": "auto"},
+            "targets": [{"refId": "A", "datasource": DS, "expr": expr, "legendFormat": "__auto"}]}
+
+
+def ts(x, w, title, targets, unit="short", desc=""):
+    return {"type": "timeseries", "id": nid(), "title": title, "description": desc, "datasource": DS,
+            "gridPos": {"h": 8, "w": w, "x": x, "y": _y[0]},
+            "fieldConfig": {"defaults": {"unit": unit, "custom": {"fillOpacity": 10, "lineWidth": 1}},
+                            "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                        "tooltip": {"mode": "multi", "sort": "desc"}},
+            "targets": [{"refId": chr(65 + i), "datasource": DS, "expr": e, "legendFormat": l}
+                        for i, (e, l) in enumerate(targets)]}
+
+
+def line(*ps, h=8):
+    panels.extend(ps)
+    _y[0] += h
+
+
+def rate(metric, by=None):
+    inner = f"rate({metric}{J}[$__rate_interval])"
+    return f"sum by ({by}) ({inner})" if by else f"sum({inner})"
+
+
+row("Overview")
+line(stat(0, 4, "Sockets", f"sum(walcast_sockets_connected{J})"),
+     stat(4, 4, "Channels", f"sum(walcast_channels_joined{J})"),
+     stat(8, 4, "Changes / s", rate("walcast_changes_decoded_total"), "ops"),
+     stat(12, 4, "Replication lag", f"max(walcast_replication_lag_seconds{J})", "s"),
+     stat(16, 4, "WAL retained by slot", f"max(walcast_slot_wal_retained_bytes{J})", "bytes"),
+     stat(20, 4, "Streaming", f"max(walcast_replication_streaming{J})", "bool_yes_no",
+          "1 while the replication stream is running (what /readyz reports)"), h=4)
+
+row("Clients")
+line(ts(0, 8, "Connected sockets", [(f"sum by (instance) (walcast_sockets_connected{J})", "{{instance}}")]),
+     ts(8, 8, "Joined channels by kind", [(f"sum by (kind) (walcast_channels_joined{J})", "{{kind}}")]),
+     ts(16, 8, "Joins and join errors / s", [
+         (rate("walcast_joins_total"), "joins"),
+         (rate("walcast_join_errors_total", "reason"), "error: {{reason}}")], "ops"))
+line(ts(0, 12, "WebSocket upgrades refused / s", [
+         (rate("walcast_upgrades_refused_total", "reason"), "{{reason}}")], "ops"),
+     ts(12, 12, "Slow-client disconnects", [
+         (f"sum(increase(walcast_slow_client_disconnects_total{J}[$__rate_interval]))", "disconnects")],
+        desc="Sockets closed because their send queue overflowed"))
+
+row("Traffic")
+line(ts(0, 12, "Frames / s", [
+         (rate("walcast_frames_in_total", "kind"), "in {{kind}}"),
+         (rate("walcast_frames_out_total", "kind"), "out {{kind}}")], "ops"),
+     ts(12, 12, "Bytes / s", [
+         (rate("walcast_bytes_in_total"), "in"),
+         (rate("walcast_bytes_out_total"), "out")], "Bps"))
+
+row("Changes")
+line(ts(0, 8, "Changes decoded / s by kind", [
+         (rate("walcast_changes_decoded_total", "kind"), "{{kind}}")], "ops"),
+     ts(8, 8, "Changes delivered / s", [
+         (rate("walcast_changes_delivered_total"), "delivered")], "ops",
+        "postgres_changes frames queued to sockets"),
+     ts(16, 8, "Deliveries dropped / s by reason", [
+         (rate("walcast_deliveries_dropped_total", "reason"), "{{reason}}")], "ops"))
+line(ts(0, 12, "Commit to send latency", [
+         (f"max by (quantile) (walcast_commit_to_send_seconds{Q})", "p{{quantile}}"),
+         (f"histogram_quantile(0.99, sum by (le) (rate(walcast_commit_to_send_seconds_bucket{J}[$__rate_interval])))",
+          "p0.99 (buckets)")],
+        "s", "From a change's commit time to its frames being queued "
+             "(summary quantiles, or histogram buckets when configured)"),
+     ts(12, 12, "Authorization checks / s by outcome", [
+         (rate("walcast_authz_checks_total", "outcome"), "{{outcome}}"),
+         (rate("walcast_authz_stopped_channels_total"), "channels stopped")], "ops",
+        "Row-level security checks (one per table x identity group x batch)"))
+
+row("Replication")
+line(ts(0, 8, "Replication lag (bytes)", [
+         (f"max by (instance) (walcast_replication_lag_bytes{J})", "{{instance}}")], "bytes",
+        "Server WAL end minus the confirmed flush position"),
+     ts(8, 8, "Replication lag (seconds)", [
+         (f"max by (instance) (walcast_replication_lag_seconds{J})", "{{instance}}")], "s",
+        "Now minus the commit time of the last change handed to fan-out"),
+     ts(16, 8, "WAL retained by the slot", [
+         (f"max by (instance) (walcast_slot_wal_retained_bytes{J})", "{{instance}}")], "bytes"))
+line(ts(0, 12, "Replication reconnects", [
+         (f"sum(increase(walcast_replication_reconnects_total{J}[$__rate_interval]))", "reconnects")]),
+     ts(12, 12, "Stream and slot state", [
+         (f"max(walcast_replication_streaming{J})", "streaming"),
+         (f"max(walcast_slot_usable{J})", "slot usable")], "bool"))
+
+
+def variable(name, query, all_=False):
+    v = {"name": name, "label": name, "type": "query", "datasource": DS,
+         "query": {"query": query, "refId": name}, "definition": query, "refresh": 1,
+         "includeAll": all_, "multi": all_}
+    if all_:
+        v["allValue"] = ".*"
+        v["current"] = {"text": "All", "value": "$__all"}
+    return v
+
+
+dashboard = {
+    "uid": "walcast-overview",
+    "title": "walcast",
+    "description": "walcast realtime server: clients, traffic, changes, replication",
+    "tags": ["walcast", "postgres", "realtime"],
+    "timezone": "browser",
+    "schemaVersion": 39,
+    "version": 1,
+    "editable": True,
+    "graphTooltip": 1,
+    "refresh": "10s",
+    "time": {"from": "now-1h", "to": "now"},
+    "annotations": {"list": []},
+    "links": [],
+    "templating": {"list": [
+        variable("job", "label_values(walcast_sockets_connected, job)"),
+        variable("instance", 'label_values(walcast_sockets_connected{job="$job"}, instance)', True),
+    ]},
+    "panels": panels,
+}
+
+out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboards", "walcast.json")
+with open(out, "w") as f:
+    f.write(json.dumps(dashboard, indent=2) + "\n")
+print(f"wrote {out} ({len(panels)} panels)")
