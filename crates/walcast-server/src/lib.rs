@@ -19,6 +19,7 @@ pub mod private;
 pub mod pump;
 pub mod rls;
 pub mod serve;
+pub mod slot_metrics;
 pub mod socket;
 pub mod source;
 pub mod sql;

@@ -11,10 +11,14 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `tail` is one pipeline (socket reader → decoder → stdout): on one thread its stages
+    // hand messages over without cross-thread wake-ups, leaving the other core to the
+    // walsender, which is what bounds the drain rate.
+    let mut builder = match cli.command {
+        walcast_server::cli::Command::Tail(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walcast: cannot start the runtime: {e}");

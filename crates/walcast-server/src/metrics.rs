@@ -21,6 +21,11 @@ pub const UPGRADE_REFUSED: &str = "walcast_upgrades_refused_total";
 pub const AUTHZ_CHECKS: &str = "walcast_authz_checks_total";
 pub const AUTHZ_STOPPED: &str = "walcast_authz_stopped_channels_total";
 pub const COMMIT_TO_SEND: &str = "walcast_commit_to_send_seconds";
+pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
+pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
+pub const SLOT_RETAINED_BYTES: &str = "walcast_slot_wal_retained_bytes";
+pub const SLOT_USABLE: &str = "walcast_slot_usable";
+pub const REPLICATION_STREAMING: &str = "walcast_replication_streaming";
 
 /// Register descriptions (shown as `# HELP` lines).
 pub fn describe() {
@@ -128,6 +133,20 @@ pub fn upgrade_refused(reason: &'static str) {
 
 pub fn commit_to_send(seconds: f64) {
     histogram!(COMMIT_TO_SEND).record(seconds);
+}
+
+pub fn slot_state(lag_bytes: i64, retained_bytes: i64, usable: bool) {
+    gauge!(REPLICATION_LAG_BYTES).set(lag_bytes as f64);
+    gauge!(SLOT_RETAINED_BYTES).set(retained_bytes as f64);
+    gauge!(SLOT_USABLE).set(if usable { 1.0 } else { 0.0 });
+}
+
+pub fn replication_lag_seconds(seconds: f64) {
+    gauge!(REPLICATION_LAG_SECONDS).set(seconds.max(0.0));
+}
+
+pub fn replication_streaming(on: bool) {
+    gauge!(REPLICATION_STREAMING).set(if on { 1.0 } else { 0.0 });
 }
 
 /// One authorization step: `ok`, `failed` (the identity's check raised) or `unavailable`.

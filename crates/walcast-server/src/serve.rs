@@ -57,9 +57,6 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     crate::metrics::describe();
 
     let sql = Arc::new(SqlPool::new(cfg.clone(), 4));
-    // Fail fast on an unreachable database or bad credentials.
-    sql.get().await?;
-
     // The realtime schema (private channels); a server without the privileges to create
     // it still serves everything else.
     match crate::sql::connect(&cfg, "walcast migrate").await {
@@ -76,6 +73,8 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             tracing::warn!(error = %format!("{e:#}"), "cannot connect to apply the realtime schema")
         }
     }
+    // Fail fast on an unreachable database or bad credentials.
+    sql.get().await?;
 
     let limits = Limits {
         max_channels_per_client: args.limits.max_channels_per_client,
@@ -103,6 +102,15 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut pump_shutdown = shutdown_rx.clone();
+    let mut poller_shutdown = shutdown_rx.clone();
+    tokio::spawn(crate::slot_metrics::run(
+        sql.clone(),
+        cfg.slot.clone(),
+        Duration::from_secs(5),
+        async move {
+            let _ = poller_shutdown.changed().await;
+        },
+    ));
     let pump = tokio::spawn(
         Pump::new(replicator, types, hub, sql, state.authz.clone())
             .with_topics(state.topics.clone())

@@ -1,6 +1,8 @@
 //! Helpers shared by the server's integration tests: run the real `walcast` binary.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;

@@ -1,0 +1,203 @@
+//! Operations behaviour of `walcast serve`: metrics after a scripted workload, limits with
+//! their exact messages, graceful shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::server::{token, Server};
+use walcast_testkit::PgCluster;
+
+/// The value of a sample line `name{labels} value` in Prometheus text, 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_by_the_right_amounts() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let sql = db.connect().await.unwrap();
+    // Roles are cluster-wide and tests share the cluster: create it once, tolerate "exists".
+    let _ = sql.batch_execute("CREATE ROLE anon NOLOGIN").await;
+    sql.batch_execute("CREATE TABLE m (id int PRIMARY KEY, v text); GRANT SELECT ON m TO anon;")
+        .await
+        .unwrap();
+    let server = Server::start(db.url(), "metrics", &[]).await;
+    let t = token("anon", 3600);
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut c = server.connect(&t).await;
+        let reply = c
+            .join(
+                "1",
+                &format!("realtime:m{i}"),
+                json!([{"event": "*", "schema": "public", "table": "m"}]),
+                &t,
+            )
+            .await;
+        assert_eq!(reply["status"], "ok");
+        c.until(Duration::from_secs(10), |f| f[3] == "system")
+            .await
+            .unwrap();
+        clients.push(c);
+    }
+    // One refused join (expired channel token).
+    let mut bad = server.connect(&t).await;
+    let reply = bad
+        .join("1", "realtime:bad", json!([]), &token("anon", -10))
+        .await;
+    assert_eq!(reply["status"], "error");
+    for i in 0..5 {
+        sql.execute("INSERT INTO m VALUES ($1, 'x')", &[&i])
+            .await
+            .unwrap();
+    }
+    for c in clients.iter_mut() {
+        for _ in 0..5 {
+            c.until(Duration::from_secs(10), |f| f[3] == "postgres_changes")
+                .await
+                .unwrap();
+        }
+    }
+    // Counters are updated before frames leave; give the scrape a moment to see the last ones.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, text) = server.get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(sample(&text, "walcast_sockets_connected"), 4.0, "{text}");
+    assert_eq!(
+        sample(&text, "walcast_channels_joined{kind=\"postgres_changes\"}"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "walcast_joins_total"), 3.0, "{text}");
+    assert_eq!(
+        sample(&text, "walcast_join_errors_total{reason=\"expired\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "walcast_changes_decoded_total{kind=\"INSERT\"}"),
+        5.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "walcast_changes_delivered_total"),
+        15.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "walcast_frames_in_total{kind=\"text\"}") >= 4.0,
+        "{text}"
+    );
+    assert!(sample(&text, "walcast_bytes_out_total") > 0.0, "{text}");
+    // Leaving moves the gauges back.
+    drop(clients);
+    drop(bad);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = server.get("/metrics").await.unwrap();
+        if sample(&text, "walcast_sockets_connected") == 0.0
+            && sample(&text, "walcast_channels_joined{kind=\"postgres_changes\"}") == 0.0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauges did not go back to 0:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_500_sockets_exits_0_within_5s() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let mut server = Server::start(db.url(), "sigterm", &[]).await;
+    let t = token("anon", 3600);
+    let mut clients = Vec::with_capacity(500);
+    for i in 0..500 {
+        let mut c = server.connect(&t).await;
+        if i % 10 == 0 {
+            let reply = c
+                .join("1", &format!("realtime:room{i}"), json!([]), &t)
+                .await;
+            assert_eq!(reply["status"], "ok");
+        }
+        clients.push(c);
+    }
+    let (status, took) = server.terminate(Duration::from_secs(5));
+    let status =
+        status.unwrap_or_else(|| panic!("still running after {took:?}:\n{}", server.log()));
+    assert!(
+        status.success(),
+        "exit status {status:?}:\n{}",
+        server.log()
+    );
+    // Every socket was told why: 1012 service restart.
+    let mut codes = std::collections::HashMap::new();
+    for c in clients.iter_mut().take(50) {
+        *codes
+            .entry(c.close_code(Duration::from_secs(2)).await)
+            .or_insert(0) += 1;
+    }
+    assert_eq!(codes.get(&Some(1012)), Some(&50), "{codes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_trigger_with_their_messages() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let server = Server::start(
+        db.url(),
+        "limits",
+        &[
+            "--max-channels-per-client",
+            "2",
+            "--max-frame-bytes",
+            "10000",
+            "--idle-timeout-secs",
+            "2",
+        ],
+    )
+    .await;
+    let t = token("anon", 3600);
+    // Channels per socket.
+    let mut c = server.connect(&t).await;
+    for i in 0..2 {
+        let r = c
+            .join(&i.to_string(), &format!("realtime:c{i}"), json!([]), &t)
+            .await;
+        assert_eq!(r["status"], "ok");
+    }
+    let r = c.join("9", "realtime:c9", json!([]), &t).await;
+    assert_eq!(
+        r,
+        json!({"status": "error", "response": {"reason": "ChannelRateLimitReached: Too many channels"}})
+    );
+    // Empty topic name.
+    let r = c.join("8", "realtime:", json!([]), &t).await;
+    assert_eq!(
+        r["response"]["reason"],
+        "TopicNameRequired: You must provide a topic name"
+    );
+    // Frame size: a frame over the limit ends the socket (the WebSocket layer refuses to read
+    // it; a 1009 close frame is attempted, but the stream may already be unusable).
+    let mut big = server.connect(&t).await;
+    big.send(json!([null, "1", "realtime:x", "broadcast", {"payload": "y".repeat(20_000)}]))
+        .await;
+    let code = big.close_code(Duration::from_secs(5)).await;
+    assert!(matches!(code, None | Some(1009)), "{code:?}");
+    assert!(
+        big.next(Duration::from_secs(2)).await.is_none(),
+        "socket must be closed"
+    );
+    // Idle timeout: a socket that sends nothing is closed.
+    let mut idle = server.connect(&t).await;
+    assert_eq!(idle.close_code(Duration::from_secs(10)).await, Some(1000));
+}
