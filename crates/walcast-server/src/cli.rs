@@ -122,6 +122,20 @@ pub struct LimitArgs {
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 1000)]
     pub connect_error_backoff_ms: u64,
 
+    /// WebSocket connections held at once; further upgrades get 429 "Too many connected users".
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: u64,
+
+    /// Channel joins per second across the server; a socket joining past it is disconnected.
+    #[arg(long, env = "MAX_JOINS_PER_SECOND", default_value_t = 2_500)]
+    pub max_joins_per_second: u32,
+
+    /// Comma-separated browser origins allowed to open WebSockets (e.g.
+    /// `https://app.example.com`); unset allows any. Requests without an Origin header
+    /// (servers, mobile apps) are not affected.
+    #[arg(long, env = "ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
     /// Largest broadcast or presence payload, in KB (Supabase's `max_payload_size_in_kb`).
     #[arg(long, env = "MAX_PAYLOAD_SIZE_KB", default_value_t = 3000)]
     pub max_payload_size_kb: usize,

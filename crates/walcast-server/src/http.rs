@@ -88,6 +88,19 @@ async fn websocket(
             return refuse(StatusCode::BAD_REQUEST, &e.to_string());
         }
     };
+    if let (Some(allowed), Some(origin)) = (&limits.allowed_origins, headers.get("origin")) {
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+        // Exact matches only: no wildcards, `null` and `file://` origins are never allowed.
+        if !allowed.iter().any(|a| a == origin) {
+            metrics::upgrade_refused("origin");
+            return refuse(StatusCode::FORBIDDEN, "Origin not allowed");
+        }
+    }
+    if s.app.open_sockets() >= limits.max_connections {
+        metrics::upgrade_refused("max_connections");
+        tokio::time::sleep(limits.connect_error_backoff).await;
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users");
+    }
     // The gateway's header wins over the query parameter, as in Supabase.
     let token = headers
         .get("x-api-key")

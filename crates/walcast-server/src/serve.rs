@@ -84,6 +84,14 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         channel_error_backoff: Duration::from_millis(args.limits.channel_error_backoff_ms),
         connect_error_backoff: Duration::from_millis(args.limits.connect_error_backoff_ms),
         broadcast: args.limits.broadcast_limits(),
+        max_connections: args.limits.max_connections,
+        max_joins_per_second: args.limits.max_joins_per_second.max(1),
+        allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
+            list.split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect()
+        }),
     };
     let types = Arc::new(RwLock::new(TypeRegistry::new()));
     let hub = Arc::new(Hub::new(HubConfig {

@@ -458,6 +458,16 @@ impl Socket {
                     return None;
                 };
                 let join = join.clone();
+                if !self.state.allow_join() {
+                    self.join_error(
+                        &frame,
+                        "join_rate",
+                        "ClientJoinRateLimitReached: Too many joins per second".into(),
+                    )
+                    .await;
+                    // As Supabase does: a socket over the join rate is disconnected.
+                    return Some(Exit::Close(1008, "too many joins per second"));
+                }
                 self.on_join(&frame, join).await;
             }
             Inbound::Leave => {

@@ -23,6 +23,10 @@ pub struct Limits {
     pub connect_error_backoff: Duration,
     /// Broadcast and presence limits.
     pub broadcast: BroadcastLimits,
+    pub max_connections: u64,
+    pub max_joins_per_second: u32,
+    /// Exact origins allowed to open WebSockets; `None` allows any.
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 /// Shared by everything in `walcast serve`.
@@ -47,6 +51,8 @@ pub struct AppState {
     pub rest_rate: RateWindow,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
+    /// (unix second, joins counted in it) for the server-wide join rate.
+    join_window: std::sync::Mutex<(i64, u32)>,
 }
 
 impl AppState {
@@ -75,6 +81,7 @@ impl AppState {
             rest_rate: RateWindow::new(Duration::from_secs(1)),
             next_subscriber: AtomicU64::new(1),
             sockets: AtomicU64::new(0),
+            join_window: std::sync::Mutex::new((0, 0)),
         }
     }
 
@@ -82,6 +89,17 @@ impl AppState {
     pub fn socket_guard(self: &Arc<Self>) -> SocketGuard {
         self.sockets.fetch_add(1, Ordering::AcqRel);
         SocketGuard(self.clone())
+    }
+
+    /// Count a join against the per-second budget; false when over it.
+    pub fn allow_join(&self) -> bool {
+        let now = now_unix();
+        let mut w = self.join_window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0 != now {
+            *w = (now, 0);
+        }
+        w.1 = w.1.saturating_add(1);
+        w.1 <= self.limits.max_joins_per_second
     }
 
     pub fn open_sockets(&self) -> u64 {

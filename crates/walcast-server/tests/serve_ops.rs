@@ -201,3 +201,88 @@ async fn limits_trigger_with_their_messages() {
     let mut idle = server.connect(&t).await;
     assert_eq!(idle.close_code(Duration::from_secs(10)).await, Some(1000));
 }
+
+/// Upgrade with an Origin header; returns the HTTP status of a refused upgrade (None: accepted).
+async fn upgrade_status(server: &Server, token: &str, origin: Option<&str>) -> Option<u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = server.ws_url(token, "2.0.0").into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => None,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .to_string();
+            assert!(body.starts_with("{\"error\":"), "{body}");
+            Some(resp.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_join_and_origin_limits() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let server = Server::start(
+        db.url(),
+        "conn_limits",
+        &[
+            "--max-connections",
+            "3",
+            "--max-joins-per-second",
+            "2",
+            "--allowed-origins",
+            "https://app.example.com, http://localhost:3000/",
+        ],
+    )
+    .await;
+    let t = token("anon", 3600);
+    // Origins: exact matches pass, others (and `null`) get 403; no Origin header passes.
+    assert_eq!(
+        upgrade_status(&server, &t, Some("https://evil.example.com")).await,
+        Some(403)
+    );
+    assert_eq!(upgrade_status(&server, &t, Some("null")).await, Some(403));
+    assert_eq!(
+        upgrade_status(&server, &t, Some("http://localhost:3000")).await,
+        None
+    );
+    let mut a = server.connect(&t).await;
+    // Joins per second: five quick joins cannot all fit in windows of two.
+    let mut refused = None;
+    for i in 0..5 {
+        a.send(json!([i.to_string(), i.to_string(), format!("realtime:j{i}"), "phx_join", {"config": {}}]))
+            .await;
+        let reply = a
+            .until(Duration::from_secs(5), |f| f[3] == "phx_reply")
+            .await;
+        match reply {
+            Some(r) if r[4]["status"] == "error" => {
+                refused = Some(r[4]["response"]["reason"].clone());
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(json!(
+            "ClientJoinRateLimitReached: Too many joins per second"
+        ))
+    );
+    assert_eq!(a.close_code(Duration::from_secs(5)).await, Some(1008));
+    // Connections: three held, the fourth refused with 429.
+    let _held = [
+        server.connect(&t).await,
+        server.connect(&t).await,
+        server.connect(&t).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(upgrade_status(&server, &t, None).await, Some(429));
+}
