@@ -219,7 +219,7 @@ async fn setup(sql: &tokio_postgres::Client, rng: &mut Rng, roles: [&'static str
         let permissive = [
             "owner = auth.uid()".to_string(),
             "tenant = ((auth.jwt() ->> 'tenant'))::int4".to_string(),
-            format!("team IN (SELECT m.team FROM members m WHERE m.member = auth.uid())"),
+            "team IN (SELECT m.team FROM members m WHERE m.member = auth.uid())".to_string(),
             format!("EXISTS (SELECT 1 FROM members m WHERE m.team = {name}.team AND m.member = auth.uid() AND {name}.score > 5)"),
         ];
         let restrictive = ["score >= 0", "secret IS DISTINCT FROM 'classified'"];
