@@ -1,6 +1,7 @@
--- Example schema for the compose stack (run once, when the Postgres volume is created):
--- the roles walcast's tokens name, and a todos table with row-level security, the same
--- shape as `walcast demo` so the examples/ scripts work against either.
+-- Example schema for the compose stack (run once, when the Postgres volume is created,
+-- after 00-realtime.sql): the roles walcast's tokens name, a todos table with row-level
+-- security and a presence room, the same shape as `walcast demo`, so the examples/ scripts
+-- work against either.
 CREATE ROLE anon NOLOGIN;
 CREATE ROLE authenticated NOLOGIN;
 
@@ -32,6 +33,16 @@ CREATE POLICY "signed-in users see public todos and their own" ON public.todos
   FOR SELECT TO authenticated USING (NOT private OR owner = auth.uid());
 CREATE POLICY "users manage their own todos" ON public.todos
   FOR ALL TO authenticated USING (owner = auth.uid()) WITH CHECK (owner = auth.uid());
+
+-- The presence room: the private channel `room:lobby` (realtime.messages comes from
+-- 00-realtime.sql, which is sql/realtime.sql) is open to every token, anon included.
+GRANT SELECT, INSERT ON realtime.messages TO anon, authenticated;
+CREATE POLICY "everyone listens in the lobby" ON realtime.messages
+  FOR SELECT TO anon, authenticated
+  USING ((SELECT realtime.topic()) = 'room:lobby' AND extension IN ('broadcast', 'presence'));
+CREATE POLICY "everyone talks in the lobby" ON realtime.messages
+  FOR INSERT TO anon, authenticated
+  WITH CHECK ((SELECT realtime.topic()) = 'room:lobby' AND extension IN ('broadcast', 'presence'));
 
 -- No publication here: walcast creates `walcast` FOR ALL TABLES at startup when it is
 -- missing (or run with --no-create-publication and create it yourself).

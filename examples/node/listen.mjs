@@ -14,7 +14,7 @@ supabase.channel('todos')
     (change) => console.log(change.eventType, change.new?.id ?? change.old?.id, change.new?.title ?? ''))
   .subscribe((status) => console.log('todos:', status))
 
-const room = supabase.channel('room:lobby', { config: { presence: { key: 'node' } } })
+const room = supabase.channel('room:lobby', { config: { private: true, presence: { key: 'node' } } })
 room
   .on('presence', { event: 'sync' }, () => console.log('online:', Object.values(room.presenceState()).map((m) => m[0].name)))
   .on('broadcast', { event: 'cursor' }, ({ payload }) => console.log(`cursor ${payload.name} at ${payload.x},${payload.y}`))

@@ -27,7 +27,7 @@ async def main() -> None:
     todos.on_postgres_changes("*", schema="public", table="todos", callback=on_change)
     await todos.subscribe(lambda status, err: print("todos:", status.value, err or ""))
 
-    room = client.channel("room:lobby", {"config": {"presence": {"key": "python"}}})
+    room = client.channel("room:lobby", {"config": {"private": True, "presence": {"key": "python"}}})
     room.on_presence_sync(lambda: print("online:", [m[0]["name"] for m in room.presence_state().values()]))
     room.on_broadcast("cursor", lambda m: print("cursor", m["payload"]["name"], m["payload"]["x"], m["payload"]["y"]))
     await room.subscribe(lambda status, err: print("room:", status.value, err or ""))

@@ -35,6 +35,11 @@ async function openAs(browser, user) {
   const context = await browser.newContext({ viewport: { width: 1100, height: 700 } });
   const page = await context.newPage();
   const problems = [];
+  // Everything the page needs comes from the demo server: refuse (and report) anything else.
+  await context.route((url) => !url.href.startsWith(DEMO_URL), (route) => {
+    problems.push(`external request: ${route.request().url()}`);
+    return route.abort();
+  });
   page.on('pageerror', (e) => problems.push(`pageerror: ${e.message}`));
   page.on('console', (m) => m.type() === 'error' && problems.push(`console: ${m.text()}`));
   await page.goto(`${DEMO_URL}/?user=${encodeURIComponent(user)}`);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  walcast demo ──▶ throwaway Postgres (walcast-pgcluster, local server binaries)
-//!       │            └─ demo schema: todos with RLS, roles anon/authenticated, publication
+//!       │            └─ demo schema: todos with RLS, roles anon/authenticated, the private
+//!       │               channel `room:lobby` (policies on realtime.messages), publication
 //!       └──────────▶ serve::run_with(…, demo routes) on 127.0.0.1:4000
 //!                      /                  the demo page (supabase-js, vendored)
 //!                      /demo/supabase.js  @supabase/supabase-js UMD bundle, pinned
@@ -51,10 +52,10 @@ const NO_POSTGRES: &str = "walcast demo needs the PostgreSQL server binaries (in
 
 /// The demo schema. Policies read the caller's JWT claims the way Supabase's do
 /// (`auth.uid()` is the `sub` claim), so the same SQL works on a Supabase project.
-const SCHEMA_SQL: &str = r#"
-CREATE ROLE anon NOLOGIN;
-CREATE ROLE authenticated NOLOGIN;
+const ROLES_SQL: &str = "CREATE ROLE anon NOLOGIN; CREATE ROLE authenticated NOLOGIN;";
 
+/// Run after the `realtime` schema exists (`crate::migrate`).
+const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA auth;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated;
 CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
@@ -93,11 +94,18 @@ INSERT INTO public.todos (title, owner_name) VALUES
   ('Open this page in a second window', 'walcast'),
   ('Insert a row from psql and watch it appear', 'walcast');
 
+-- The presence room: a private channel (`config: { private: true }`) that signed-in users may
+-- join, and in which they may broadcast (cursors) and track presence (who is online).
+GRANT SELECT, INSERT ON realtime.messages TO anon, authenticated;
+CREATE POLICY "signed-in users listen in the lobby" ON realtime.messages
+  FOR SELECT TO authenticated
+  USING ((SELECT realtime.topic()) = 'room:lobby' AND extension IN ('broadcast', 'presence'));
+CREATE POLICY "signed-in users talk in the lobby" ON realtime.messages
+  FOR INSERT TO authenticated
+  WITH CHECK ((SELECT realtime.topic()) = 'room:lobby' AND extension IN ('broadcast', 'presence'));
+
 CREATE PUBLICATION walcast FOR ALL TABLES;
 "#;
-
-/// Where the demo's tabs meet: broadcast (cursors) and presence (who is online) share it.
-pub const ROOM: &str = "room:lobby";
 
 pub async fn run(args: DemoArgs) -> Result<()> {
     let bin_dir = match args.pg_bin.clone() {
@@ -106,6 +114,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     };
     if !bin_dir.join("initdb").exists() || !bin_dir.join("pg_ctl").exists() {
         bail!("{NO_POSTGRES} ({} has no initdb/pg_ctl)", bin_dir.display());
+    }
+    // Before making a cluster: a taken port is the likeliest failure (a second demo).
+    if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", args.port)) {
+        bail!(
+            "cannot listen on 127.0.0.1:{}: {e}; pass --port (or PORT) to pick another port",
+            args.port
+        );
     }
     eprintln!(
         "walcast demo: starting a throwaway Postgres from {}",
@@ -141,11 +156,18 @@ async fn run_on(cluster: &PgCluster, port: u16) -> Result<()> {
         .context("creating the demo database")?;
     drop(admin);
     let db_url = cluster.url(DATABASE);
-    connect(&db_url)
-        .await?
-        .batch_execute(SCHEMA_SQL)
+    let mut db = connect(&db_url).await?;
+    db.batch_execute(ROLES_SQL)
+        .await
+        .context("creating the demo roles")?;
+    // The realtime schema first: the room's policies live on realtime.messages.
+    crate::migrate::run(&mut db)
+        .await
+        .context("creating the realtime schema")?;
+    db.batch_execute(SCHEMA_SQL)
         .await
         .context("creating the demo schema")?;
+    drop(db);
 
     // A fresh secret per run: tokens from an earlier demo never work on this one.
     let secret = format!(

@@ -29,6 +29,29 @@ fn without_postgres_binaries_the_demo_says_how_to_install_them() {
     assert!(lines[0].ends_with("(/nonexistent/walcast-pg-bin has no initdb/pg_ctl)"));
 }
 
+#[test]
+fn a_taken_port_is_reported_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = Command::new(WALCAST)
+        .args(["demo", "--port", &port.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.trim_end().ends_with(&format!(
+            "cannot listen on 127.0.0.1:{port}: Address already in use (os error 98); \
+             pass --port (or PORT) to pick another port"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("starting a throwaway Postgres"),
+        "no cluster for a demo that cannot listen: {stderr}"
+    );
+}
+
 /// A port below the ephemeral range, so that no outgoing connection can take it first.
 fn free_port() -> u16 {
     let pid = std::process::id() as u16;
