@@ -43,8 +43,8 @@ pub struct HarnessArgs {
     /// Pin Postgres (postmaster and every backend) to these CPUs; default: not pinned.
     #[arg(long)]
     pub pg_cpus: Option<String>,
-    /// RUST_LOG for the server.
-    #[arg(long, default_value = "warn")]
+    /// RUST_LOG for the server (info is low-volume: start, shutdown, slow-client closes).
+    #[arg(long, default_value = "info")]
     pub server_log: String,
     /// Postgres `synchronous_commit`. With `off`, a logical walsender only sends WAL the
     /// WAL writer has flushed, i.e. up to `wal_writer_delay` after the COMMIT returned.

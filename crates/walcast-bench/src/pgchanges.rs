@@ -412,7 +412,7 @@ pub async fn run(plan: Plan) -> Result<()> {
         harness::format_cpu(&cpu)
     );
     println!(
-        "other frames: {} heartbeat replies, {} other{}; server {} (log {}: {} warn/error lines)",
+        "other frames: {} heartbeat replies, {} other{}; server {} (log {}: {} warn/error/slow-client lines)",
         total.heartbeat_replies,
         total.other,
         total
@@ -491,7 +491,7 @@ fn count_log_lines(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("slow client"))
         .count()
 }
 
