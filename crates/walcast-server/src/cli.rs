@@ -86,6 +86,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BIND", default_value = "0.0.0.0")]
     pub bind: String,
 
+    /// Require `Authorization: Bearer <token>` on /metrics.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     #[command(flatten)]
     pub limits: LimitArgs,
 }

@@ -22,6 +22,8 @@ pub struct HttpState {
     pub app: Arc<AppState>,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub prometheus: Option<PrometheusHandle>,
+    /// Bearer token required on /metrics, when set.
+    pub metrics_token: Option<Arc<str>>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -62,7 +64,27 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     }
 }
 
-async fn metrics_page(State(s): State<HttpState>) -> Response {
+/// Compare without an early exit on the first differing byte, so response time does not
+/// reveal how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics_page(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    if let Some(want) = &s.metrics_token {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), want.as_bytes()) {
+            return (StatusCode::UNAUTHORIZED, "metrics need a bearer token\n").into_response();
+        }
+    }
+    metrics::replication_streaming(s.app.is_streaming());
     match &s.prometheus {
         Some(h) => h.render().into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response(),

@@ -107,7 +107,12 @@ impl Pump {
                     };
                     self.handle(decoded).await?;
                 }
-                StreamEvent::Keepalive { .. } => {}
+                StreamEvent::Keepalive { wal_end } => {
+                    // Nothing left to send: caught up, whatever the last commit's age.
+                    if wal_end <= self.replicator.handed_on() {
+                        metrics::replication_lag_seconds(0.0);
+                    }
+                }
                 StreamEvent::Reconnected { resume_from } => {
                     tracing::warn!(%resume_from, "replication reconnected; resuming");
                     metrics::replication_reconnected();
@@ -161,7 +166,10 @@ impl Pump {
                     metrics::change_decoded(c.kind.as_str());
                 }
             }
-            Decoded::Commit { .. } => self.flush().await,
+            Decoded::Commit { commit_time_us, .. } => {
+                self.flush().await;
+                metrics::replication_lag_seconds(seconds_since(commit_time_us));
+            }
             Decoded::Message(m) => {
                 if let (Some(topics), "realtime.broadcast") =
                     (self.topics.clone(), m.prefix.as_str())
@@ -337,9 +345,21 @@ impl Pump {
                         .unwrap_or(Access::Deny)
                 });
             metrics::changes_delivered(stats.delivered);
+            if stats.delivered > 0 {
+                metrics::commit_to_send(seconds_since(change.commit_time_us));
+            }
             if stats.dropped > 0 {
                 metrics::delivery_dropped_n("slow_client", stats.dropped);
             }
         }
     }
+}
+
+/// Seconds from a Unix-microseconds timestamp until now (0 if it lies in the future).
+fn seconds_since(unix_us: i64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    (now - unix_us).max(0) as f64 / 1e6
 }

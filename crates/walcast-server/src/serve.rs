@@ -136,6 +136,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         app: state.clone(),
         shutdown: shutdown_rx.clone(),
         prometheus: Some(prometheus),
+        metrics_token: args.metrics_token.as_deref().map(Arc::from),
     })
     .merge(extra);
     let mut http_shutdown = shutdown_rx.clone();

@@ -286,3 +286,24 @@ async fn connection_join_and_origin_limits() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(upgrade_status(&server, &t, None).await, Some(429));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_token_guards_the_metrics_page() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let server = Server::start(db.url(), "metrics_token", &["--metrics-token", "s3cret"]).await;
+    assert_eq!(server.get("/metrics").await.unwrap().0, 401);
+    let (status, _) = server
+        .get_with("/metrics", "Authorization: Bearer wrong\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = server
+        .get_with("/metrics", "Authorization: Bearer s3cret\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("walcast_replication_streaming 1"), "{body}");
+    // Health and readiness stay open for probes.
+    assert_eq!(server.get("/healthz").await.unwrap().0, 200);
+    assert_eq!(server.get("/readyz").await.unwrap().0, 200);
+}

@@ -89,10 +89,15 @@ impl Server {
 
     /// A plain HTTP GET; returns (status, body).
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        self.get_with(path, "").await
+    }
+
+    /// GET with extra header lines (each ending in `\r\n`).
+    pub async fn get_with(&self, path: &str, headers: &str) -> std::io::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n")
                 .as_bytes(),
         )
         .await?;
