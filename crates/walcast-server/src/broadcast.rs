@@ -173,7 +173,9 @@ pub fn deliver_db_message(topics: &Topics, content: &[u8]) -> Option<FanoutStats
         meta: Some(meta),
         payload: Bytes::copy_from_slice(msg.payload.get().as_bytes()),
     });
-    Some(topics.publish(&TopicKey::new(msg.topic, msg.private), &body, None))
+    let stats = topics.publish(&TopicKey::new(msg.topic, msg.private), &body, None);
+    crate::metrics::broadcast("database", stats.delivered);
+    Some(stats)
 }
 
 #[cfg(test)]

@@ -228,9 +228,11 @@ async fn batch(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
             meta
         });
         let map = outbound::broadcast(&m.event, m.payload.get(), meta.as_deref());
-        s.app
+        let stats = s
+            .app
             .topics
             .publish(&TopicKey::new(topic, m.private), &Body::Map(map), None);
+        metrics::broadcast("http", stats.delivered);
     }
     accepted()
 }
@@ -273,8 +275,10 @@ async fn single(
         meta: None,
         payload: body,
     });
-    s.app
+    let stats = s
+        .app
         .topics
         .publish(&TopicKey::new(topic, private), &body, None);
+    metrics::broadcast("http", stats.delivered);
     accepted()
 }

@@ -26,6 +26,9 @@ pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const SLOT_RETAINED_BYTES: &str = "walcast_slot_wal_retained_bytes";
 pub const SLOT_USABLE: &str = "walcast_slot_usable";
 pub const REPLICATION_STREAMING: &str = "walcast_replication_streaming";
+pub const BROADCASTS: &str = "walcast_broadcasts_total";
+pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
+pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
 
 /// Register descriptions (shown as `# HELP` lines).
 pub fn describe() {
@@ -156,4 +159,15 @@ pub fn authz_check(outcome: &'static str) {
 
 pub fn authz_stopped(channels: u64) {
     counter!(AUTHZ_STOPPED).increment(channels);
+}
+
+/// `origin`: "client", "http", "database".
+pub fn broadcast(origin: &'static str, delivered: u64) {
+    counter!(BROADCASTS, "origin" => origin).increment(1);
+    counter!(BROADCAST_DELIVERIES, "origin" => origin).increment(delivered);
+}
+
+/// `event`: "track", "untrack".
+pub fn presence_event(event: &'static str) {
+    counter!(PRESENCE_EVENTS, "event" => event).increment(1);
 }

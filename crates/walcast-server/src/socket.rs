@@ -851,6 +851,7 @@ impl Socket {
         let exclude = (!ch.realtime.self_broadcast).then_some(ch.id);
         let ack = ch.realtime.ack;
         let stats = self.state.topics.publish(&ch.realtime.key, &body, exclude);
+        metrics::broadcast("client", stats.delivered);
         if stats.dropped > 0 {
             metrics::delivery_dropped_n("slow_client", stats.dropped);
         }
@@ -891,9 +892,11 @@ impl Socket {
                     &ch.realtime.presence_key,
                     payload.get(),
                 );
+                metrics::presence_event("track");
             }
             PresencePush::Untrack => {
                 self.state.topics.untrack(&ch.realtime.key, ch.id);
+                metrics::presence_event("untrack");
             }
         }
         self.reply(frame, outbound::REPLY_OK_EMPTY);
