@@ -232,7 +232,7 @@ async fn batch(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
             .app
             .topics
             .publish(&TopicKey::new(topic, m.private), &Body::Map(map), None);
-        metrics::broadcast("http", stats.delivered);
+        crate::metrics::broadcast("http", stats.delivered);
     }
     accepted()
 }
@@ -279,6 +279,6 @@ async fn single(
         .app
         .topics
         .publish(&TopicKey::new(topic, private), &body, None);
-    metrics::broadcast("http", stats.delivered);
+    crate::metrics::broadcast("http", stats.delivered);
     accepted()
 }
