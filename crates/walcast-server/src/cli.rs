@@ -134,6 +134,11 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_JOINS_PER_SECOND", default_value_t = 2_500)]
     pub max_joins_per_second: u32,
 
+    /// Broadcast and presence pushes one channel may send per second; past it the channel is
+    /// closed with "Too many messages per second".
+    #[arg(long, env = "MAX_EVENTS_PER_SECOND", default_value_t = 1_000)]
+    pub max_events_per_second: u32,
+
     /// Comma-separated browser origins allowed to open WebSockets (e.g.
     /// `https://app.example.com`); unset allows any. Requests without an Origin header
     /// (servers, mobile apps) are not affected.

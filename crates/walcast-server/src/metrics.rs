@@ -26,6 +26,7 @@ pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const SLOT_RETAINED_BYTES: &str = "walcast_slot_wal_retained_bytes";
 pub const SLOT_USABLE: &str = "walcast_slot_usable";
 pub const REPLICATION_STREAMING: &str = "walcast_replication_streaming";
+pub const CHANNELS_CLOSED: &str = "walcast_channels_closed_total";
 pub const BROADCASTS: &str = "walcast_broadcasts_total";
 pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
@@ -170,4 +171,9 @@ pub fn broadcast(origin: &'static str, delivered: u64) {
 /// `event`: "track", "untrack".
 pub fn presence_event(event: &'static str) {
     counter!(PRESENCE_EVENTS, "event" => event).increment(1);
+}
+
+/// `reason`: "events_rate", "token_expired", "presence_rate", "authz".
+pub fn channel_closed(reason: &'static str) {
+    counter!(CHANNELS_CLOSED, "reason" => reason).increment(1);
 }

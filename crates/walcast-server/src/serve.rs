@@ -86,6 +86,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         broadcast: args.limits.broadcast_limits(),
         max_connections: args.limits.max_connections,
         max_joins_per_second: args.limits.max_joins_per_second.max(1),
+        max_events_per_second: args.limits.max_events_per_second.max(1),
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())

@@ -98,6 +98,8 @@ struct Channel {
     realtime: ChannelRealtime,
     /// Private channels: what the token may read (and, once checked, write).
     perms: Option<ChannelPerms>,
+    /// (unix second, inbound broadcast/presence pushes in it), for the events/s limit.
+    events: (i64, u32),
 }
 
 /// A channel's broadcast and presence settings and caches.
@@ -603,6 +605,7 @@ impl Socket {
             registered: false,
             realtime: ChannelRealtime::new(name, &join),
             perms,
+            events: (0, 0),
         };
         if channel.entries.is_empty() {
             self.send(reply_frame);
@@ -794,6 +797,19 @@ impl Socket {
 impl Socket {
     /// A broadcast or presence push on a joined channel.
     async fn on_channel_push(&mut self, mut frame: InboundFrame) {
+        let max = self.state.limits.max_events_per_second;
+        if let Some(ch) = self.channels.get_mut(&frame.topic) {
+            let now = now_unix();
+            if ch.events.0 != now {
+                ch.events = (now, 0);
+            }
+            ch.events.1 = ch.events.1.saturating_add(1);
+            if ch.events.1 > max {
+                metrics::channel_closed("events_rate");
+                self.close_channel(&frame.topic, "Too many messages per second");
+                return;
+            }
+        }
         match std::mem::replace(&mut frame.payload, Inbound::Leave) {
             Inbound::Broadcast(push) => self.on_broadcast(&frame, push).await,
             Inbound::Presence(push) => self.on_presence(&frame, push).await,

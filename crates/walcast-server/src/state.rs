@@ -25,6 +25,8 @@ pub struct Limits {
     pub broadcast: BroadcastLimits,
     pub max_connections: u64,
     pub max_joins_per_second: u32,
+    /// Broadcast and presence pushes one channel may send per second.
+    pub max_events_per_second: u32,
     /// Exact origins allowed to open WebSockets; `None` allows any.
     pub allowed_origins: Option<Vec<String>>,
 }

@@ -157,6 +157,8 @@ async fn limits_trigger_with_their_messages() {
         db.url(),
         "limits",
         &[
+            "--max-events-per-second",
+            "3",
             "--max-channels-per-client",
             "2",
             "--max-frame-bytes",
@@ -180,6 +182,24 @@ async fn limits_trigger_with_their_messages() {
         r,
         json!({"status": "error", "response": {"reason": "ChannelRateLimitReached: Too many channels"}})
     );
+    // Events per second: the fourth broadcast within a second closes the channel.
+    for i in 0..6 {
+        c.send(json!(["0", format!("b{i}"), "realtime:c0", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]))
+            .await;
+    }
+    let sys = c
+        .until(Duration::from_secs(5), |f| {
+            f[3] == "system" && f[2] == "realtime:c0"
+        })
+        .await
+        .expect("system message");
+    assert_eq!(sys[4]["message"], "Too many messages per second");
+    assert_eq!(sys[4]["status"], "error");
+    let close = c
+        .until(Duration::from_secs(5), |f| f[3] == "phx_close")
+        .await
+        .unwrap();
+    assert_eq!(close, json!(["0", "0", "realtime:c0", "phx_close", {}]));
     // Empty topic name.
     let r = c.join("8", "realtime:", json!([]), &t).await;
     assert_eq!(
