@@ -19,7 +19,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the realtime server.
-    Serve(ServeArgs),
+    // Boxed: the serve arguments are much larger than the other commands'.
+    Serve(Box<ServeArgs>),
     /// Print decoded changes as JSON lines (a CDC debugging tool and the decode benchmark).
     Tail(TailArgs),
     /// Diagnose a database: wal_level, slots, publication, replica identity, RLS.

@@ -203,7 +203,7 @@ async fn run_on(cluster: &PgCluster, port: u16) -> Result<()> {
     };
 
     let banner = tokio::spawn(print_banner(port, db_url, cluster.dir().to_path_buf()));
-    let result = crate::serve::run_with(serve_args, routes(demo)).await;
+    let result = crate::serve::run_with(*serve_args, routes(demo)).await;
     banner.abort();
     result
 }

@@ -30,7 +30,7 @@ pub mod tail;
 pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Tail(args) => tail::run(args).await,
-        cli::Command::Serve(args) => serve::run(args).await,
+        cli::Command::Serve(args) => serve::run(*args).await,
         cli::Command::Check(args) => check::run(args).await,
         cli::Command::Migrate(args) => migrate_command(args).await,
         cli::Command::Demo(args) => demo::run(args).await,
