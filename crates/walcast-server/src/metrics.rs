@@ -26,6 +26,7 @@ pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const SLOT_RETAINED_BYTES: &str = "walcast_slot_wal_retained_bytes";
 pub const SLOT_USABLE: &str = "walcast_slot_usable";
 pub const REPLICATION_STREAMING: &str = "walcast_replication_streaming";
+pub const AUTHZ_CHECK_SECONDS: &str = "walcast_authz_check_seconds";
 pub const CHANNELS_CLOSED: &str = "walcast_channels_closed_total";
 pub const BROADCASTS: &str = "walcast_broadcasts_total";
 pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
@@ -176,4 +177,8 @@ pub fn presence_event(event: &'static str) {
 /// `reason`: "events_rate", "token_expired", "presence_rate", "authz".
 pub fn channel_closed(reason: &'static str) {
     counter!(CHANNELS_CLOSED, "reason" => reason).increment(1);
+}
+
+pub fn authz_check_seconds(seconds: f64) {
+    histogram!(AUTHZ_CHECK_SECONDS).record(seconds);
 }

@@ -276,7 +276,10 @@ impl Pump {
                 if images.is_empty() {
                     return Ok(Vec::new());
                 }
-                rls::check_images(&authz, &identity, &check, images).await
+                let started = std::time::Instant::now();
+                let result = rls::check_images(&authz, &identity, &check, images).await;
+                metrics::authz_check_seconds(started.elapsed().as_secs_f64());
+                result
             }
         }))
         .await;
