@@ -110,6 +110,23 @@ line(ts(0, 12, "Commit to send latency", [
          (rate("walcast_authz_stopped_channels_total"), "channels stopped")], "ops",
         "Row-level security checks (one per table x identity group x batch)"))
 
+row("Broadcast and presence")
+line(ts(0, 8, "Broadcasts / s by origin", [
+         (rate("walcast_broadcasts_total", "origin"), "{{origin}}")], "ops",
+        "Broadcast messages accepted (from clients, the REST API or the database)"),
+     ts(8, 8, "Broadcast deliveries / s by origin", [
+         (rate("walcast_broadcast_deliveries_total", "origin"), "{{origin}}")], "ops",
+        "Broadcast frames queued to subscribers"),
+     ts(16, 8, "Presence events / s", [
+         (rate("walcast_presence_events_total", "event"), "{{event}}")], "ops"))
+line(ts(0, 12, "Channels closed by the server / s", [
+         (rate("walcast_channels_closed_total", "reason"), "{{reason}}")], "ops",
+        "Channels the server closed (rate limits, authorization), by reason"),
+     ts(12, 12, "Authorization check latency", [
+         (f"max by (quantile) (walcast_authz_check_seconds{Q})", "p{{quantile}}"),
+         (f"histogram_quantile(0.99, sum by (le) (rate(walcast_authz_check_seconds_bucket{J}[$__rate_interval])))",
+          "p0.99 (buckets)")], "s"))
+
 row("Replication")
 line(ts(0, 8, "Replication lag (bytes)", [
          (f"max by (instance) (walcast_replication_lag_bytes{J})", "{{instance}}")], "bytes",
