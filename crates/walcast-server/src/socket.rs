@@ -370,9 +370,7 @@ impl Socket {
     /// Server-side channel stop: `system` error, then `phx_close`.
     fn close_channel(&mut self, topic: &str, message: &str) {
         if let Some(ch) = self.channels.remove(topic) {
-            self.state.hub.unsubscribe(ch.id);
-            self.state.topics.leave(&ch.realtime.key, ch.id);
-            metrics::channel_left(kind_of(&ch));
+            self.forget(&ch);
             let jr = ch.join_ref.as_deref();
             self.system(
                 topic,
@@ -381,22 +379,41 @@ impl Socket {
                 SystemStatus::Error,
                 message,
             );
-            self.send(encode_push(
-                self.vsn,
-                jr,
-                jr,
-                topic,
-                "phx_close",
-                outbound::PHX_CLOSE_PAYLOAD,
-            ));
+            self.send_close(topic, jr);
         }
     }
 
+    /// Remove a channel the client left or replaced, confirming with `phx_close`.
+    fn end_channel(&mut self, topic: &str) {
+        if let Some(ch) = self.channels.remove(topic) {
+            self.forget(&ch);
+            self.send_close(topic, ch.join_ref.as_deref());
+        }
+    }
+
+    /// `phx_close` with the channel's own join_ref as both refs (never a stale one).
+    fn send_close(&self, topic: &str, join_ref: Option<&str>) {
+        self.send(encode_push(
+            self.vsn,
+            join_ref,
+            join_ref,
+            topic,
+            "phx_close",
+            outbound::PHX_CLOSE_PAYLOAD,
+        ));
+    }
+
+    /// Drop a channel from every registry (hub, broadcast/presence topics, gauges).
+    fn forget(&self, ch: &Channel) {
+        self.state.hub.unsubscribe(ch.id);
+        self.state.topics.leave(&ch.realtime.key, ch.id);
+        metrics::channel_left(kind_of(ch));
+    }
+
     fn leave_all(&mut self) {
-        for (_, ch) in self.channels.drain() {
-            self.state.hub.unsubscribe(ch.id);
-            self.state.topics.leave(&ch.realtime.key, ch.id);
-            metrics::channel_left(kind_of(&ch));
+        let channels: Vec<Channel> = self.channels.drain().map(|(_, ch)| ch).collect();
+        for ch in &channels {
+            self.forget(ch);
         }
     }
 
@@ -474,20 +491,7 @@ impl Socket {
             }
             Inbound::Leave => {
                 self.reply(&frame, outbound::REPLY_OK_EMPTY);
-                if let Some(ch) = self.channels.remove(&frame.topic) {
-                    self.state.hub.unsubscribe(ch.id);
-                    self.state.topics.leave(&ch.realtime.key, ch.id);
-                    metrics::channel_left(kind_of(&ch));
-                    let jr = ch.join_ref.as_deref();
-                    self.send(encode_push(
-                        self.vsn,
-                        jr,
-                        jr,
-                        &frame.topic,
-                        "phx_close",
-                        outbound::PHX_CLOSE_PAYLOAD,
-                    ));
-                }
+                self.end_channel(&frame.topic);
             }
             Inbound::AccessToken { access_token } => {
                 if let Some(token) = access_token.clone() {
@@ -520,20 +524,7 @@ impl Socket {
             return;
         };
         // A second join on the same topic replaces the channel: close the old one first.
-        if let Some(old) = self.channels.remove(&topic) {
-            self.state.hub.unsubscribe(old.id);
-            self.state.topics.leave(&old.realtime.key, old.id);
-            metrics::channel_left(kind_of(&old));
-            let jr = old.join_ref.as_deref();
-            self.send(encode_push(
-                self.vsn,
-                jr,
-                jr,
-                &topic,
-                "phx_close",
-                outbound::PHX_CLOSE_PAYLOAD,
-            ));
-        }
+        self.end_channel(&topic);
         if self.state.shutting_down.load(Ordering::Acquire) {
             return self
                 .join_error(
