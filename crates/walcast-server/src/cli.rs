@@ -114,6 +114,11 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 5_000_000)]
     pub max_frame_bytes: usize,
 
+    /// Longest a client may take to send its HTTP request headers (the WebSocket handshake);
+    /// slower connections are closed (slowloris).
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
+    pub handshake_timeout_secs: u64,
+
     /// Close a socket that sent nothing (not even a heartbeat) for this many seconds.
     #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 60)]
     pub idle_timeout_secs: u64,

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod demo;
 pub mod env_compat;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod migrate;
 pub mod private;

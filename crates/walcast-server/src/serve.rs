@@ -141,12 +141,12 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     })
     .merge(extra);
     let mut http_shutdown = shutdown_rx.clone();
+    let header_timeout = Duration::from_secs(args.limits.handshake_timeout_secs.max(1));
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_shutdown.changed().await;
-            })
-            .await
+        crate::listener::serve(listener, app, header_timeout, async move {
+            let _ = http_shutdown.changed().await;
+        })
+        .await
     });
 
     let pump_result = tokio::select! {

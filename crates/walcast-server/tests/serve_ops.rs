@@ -163,6 +163,8 @@ async fn limits_trigger_with_their_messages() {
             "2",
             "--max-frame-bytes",
             "10000",
+            "--handshake-timeout-secs",
+            "1",
             "--idle-timeout-secs",
             "2",
         ],
@@ -217,6 +219,24 @@ async fn limits_trigger_with_their_messages() {
         big.next(Duration::from_secs(2)).await.is_none(),
         "socket must be closed"
     );
+    // Handshake timeout: a client trickling its request headers is cut off.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .unwrap();
+        slow.write_all(b"GET /socket/websocket HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(8), slow.read(&mut buf))
+            .await
+            .expect("the server must close a stalled handshake")
+            .unwrap_or(0);
+        let _ = n;
+        assert!(started.elapsed() < Duration::from_secs(8));
+    }
     // Idle timeout: a socket that sends nothing is closed.
     let mut idle = server.connect(&t).await;
     assert_eq!(idle.close_code(Duration::from_secs(10)).await, Some(1000));
