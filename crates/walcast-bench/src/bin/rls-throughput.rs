@@ -72,6 +72,7 @@ async fn run(o: Opts) -> Result<()> {
          CREATE TABLE rls_rows (id int8 PRIMARY KEY, tenant int4 NOT NULL, body text);
          GRANT USAGE ON SCHEMA public TO rls_bench;
          GRANT SELECT ON rls_rows TO rls_bench;
+         ALTER PUBLICATION walcast ADD TABLE rls_rows;
          CREATE POLICY tenant_rows ON rls_rows FOR SELECT TO rls_bench
            USING (tenant = ((current_setting('request.jwt.claims', true)::jsonb ->> 'tenant'))::int4);",
     )
@@ -184,7 +185,11 @@ async fn run(o: Opts) -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let secs = (counters.last_ns.load(Ordering::Relaxed) - start_ns) as f64 / 1e9;
+        let secs = counters
+            .last_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(start_ns) as f64
+            / 1e9;
         let exact = counters
             .frames
             .iter()
