@@ -1,12 +1,15 @@
 //! Load generators and benchmarks for walcast.
 //!
 //! Binaries: `drain` (decode throughput of `walcast tail`), `pgchanges-latency`,
-//! `pgchanges-throughput` and `idle-sockets` (the postgres_changes targets over WebSocket).
+//! `pgchanges-throughput` and `idle-sockets` (the postgres_changes targets over WebSocket),
+//! `broadcast-fanout` (broadcast delivery against a Node.js baseline).
 //! The modules below are their shared parts: [`harness`] starts Postgres and the server,
-//! [`realtime`] is a lean protocol client, [`writer`] an open-loop commit generator and
-//! [`pgchanges`] the subscriber/latency run both postgres_changes binaries share.
+//! [`realtime`] is a lean protocol client, [`rawws`] an allocation-free frame reader,
+//! [`writer`] an open-loop commit generator and [`pgchanges`] the subscriber/latency run both
+//! postgres_changes binaries share.
 
 pub mod harness;
 pub mod pgchanges;
+pub mod rawws;
 pub mod realtime;
 pub mod writer;
