@@ -37,6 +37,8 @@ use crate::sql::{ExclusivePool, SqlPool};
 /// Most routed changes held before they are authorized and delivered, inside one
 /// transaction.
 pub const BATCH_MAX: usize = 1_000;
+/// Authorization transactions run side by side (the size of the authorization pool).
+const AUTHZ_PARALLEL: usize = 4;
 
 pub struct Pump {
     replicator: Replicator,
@@ -265,24 +267,53 @@ impl Pump {
             }
         }
 
-        // 3. One statement per group, in parallel on the authorization pool.
+        // 3. One transaction and round trip per role (claims switched between groups), split
+        //    in up to AUTHZ_PARALLEL chunks run side by side on the authorization pool.
+        let mut by_role: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        for (i, g) in groups.iter().enumerate() {
+            if !g.images.is_empty() {
+                by_role.entry(g.identity.role.clone()).or_default().push(i);
+            }
+        }
+        let mut groups_images: Vec<ImageBatch> = groups
+            .iter_mut()
+            .map(|g| std::mem::take(&mut g.images))
+            .collect();
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        for (_, idxs) in by_role {
+            let n = idxs.len().clamp(1, AUTHZ_PARALLEL);
+            let mut parts: Vec<Vec<usize>> = vec![Vec::new(); n];
+            for (k, i) in idxs.into_iter().enumerate() {
+                parts[k % n].push(i);
+            }
+            chunks.extend(parts.into_iter().filter(|p| !p.is_empty()));
+        }
         let authz = self.authz.clone();
-        let results = futures_util::future::join_all(groups.iter_mut().map(|g| {
-            let images = std::mem::take(&mut g.images);
+        let chunk_results = futures_util::future::join_all(chunks.iter().map(|chunk| {
+            let work: Vec<rls::GroupCheck> = chunk
+                .iter()
+                .map(|&i| rls::GroupCheck {
+                    identity: groups[i].identity.clone(),
+                    check: groups[i].check.clone(),
+                    images: std::mem::take(&mut groups_images[i]),
+                })
+                .collect();
             let authz = authz.clone();
-            let identity = g.identity.clone();
-            let check = g.check.clone();
             async move {
-                if images.is_empty() {
-                    return Ok(Vec::new());
-                }
                 let started = std::time::Instant::now();
-                let result = rls::check_images(&authz, &identity, &check, images).await;
+                let r = rls::check_role_groups(&authz, work).await;
                 metrics::authz_check_seconds(started.elapsed().as_secs_f64());
-                result
+                r
             }
         }))
         .await;
+        let mut results: Vec<Result<Vec<bool>, AuthzError>> =
+            (0..groups.len()).map(|_| Ok(Vec::new())).collect();
+        for (chunk, rs) in chunks.iter().zip(chunk_results) {
+            for (&i, r) in chunk.iter().zip(rs) {
+                results[i] = r;
+            }
+        }
 
         // Verdicts per (pending index, identity): (primary visible, old visible).
         let mut verdicts: HashMap<(usize, Arc<Identity>), (bool, bool)> = HashMap::new();

@@ -59,7 +59,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const POLICY_TTL: Duration = Duration::from_secs(10);
 
 /// Why an authorization step did not produce an answer, by what the caller does next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthzError {
     /// The check could not run (no connection, server shutting down, out of resources):
     /// deliver nothing this time and keep the subscription; the next batch tries again.
@@ -371,7 +371,7 @@ pub async fn compile(
 }
 
 /// Appends images to a group's JSON parameter.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ImageBatch {
     json: String,
     count: usize,
@@ -410,6 +410,11 @@ impl ImageBatch {
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// The JSON array without consuming the batch (it may be needed again for a retry).
+    fn json_snapshot(&self) -> String {
+        self.clone().finish()
     }
 
     fn finish(mut self) -> String {
@@ -471,6 +476,150 @@ pub async fn check_images(
     b.map_err(|e| AuthzError::from_pg(&e))?;
     c.map_err(|e| AuthzError::from_pg(&e))?;
     let rows = r.map_err(|e| AuthzError::from_pg(&e))?;
+    visible_ordinals(rows, count)
+}
+
+/// One claims group's share of a batched check: its identity (role + claims), the compiled
+/// check of the table and the row images to judge.
+pub struct GroupCheck {
+    pub identity: Arc<Identity>,
+    pub check: Arc<RowCheck>,
+    pub images: ImageBatch,
+}
+
+/// Check several claims groups that share one role in ONE transaction and one round trip:
+/// `BEGIN; SET LOCAL ROLE …;` then, per group, its claims (`set_config(…, true)`) and its
+/// check statement, then `ROLLBACK`. This is the batching that makes row-level security cheap
+/// with many distinct users: the transaction, the role switch and the network round trip are
+/// paid once per role, not once per group.
+///
+/// A group whose check raises makes the rest of the transaction fail (25P02); those later
+/// groups are then checked again one by one, so one failing identity never decides for
+/// another. Results are in the order of `groups`.
+pub async fn check_role_groups(
+    pool: &ExclusivePool,
+    groups: Vec<GroupCheck>,
+) -> Vec<Result<Vec<bool>, AuthzError>> {
+    if groups.len() <= 1 {
+        let mut out = Vec::with_capacity(1);
+        for g in groups {
+            out.push(check_images(pool, &g.identity, &g.check, g.images).await);
+        }
+        return out;
+    }
+    let role = groups[0].identity.role.clone();
+    debug_assert!(groups.iter().all(|g| g.identity.role == role));
+    let lease = match pool.acquire().await {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            return groups
+                .iter()
+                .map(|_| Err(AuthzError::Unavailable(msg.clone())))
+                .collect();
+        }
+    };
+    let client = lease.client();
+    let setup = format!(
+        "BEGIN; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}",
+        quote_ident(&role),
+        CHECK_TIMEOUT.as_millis()
+    );
+    struct Prepared {
+        claims: String,
+        sub: String,
+        json: String,
+        count: usize,
+    }
+    let prepared: Vec<Prepared> = groups
+        .iter()
+        .map(|g| Prepared {
+            claims: g.identity.claims.to_string(),
+            sub: claim_str(&g.identity.claims, "sub"),
+            json: g.images.json_snapshot(),
+            count: g.images.count,
+        })
+        .collect();
+    let role_text: &str = &role;
+    let begin = client.batch_execute(&setup);
+    type Param<'a> = (&'a (dyn tokio_postgres::types::ToSql + Sync), Type);
+    let claim_params: Vec<[Param<'_>; 3]> = prepared
+        .iter()
+        .map(|p| {
+            [
+                (
+                    &p.claims as &(dyn tokio_postgres::types::ToSql + Sync),
+                    Type::TEXT,
+                ),
+                (&p.sub, Type::TEXT),
+                (&role_text, Type::TEXT),
+            ]
+        })
+        .collect();
+    let check_params: Vec<[Param<'_>; 1]> = prepared
+        .iter()
+        .map(|p| {
+            [(
+                &p.json as &(dyn tokio_postgres::types::ToSql + Sync),
+                Type::TEXT,
+            )]
+        })
+        .collect();
+    // Pipelined: every statement is sent (in order) before any reply is awaited; join! polls
+    // each pair's claims statement before its check.
+    let mut statements = Vec::with_capacity(groups.len());
+    for (i, g) in groups.iter().enumerate() {
+        let claims = client.query_typed(
+            "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
+                    pg_catalog.set_config('request.jwt.claim.sub', $2, true), \
+                    pg_catalog.set_config('request.jwt.claim.role', $3, true)",
+            &claim_params[i],
+        );
+        let rows = client.query_typed(&g.check.sql, &check_params[i]);
+        statements.push(async move { tokio::join!(claims, rows) });
+    }
+    let end = client.batch_execute("ROLLBACK");
+    let (b, results, e) = tokio::join!(begin, futures_util::future::join_all(statements), end);
+    if let Err(err) = &e {
+        // The session may still carry the role: never lend it again.
+        let err = AuthzError::from_pg(err);
+        lease.discard();
+        return groups.iter().map(|_| Err(err.clone())).collect();
+    }
+    drop(lease);
+    if let Err(err) = b {
+        let err = AuthzError::from_pg(&err);
+        return groups.iter().map(|_| Err(err.clone())).collect();
+    }
+    let mut out: Vec<Option<Result<Vec<bool>, AuthzError>>> = Vec::with_capacity(groups.len());
+    let mut aborted = false;
+    for ((claims, rows), p) in results.into_iter().zip(&prepared) {
+        if aborted {
+            // Decided again below, on its own.
+            out.push(None);
+            continue;
+        }
+        let result = claims
+            .map_err(|e| AuthzError::from_pg(&e))
+            .and_then(|_| rows.map_err(|e| AuthzError::from_pg(&e)))
+            .and_then(|rows| visible_ordinals(rows, p.count));
+        if result.is_err() {
+            // Everything after this statement failed with 25P02, whatever its policy.
+            aborted = true;
+        }
+        out.push(Some(result));
+    }
+    let mut finished = Vec::with_capacity(groups.len());
+    for (g, r) in groups.into_iter().zip(out) {
+        finished.push(match r {
+            Some(r) => r,
+            None => check_images(pool, &g.identity, &g.check, g.images).await,
+        });
+    }
+    finished
+}
+
+fn visible_ordinals(rows: Vec<tokio_postgres::Row>, count: usize) -> Result<Vec<bool>, AuthzError> {
     let mut visible = vec![false; count];
     for row in rows {
         let ord: i64 = row
