@@ -362,15 +362,23 @@ async fn survives_walsender_termination_without_loss() {
     let first = tail.take(100, Duration::from_secs(30));
     assert_eq!(first[99]["record"]["id"], 100);
     for round in 0..3 {
-        let killed = sql
-            .query(
-                "SELECT pg_terminate_backend(r.pid) FROM pg_stat_replication r
-                 JOIN pg_stat_activity a ON a.pid = r.pid
-                 WHERE a.datname = current_database() AND r.application_name = 'walcast tail'",
-                &[],
-            )
-            .await
-            .unwrap();
+        // After the previous kill, tail reconnects with a backoff: wait for its new walsender.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let killed = loop {
+            let killed = sql
+                .query(
+                    "SELECT pg_terminate_backend(r.pid) FROM pg_stat_replication r
+                     JOIN pg_stat_activity a ON a.pid = r.pid
+                     WHERE a.datname = current_database() AND r.application_name = 'walcast tail'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            if !killed.is_empty() || std::time::Instant::now() > deadline {
+                break killed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!(killed.len(), 1, "one walsender to kill");
         let base = 100 + round * 50;
         for i in 1..=50 {
