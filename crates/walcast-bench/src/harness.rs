@@ -53,6 +53,9 @@ pub struct HarnessArgs {
     /// Postgres `wal_writer_delay` (how often the WAL writer flushes async commits).
     #[arg(long, default_value = "200ms")]
     pub wal_writer_delay: String,
+    /// Extra argument for `walcast serve`, repeatable (e.g. `--server-arg=--max-connections=20000`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_arg: Vec<String>,
 }
 
 impl HarnessArgs {
@@ -143,6 +146,7 @@ impl Harness {
                 "--slot",
                 "bench",
             ])
+            .args(&args.server_arg)
             .env("RUST_LOG", &args.server_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -19,7 +19,7 @@
 //!
 //! How: the fd cap is 20,000 per process, so the clients live in worker processes (this binary
 //! re-executed with `--worker`, ≤ `--per-worker` sockets each, default 9,500), each worker on
-//! its own source address (127.0.0.1, 127.0.0.2, … by default) to keep clear of ephemeral-port
+//! its own source address (127.0.0.2, 127.0.0.3 by default) to keep clear of ephemeral-port
 //! exhaustion. Workers report over stdout (`joined …`, `final …`) and stop on `stop` on stdin.
 //! The server itself must hold N sockets + its Postgres connections under its own 20,000 cap.
 
@@ -59,8 +59,10 @@ struct Opts {
     /// Heartbeat interval per socket, seconds.
     #[arg(long, default_value_t = 25)]
     heartbeat_secs: u64,
-    /// Source addresses, one per worker in turn.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,127.0.0.2")]
+    /// Source addresses, one per worker in turn. Not 127.0.0.1: thousands of TIME_WAIT
+    /// ports left there after a run make later "bind a free port on 127.0.0.1" picks
+    /// (Postgres, the server) collide.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.2,127.0.0.3")]
     sources: Vec<IpAddr>,
     /// WebSocket read buffer per client, bytes.
     #[arg(long, default_value_t = 4096)]
@@ -113,9 +115,20 @@ struct WorkerHandle {
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-async fn parent(o: Opts) -> Result<()> {
+async fn parent(mut o: Opts) -> Result<()> {
     if o.sources.is_empty() {
         bail!("--sources is empty");
+    }
+    // The server's own connection cap (default 16,384) must not be what is measured.
+    if !o
+        .harness
+        .server_arg
+        .iter()
+        .any(|a| a.starts_with("--max-connections"))
+    {
+        o.harness
+            .server_arg
+            .push(format!("--max-connections={}", o.sockets + 100));
     }
     eprintln!(
         "idle-sockets: starting postgres and walcast ({})",
@@ -186,6 +199,9 @@ async fn parent(o: Opts) -> Result<()> {
         }
     }
     let join_secs = t_connect.elapsed().as_secs_f64();
+    if joined == 0 {
+        bail!("no socket joined: {}", join_errors.join("; "));
+    }
     let join_cpu = join_cpu.finish().first().map_or(0.0, |c| c.1);
     let t_joined = Instant::now();
     eprintln!(
@@ -255,11 +271,12 @@ async fn parent(o: Opts) -> Result<()> {
     );
     println!("command: {}", harness::command_line());
     println!(
-        "machine: {} vCPU shared by postgres, walcast and {} client worker processes; {}; sources {:?}",
+        "machine: {} vCPU shared by postgres, walcast and {} client worker processes; {}; sources {:?}; extra server args {:?}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         n_workers,
         o.harness.pinning(),
-        o.sources
+        o.sources,
+        o.harness.server_arg
     );
     println!(
         "sockets: {joined} joined, {failed} failed{} in {join_secs:.1} s ({:.0} connect+join/s, {} worker(s) × ≤{} concurrent), {subscribed} got \"Subscribed to PostgreSQL\"; server cpu during the joins {join_cpu:.0}% of one core; server holds {fds} fds",
