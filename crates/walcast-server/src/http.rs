@@ -147,7 +147,7 @@ async fn websocket(
     let app = s.app.clone();
     let shutdown = s.shutdown.clone();
     upgrade
-        .read_buffer_size(2048)
+        .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(limits.max_frame_bytes)
