@@ -316,10 +316,6 @@ impl Socket {
         ));
     }
 
-    fn push_to_channel(&self, topic: &str, join_ref: Option<&str>, event: &str, payload: &str) {
-        self.send(encode_push(self.vsn, join_ref, None, topic, event, payload));
-    }
-
     fn system(
         &self,
         topic: &str,
@@ -328,12 +324,26 @@ impl Socket {
         status: SystemStatus,
         msg: &str,
     ) {
-        self.push_to_channel(
-            topic,
+        self.send(self.system_frame(topic, join_ref, ext, status, msg));
+    }
+
+    /// A `system` push for a channel, as a frame ready to queue.
+    fn system_frame(
+        &self,
+        topic: &str,
+        join_ref: Option<&str>,
+        ext: SystemExtension,
+        status: SystemStatus,
+        msg: &str,
+    ) -> String {
+        encode_push(
+            self.vsn,
             join_ref,
+            None,
+            topic,
             "system",
             &outbound::system(ext, status, msg, topic),
-        );
+        )
     }
 
     /// The earliest of the idle timeout and every channel's token expiry.
@@ -607,18 +617,12 @@ impl Socket {
             let jr = channel.join_ref.as_deref();
             let mut queued = vec![reply_frame];
             for message in &checked.errors {
-                queued.push(encode_push(
-                    self.vsn,
-                    jr,
-                    None,
+                queued.push(self.system_frame(
                     &topic,
-                    "system",
-                    &outbound::system(
-                        SystemExtension::PostgresChanges,
-                        SystemStatus::Error,
-                        message,
-                        &topic,
-                    ),
+                    jr,
+                    SystemExtension::PostgresChanges,
+                    SystemStatus::Error,
+                    message,
                 ));
             }
             if checked.bindings.is_empty() {
@@ -626,18 +630,12 @@ impl Socket {
                     self.send(f);
                 }
             } else {
-                queued.push(encode_push(
-                    self.vsn,
-                    jr,
-                    None,
+                queued.push(self.system_frame(
                     &topic,
-                    "system",
-                    &outbound::system(
-                        SystemExtension::PostgresChanges,
-                        SystemStatus::Ok,
-                        "Subscribed to PostgreSQL",
-                        &topic,
-                    ),
+                    jr,
+                    SystemExtension::PostgresChanges,
+                    SystemStatus::Ok,
+                    "Subscribed to PostgreSQL",
                 ));
                 let target = self.target(&topic, &channel.claims);
                 let outbox = self.outbox.clone();
