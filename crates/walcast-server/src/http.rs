@@ -134,8 +134,10 @@ async fn websocket(
         None => Err(JwtError::Missing),
         Some(t) => s.app.jwt.verify(t, now_unix()),
     };
-    let (token, claims) = match (token, verified) {
-        (Some(t), Ok(c)) => (t, c),
+    // The claims themselves are not kept: every join verifies its own token again (the
+    // connection token may expire), and an idle socket should not carry a copy.
+    let token = match (token, verified) {
+        (Some(t), Ok(_)) => t,
         (_, Err(e)) => {
             metrics::upgrade_refused(e.label());
             tracing::debug!(error = %e, "refusing websocket upgrade");
@@ -152,5 +154,5 @@ async fn websocket(
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |ws| socket::run(ws, app, Connection { vsn, token, claims }, shutdown))
+        .on_upgrade(move |ws| socket::run(ws, app, Connection { vsn, token }, shutdown))
 }

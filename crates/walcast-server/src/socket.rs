@@ -82,8 +82,8 @@ impl Outbox for SocketOutbox {
 /// What the upgrade handler established before the socket starts.
 pub struct Connection {
     pub vsn: Vsn,
+    /// The connection token (`apikey`), the default channel token.
     pub token: String,
-    pub claims: Claims,
 }
 
 struct Channel {
