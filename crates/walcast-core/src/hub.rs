@@ -132,7 +132,6 @@ pub struct Hub {
 #[derive(Default)]
 pub struct DispatchScratch {
     matches: Vec<Match>,
-    routed: Routed,
     data: HashMap<RenderKey, Arc<str>>,
     frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
 }
@@ -284,31 +283,6 @@ impl Hub {
         routed
     }
 
-    /// [`Hub::route_owned`], keeping the routes in `scratch` for [`Hub::deliver`]. Returns
-    /// the distinct identities among the routed channels.
-    pub fn route(&self, change: &Change, scratch: &mut DispatchScratch) -> Vec<Arc<Identity>> {
-        scratch.routed = self.route_owned(change, scratch);
-        scratch.routed.identities()
-    }
-
-    /// Queue the change to the channels routed by [`Hub::route`] whose identity `allowed`
-    /// accepts (all columns).
-    pub fn deliver(
-        &self,
-        change: &Change,
-        scratch: &mut DispatchScratch,
-        allowed: impl Fn(&Identity) -> bool,
-    ) -> DispatchStats {
-        let routed = std::mem::take(&mut scratch.routed);
-        self.deliver_routed(change, routed, scratch, |i| {
-            if allowed(i) {
-                Access::ALL
-            } else {
-                Access::Deny
-            }
-        })
-    }
-
     /// Queue the change to the routed channels, each trimmed to what `decide` grants its
     /// identity. Channels that left, or whose identity changed (new token), since routing
     /// get nothing: the decision was made for the identity they no longer have.
@@ -382,8 +356,8 @@ impl Hub {
 
     /// Route and deliver to every matching channel, without authorization (tests, tools).
     pub fn dispatch(&self, change: &Change, scratch: &mut DispatchScratch) -> DispatchStats {
-        self.route(change, scratch);
-        self.deliver(change, scratch, |_| true)
+        let routed = self.route_owned(change, scratch);
+        self.deliver_routed(change, routed, scratch, |_| Access::ALL)
     }
 }
 
@@ -740,10 +714,17 @@ mod tests {
         hub.subscribe(2, tb, vec![binding(1)], || ());
         let mut scratch = DispatchScratch::default();
         let change = insert(table(true), "x");
-        let ids = hub.route(&change, &mut scratch);
+        let routed = hub.route_owned(&change, &mut scratch);
+        let ids = routed.identities();
         let roles: Vec<&str> = ids.iter().map(|i| &*i.role).collect();
         assert_eq!(roles, ["anon", "authenticated"]);
-        let stats = hub.deliver(&change, &mut scratch, |i| &*i.role == "authenticated");
+        let stats = hub.deliver_routed(&change, routed, &mut scratch, |i| {
+            if &*i.role == "authenticated" {
+                Access::ALL
+            } else {
+                Access::Deny
+            }
+        });
         assert_eq!(stats.delivered, 1);
         assert!(a.frames.lock().unwrap().is_empty());
         assert_eq!(b.frames.lock().unwrap().len(), 1);

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use walcast_testkit::{ClusterOptions, PgCluster};
 
@@ -35,19 +35,7 @@ struct Opts {
 #[tokio::main]
 async fn main() -> Result<()> {
     let opts = Opts::parse();
-    let walcast = match opts.walcast {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary has no parent dir")?
-            .join("walcast"),
-    };
-    if !walcast.exists() {
-        bail!(
-            "{} not found: build it with cargo build --release -p walcast-server",
-            walcast.display()
-        );
-    }
+    let walcast = walcast_bench::harness::walcast_binary(opts.walcast.as_deref())?;
     let cluster = PgCluster::start(ClusterOptions {
         settings: vec![
             ("synchronous_commit".into(), "off".into()),
