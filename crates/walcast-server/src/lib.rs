@@ -16,6 +16,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod migrate;
+pub mod outbox;
 pub mod private;
 pub mod pump;
 pub mod rls;

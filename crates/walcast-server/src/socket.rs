@@ -2,11 +2,11 @@
 //!
 //! ```text
 //!            hub (pump task) ──push──┐          (never blocks: a full queue marks overflow)
-//!   socket's own replies ───push──▶ SocketOutbox ─ bounded queue ─┐
+//!   socket's own replies ───push──▶ SocketOutbox (crate::outbox) ─┐
 //!                                                                  ▼
-//!   client ◀── ws.feed(frame)… ws.flush()  ◀── socket task: select! { overflow, queued frames,
-//!   client ──▶ decode_text / decode_binary ──▶ inbound handling      inbound frames, deadline,
-//!                                                                    shutdown }
+//!   client ◀── ws.feed(frame)… ws.flush()  ◀── socket task: select! { shutdown, queued frames
+//!   client ──▶ decode_text / decode_binary ──▶ inbound handling      or overflow, inbound
+//!              (its replies are written before the task waits again)  frames, deadline }
 //! ```
 //!
 //! Invariants:
@@ -18,20 +18,20 @@
 //! - A client that lets its queue fill up is disconnected (close 4008) instead of buffering
 //!   without bound or slowing the fan-out.
 //! - One deadline per socket covers the idle timeout and every channel's token expiry (no
-//!   timer per channel).
+//!   timer per channel). Its timer is re-armed only when it fires or a join brings it
+//!   forward, not on every inbound frame.
 //! - Channel pushes carry the channel's current join_ref or null, never a stale one.
 //! - Every joined channel is a member of its broadcast topic; every way a channel ends
 //!   (leave, replacement, server close, socket end including the idle timeout) removes it
 //!   there too, which turns its presence into a leave diff for the others.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
-use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use walcast_core::broadcast::{Body, Member, TopicKey};
 use walcast_core::hub::{ChannelTarget, OutFrame, Outbox};
@@ -46,6 +46,7 @@ use crate::auth::Claims;
 use crate::broadcast::{can_write, CallWindow, Extension};
 use crate::changes::{build_bindings, id_for, Checked};
 use crate::metrics;
+use crate::outbox::{self, OutboxReader, SocketOutbox};
 use crate::private::{self, identity_of, ChannelPerms};
 use crate::rls::AuthzError;
 use crate::state::{now_unix, AppState};
@@ -56,28 +57,6 @@ pub const CLOSE_SLOW_CLIENT: u16 = 4008;
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 512;
-
-/// The socket's bounded send queue, as the hub sees it.
-pub struct SocketOutbox {
-    tx: mpsc::Sender<OutFrame>,
-    overflowed: AtomicBool,
-    wake: Notify,
-}
-
-impl Outbox for SocketOutbox {
-    fn push(&self, frame: OutFrame) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflowed.swap(true, Ordering::AcqRel) {
-                    self.wake.notify_one();
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-}
 
 /// What the upgrade handler established before the socket starts.
 pub struct Connection {
@@ -158,12 +137,7 @@ pub async fn run(
 ) {
     metrics::socket_opened();
     let _guard = state.socket_guard();
-    let (tx, mut rx) = mpsc::channel(state.limits.socket_send_queue.max(16));
-    let outbox = Arc::new(SocketOutbox {
-        tx,
-        overflowed: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
+    let (outbox, reader) = outbox::bounded(state.limits.socket_send_queue.max(16));
     let mut socket = Socket {
         vsn: conn.vsn,
         state,
@@ -172,22 +146,21 @@ pub async fn run(
         channels: HashMap::new(),
         last_inbound: Instant::now(),
     };
+    // One timer for the socket's lifetime, re-armed only when it fires or a join brings the
+    // deadline forward. Inbound messages only push the idle deadline later, so they leave it
+    // alone: when it fires early, `on_deadline` finds nothing due and it is re-armed.
+    let mut armed = socket.next_deadline();
+    let sleep = tokio::time::sleep_until(armed);
+    tokio::pin!(sleep);
     let exit = loop {
-        let deadline = socket.next_deadline();
         tokio::select! {
             biased;
-            _ = socket.outbox.wake.notified() => {
-                metrics::slow_client_disconnect();
-                tracing::info!("closing a slow client: send queue full");
-                break Exit::Close(CLOSE_SLOW_CLIENT, "slow client: send queue full");
-            }
             _ = shutdown.changed() => {
                 break Exit::Close(1012, "service restart");
             }
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break Exit::ClientGone };
-                if write_batch(&mut ws, frame, &mut rx).await.is_err() {
-                    break Exit::ClientGone;
+            _ = reader.ready() => {
+                if let Some(exit) = write_queued(&mut ws, &reader).await {
+                    break exit;
                 }
             }
             msg = ws.recv() => {
@@ -199,6 +172,16 @@ pub async fn run(
                         if let Some(exit) = Box::pin(socket.on_message(msg)).await {
                             break exit;
                         }
+                        // Write the reply (e.g. to a heartbeat) now rather than on another
+                        // turn of the loop.
+                        if let Some(exit) = write_queued(&mut ws, &reader).await {
+                            break exit;
+                        }
+                        let deadline = socket.next_deadline();
+                        if deadline < armed {
+                            armed = deadline;
+                            sleep.as_mut().reset(armed);
+                        }
                     }
                     Some(Err(e)) => {
                         if is_too_big(e) {
@@ -209,10 +192,12 @@ pub async fn run(
                     None => break Exit::ClientGone,
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut sleep => {
                 if let Some(exit) = socket.on_deadline() {
                     break exit;
                 }
+                armed = socket.next_deadline();
+                sleep.as_mut().reset(armed);
             }
         }
     };
@@ -220,7 +205,7 @@ pub async fn run(
     if let Exit::Close(code, reason) = exit {
         // Flush what is already queued (e.g. a final system message), then close.
         let close = async {
-            while let Ok(frame) = rx.try_recv() {
+            while let Some(frame) = reader.pop() {
                 if ws.feed(to_message(frame)).await.is_err() {
                     return;
                 }
@@ -235,6 +220,24 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
     }
     metrics::socket_closed();
+}
+
+/// Write what is queued, or say why the connection must end: the client is gone, or its
+/// queue overflowed (it cannot keep up).
+async fn write_queued(ws: &mut WebSocket, reader: &OutboxReader) -> Option<Exit> {
+    if reader.overflowed() {
+        metrics::slow_client_disconnect();
+        tracing::info!("closing a slow client: send queue full");
+        return Some(Exit::Close(
+            CLOSE_SLOW_CLIENT,
+            "slow client: send queue full",
+        ));
+    }
+    let first = reader.pop()?;
+    match write_batch(ws, first, reader).await {
+        Ok(()) => None,
+        Err(_) => Some(Exit::ClientGone),
+    }
 }
 
 /// A frame or message over `--max-frame-bytes`: answered with 1009 rather than a silent drop.
@@ -260,7 +263,7 @@ fn to_message(frame: OutFrame) -> Message {
 async fn write_batch(
     ws: &mut WebSocket,
     first: OutFrame,
-    rx: &mut mpsc::Receiver<OutFrame>,
+    reader: &OutboxReader,
 ) -> Result<(), axum::Error> {
     let (mut text, mut binary, mut bytes) = (0u64, 0u64, 0u64);
     let mut next = Some(first);
@@ -274,7 +277,7 @@ async fn write_batch(
         ws.feed(to_message(frame)).await?;
         n += 1;
         if n < MAX_BATCH {
-            next = rx.try_recv().ok();
+            next = reader.pop();
         }
     }
     ws.flush().await?;
