@@ -26,6 +26,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use walcast_core::broadcast::{Body, FanoutStats, TopicKey, Topics, UserBroadcast};
+use walcast_core::hub::Identity;
 use walcast_protocol::PayloadEncoding;
 
 use crate::auth::Claims;
@@ -70,7 +71,18 @@ pub async fn can_write(
     extension: Extension,
 ) -> bool {
     let identity = crate::private::identity_of(claims);
-    match crate::private::can_write(state, &identity, sub_topic, extension).await {
+    can_write_as(state, &identity, sub_topic, extension).await
+}
+
+/// [`can_write`] for an identity already derived from verified claims (a joined channel
+/// keeps its identity, not the claims).
+pub async fn can_write_as(
+    state: &AppState,
+    identity: &Identity,
+    sub_topic: &str,
+    extension: Extension,
+) -> bool {
+    match crate::private::can_write(state, identity, sub_topic, extension).await {
         Ok(allowed) => allowed,
         Err(e) => {
             tracing::warn!(error = %e, topic = %sub_topic, extension = extension.as_str(),

@@ -154,5 +154,11 @@ async fn websocket(
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |ws| socket::run(ws, app, Connection { vsn, token }, shutdown))
+        .on_upgrade(move |ws| {
+            let conn = Connection {
+                vsn,
+                token: token.into(),
+            };
+            socket::run(ws, app, conn, shutdown)
+        })
 }

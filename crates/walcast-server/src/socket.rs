@@ -25,7 +25,6 @@
 //!   (leave, replacement, server close, socket end including the idle timeout) removes it
 //!   there too, which turns its presence into a leave diff for the others.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +33,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use tokio::time::Instant;
 use walcast_core::broadcast::{Body, Member, TopicKey};
-use walcast_core::hub::{ChannelTarget, OutFrame, Outbox};
+use walcast_core::hub::{ChannelTarget, Identity, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
     decode_binary_bytes, decode_text, encode_push, join_reply_ok, FrameAction, FrameError, Inbound,
@@ -42,8 +41,7 @@ use walcast_protocol::{
 };
 use walcast_protocol::{BroadcastPush, PresencePush};
 
-use crate::auth::Claims;
-use crate::broadcast::{can_write, CallWindow, Extension};
+use crate::broadcast::{can_write_as, CallWindow, Extension};
 use crate::changes::{build_bindings, id_for, Checked};
 use crate::metrics;
 use crate::outbox::{self, OutboxReader, SocketOutbox};
@@ -62,14 +60,22 @@ const MAX_BATCH: usize = 512;
 pub struct Connection {
     pub vsn: Vsn,
     /// The connection token (`apikey`), the default channel token.
-    pub token: String,
+    pub token: Arc<str>,
 }
 
+/// One joined channel. Kept lean: an idle socket is mostly this and its task.
 struct Channel {
     id: u64,
+    /// Full topic, `realtime:<name>` (shared with the hub's view of the channel).
+    topic: Arc<str>,
     join_ref: Option<String>,
-    token: String,
-    claims: Claims,
+    /// The token the channel acts with (shared with the connection's when it is the same).
+    token: Arc<str>,
+    /// The token's expiry, unix seconds.
+    exp: i64,
+    /// The token's role and claims, as every check runs them (shared with the hub). The
+    /// verified claims map itself is not kept.
+    identity: Arc<Identity>,
     /// The postgres_changes entries as joined (kept to re-scope on `access_token`).
     entries: Vec<PostgresBinding>,
     registered: bool,
@@ -86,8 +92,9 @@ struct ChannelRealtime {
     key: TopicKey,
     self_broadcast: bool,
     ack: bool,
-    /// `config.presence.key`, or a fresh UUID per join.
-    presence_key: String,
+    /// `config.presence.key`; without one, a fresh UUID made on the channel's first track
+    /// (the key is only ever seen once tracked, so making it then changes nothing).
+    presence_key: Option<String>,
     presence_calls: CallWindow,
     /// Private channels: write permission, evaluated on first use, kept until `access_token`.
     can_broadcast: Option<bool>,
@@ -101,11 +108,7 @@ impl ChannelRealtime {
             key: TopicKey::new(name, join.config.private),
             self_broadcast: join.config.broadcast.self_broadcast,
             ack: join.config.broadcast.ack,
-            presence_key: if key.is_empty() {
-                uuid::Uuid::new_v4().to_string()
-            } else {
-                key.clone()
-            },
+            presence_key: (!key.is_empty()).then(|| key.clone()),
             presence_calls: CallWindow::default(),
             can_broadcast: None,
             can_track: None,
@@ -118,8 +121,61 @@ struct Socket {
     vsn: Vsn,
     conn: Connection,
     outbox: Arc<SocketOutbox>,
-    channels: HashMap<String, Channel>,
+    channels: Channels,
     last_inbound: Instant,
+}
+
+/// A socket's channels, by topic: a vector grown one slot at a time. A socket holds one or a
+/// few channels (at most `--max-channels-per-client`), so a linear search costs no more than
+/// hashing, while a hash map keeps four buckets of a whole channel each for a single one.
+#[derive(Default)]
+struct Channels(Vec<Channel>);
+
+impl Channels {
+    fn position(&self, topic: &str) -> Option<usize> {
+        self.0.iter().position(|c| &*c.topic == topic)
+    }
+
+    fn get(&self, topic: &str) -> Option<&Channel> {
+        self.0.iter().find(|c| &*c.topic == topic)
+    }
+
+    fn get_mut(&mut self, topic: &str) -> Option<&mut Channel> {
+        self.0.iter_mut().find(|c| &*c.topic == topic)
+    }
+
+    fn contains(&self, topic: &str) -> bool {
+        self.position(topic).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Channel> {
+        self.0.iter()
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Channel> {
+        let i = self.position(topic)?;
+        Some(self.0.swap_remove(i))
+    }
+
+    /// Add a channel, replacing one on the same topic.
+    fn insert(&mut self, channel: Channel) {
+        if let Some(i) = self.position(&channel.topic) {
+            self.0[i] = channel;
+            return;
+        }
+        if self.0.len() == self.0.capacity() {
+            self.0.reserve_exact(1);
+        }
+        self.0.push(channel);
+    }
+
+    fn take_all(&mut self) -> Vec<Channel> {
+        std::mem::take(&mut self.0)
+    }
 }
 
 /// Why the loop ended.
@@ -143,7 +199,7 @@ pub async fn run(
         state,
         conn,
         outbox,
-        channels: HashMap::new(),
+        channels: Channels::default(),
         last_inbound: Instant::now(),
     };
     // One timer for the socket's lifetime, re-armed only when it fires or a join brings the
@@ -354,8 +410,8 @@ impl Socket {
         let mut deadline = self.last_inbound + self.state.limits.idle_timeout;
         let now_unix = now_unix();
         let now = Instant::now();
-        for ch in self.channels.values() {
-            let left = ch.claims.exp.saturating_sub(now_unix).max(0) as u64;
+        for ch in self.channels.iter() {
+            let left = ch.exp.saturating_sub(now_unix).max(0) as u64;
             deadline = deadline.min(now + Duration::from_secs(left));
         }
         deadline
@@ -367,15 +423,15 @@ impl Socket {
             return Some(Exit::Close(1000, "idle timeout"));
         }
         let now = now_unix();
-        let expired: Vec<String> = self
+        let expired: Vec<Arc<str>> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.claims.exp <= now)
-            .map(|(t, _)| t.clone())
+            .filter(|c| c.exp <= now)
+            .map(|c| c.topic.clone())
             .collect();
         for topic in expired {
             if let Some(ch) = self.channels.get(&topic) {
-                let msg = format!("Token has expired {} seconds ago", now - ch.claims.exp);
+                let msg = format!("Token has expired {} seconds ago", now - ch.exp);
                 self.close_channel(&topic, &msg);
             }
         }
@@ -426,7 +482,7 @@ impl Socket {
     }
 
     fn leave_all(&mut self) {
-        let channels: Vec<Channel> = self.channels.drain().map(|(_, ch)| ch).collect();
+        let channels = self.channels.take_all();
         for ch in &channels {
             self.forget(ch);
         }
@@ -514,7 +570,7 @@ impl Socket {
                 }
             }
             Inbound::Broadcast(_) | Inbound::Presence(_) | Inbound::Other { .. } => {
-                if !self.channels.contains_key(&frame.topic) {
+                if !self.channels.contains(&frame.topic) {
                     self.unmatched(&frame);
                 } else {
                     self.on_channel_push(frame).await;
@@ -567,20 +623,23 @@ impl Socket {
                 )
                 .await;
         }
-        let token = join
-            .access_token
-            .clone()
-            .unwrap_or_else(|| self.conn.token.clone());
+        let token = match join.access_token.as_deref() {
+            Some(t) if t != &*self.conn.token => Arc::from(t),
+            // The connection's own token (given again, or implied): shared, not copied.
+            _ => self.conn.token.clone(),
+        };
         // Verified again even when it is the connection's token: it may have expired since.
         let claims = match self.state.jwt.verify(&token, now_unix()) {
             Ok(c) => c,
             Err(e) => return self.join_error(frame, e.label(), e.join_reason()).await,
         };
+        let (exp, identity) = (claims.exp, Arc::new(identity_of(&claims)));
+        drop(claims);
         // Private channels: the realtime.messages SELECT policies must let the token read
         // broadcast or presence (see crate::private); the result is kept until access_token.
         let perms = if join.config.private {
             match self
-                .private_perms(&claims, name, join.config.presence.enabled)
+                .private_perms(&identity, name, join.config.presence.enabled)
                 .await
             {
                 Ok(p) => Some(p),
@@ -604,9 +663,11 @@ impl Socket {
         );
         let mut channel = Channel {
             id,
+            topic: Arc::from(topic.as_str()),
             join_ref: frame.join_ref.clone(),
             token,
-            claims,
+            exp,
+            identity,
             entries,
             registered: false,
             realtime: ChannelRealtime::new(name, &join),
@@ -616,7 +677,7 @@ impl Socket {
         if channel.entries.is_empty() {
             self.send(reply_frame);
         } else {
-            let checked = self.register(&topic, &channel).await;
+            let checked = self.register(&channel).await;
             let jr = channel.join_ref.as_deref();
             let mut queued = vec![reply_frame];
             for message in &checked.errors {
@@ -640,7 +701,7 @@ impl Socket {
                     SystemStatus::Ok,
                     "Subscribed to PostgreSQL",
                 ));
-                let target = self.target(&topic, &channel.claims);
+                let target = self.target(&channel);
                 let outbox = self.outbox.clone();
                 // Queued under the hub lock: the reply precedes every change for the channel.
                 self.state
@@ -673,18 +734,17 @@ impl Socket {
             presence_state,
         );
         metrics::channel_joined(kind_of(&channel));
-        self.channels.insert(topic, channel);
+        self.channels.insert(channel);
     }
 
     /// Read permissions of a private channel, or the join error (metric reason, message).
     async fn private_perms(
         &self,
-        claims: &Claims,
+        identity: &Identity,
         name: &str,
         presence: bool,
     ) -> Result<ChannelPerms, (&'static str, String)> {
-        let identity = identity_of(claims);
-        match private::read_perms(&self.state, &identity, name, presence).await {
+        match private::read_perms(&self.state, identity, name, presence).await {
             Ok(p) if p.may_join() => Ok(p),
             Ok(_) => Err(("unauthorized", private::unauthorized_read(name))),
             Err(AuthzError::Failed { code, message }) => {
@@ -701,17 +761,18 @@ impl Socket {
         }
     }
 
-    fn target(&self, topic: &str, claims: &Claims) -> ChannelTarget {
+    fn target(&self, channel: &Channel) -> ChannelTarget {
         ChannelTarget {
             outbox: self.outbox.clone(),
             vsn: self.vsn,
-            topic: Arc::from(topic),
-            identity: Arc::new(identity_of(claims)),
+            topic: channel.topic.clone(),
+            identity: channel.identity.clone(),
         }
     }
 
     /// Validate a channel's postgres_changes entries under its role.
-    async fn register(&self, topic: &str, channel: &Channel) -> Checked {
+    async fn register(&self, channel: &Channel) -> Checked {
+        let topic = &*channel.topic;
         // Bindings are only live once the replication stream runs; wait for it (bounded) so
         // a successful reply never promises changes the stream cannot deliver.
         if !self.state.wait_streaming(Duration::from_secs(5)).await {
@@ -721,14 +782,14 @@ impl Socket {
                 errors: vec!["Realtime was unable to connect to the project database".into()],
             };
         }
-        build_bindings(&self.state, &channel.claims.role, &channel.entries).await
+        build_bindings(&self.state, &channel.identity.role, &channel.entries).await
     }
 
     async fn on_access_token(&mut self, topic: &str, token: String) {
         let Some(ch) = self.channels.get(topic) else {
             return;
         };
-        if ch.token == token {
+        if *ch.token == *token {
             return;
         }
         let claims = match self.state.jwt.verify(&token, now_unix()) {
@@ -741,17 +802,22 @@ impl Socket {
         let Some(ch) = self.channels.get_mut(topic) else {
             return;
         };
-        ch.token = token;
+        ch.token = Arc::from(token);
         // Write permissions are evaluated again under the new token.
         ch.realtime.can_broadcast = None;
         ch.realtime.can_track = None;
-        let role_or_claims_changed = ch.claims.raw != claims.raw;
-        ch.claims = claims;
+        let identity = identity_of(&claims);
+        // The claims JSON is serialized from the verified map, so equal maps give equal text.
+        let role_or_claims_changed = *ch.identity != identity;
+        ch.exp = claims.exp;
+        if role_or_claims_changed {
+            ch.identity = Arc::new(identity);
+        }
         if ch.perms.is_some() && role_or_claims_changed {
             // Read permissions are evaluated again too; losing them ends the channel.
             let presence = ch.perms.is_some_and(|p| p.presence_read);
-            let (claims, name) = (ch.claims.clone(), ch.realtime.key.name.clone());
-            match self.private_perms(&claims, &name, presence).await {
+            let (identity, name) = (ch.identity.clone(), ch.realtime.key.name.clone());
+            match self.private_perms(&identity, &name, presence).await {
                 Ok(p) => {
                     if let Some(ch) = self.channels.get_mut(topic) {
                         ch.perms = Some(p);
@@ -770,11 +836,10 @@ impl Socket {
             return;
         }
         // Re-scope: the bindings are checked again under the new role and claims.
-        let ch = &self.channels[topic];
-        let checked = self.register(topic, ch).await;
+        let checked = self.register(ch).await;
         match checked.errors.first() {
             None => {
-                let target = self.target(topic, &ch.claims);
+                let target = self.target(ch);
                 self.state
                     .hub
                     .subscribe(ch.id, target, checked.bindings, || ());
@@ -826,7 +891,7 @@ impl Socket {
         if let Some(allowed) = cached {
             return allowed;
         }
-        let allowed = can_write(&self.state, &ch.claims, &ch.realtime.key.name, ext).await;
+        let allowed = can_write_as(&self.state, &ch.identity, &ch.realtime.key.name, ext).await;
         if let Some(ch) = self.channels.get_mut(topic) {
             match ext {
                 Extension::Broadcast => ch.realtime.can_broadcast = Some(allowed),
@@ -893,15 +958,16 @@ impl Socket {
                     self.reply(frame, &outbound::reply_error_response("{}"));
                     return;
                 }
-                let Some(ch) = self.channels.get(&frame.topic) else {
+                let Some(ch) = self.channels.get_mut(&frame.topic) else {
                     return;
                 };
-                self.state.topics.track(
-                    &ch.realtime.key,
-                    ch.id,
-                    &ch.realtime.presence_key,
-                    payload.get(),
-                );
+                let key = ch
+                    .realtime
+                    .presence_key
+                    .get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+                self.state
+                    .topics
+                    .track(&ch.realtime.key, ch.id, key, payload.get());
                 metrics::presence_event("track");
             }
             PresencePush::Untrack => {
@@ -939,5 +1005,57 @@ mod tests {
         let size = output_size(run);
         assert!(size < 2048, "socket task future is {size} bytes");
         eprintln!("socket task future: {size} bytes");
+    }
+
+    /// What one joined channel costs an idle socket besides its heap strings: the channel
+    /// itself (held in a vector grown one slot at a time, so one channel is one slot).
+    #[test]
+    fn a_channel_stays_small() {
+        let size = std::mem::size_of::<Channel>();
+        eprintln!("channel: {size} bytes");
+        assert!(size <= 256, "Channel is {size} bytes");
+    }
+
+    fn channel(topic: &str) -> Channel {
+        Channel {
+            id: 1,
+            topic: Arc::from(topic),
+            join_ref: None,
+            token: Arc::from("t"),
+            exp: 0,
+            identity: Arc::new(Identity {
+                role: Arc::from("anon"),
+                claims: Arc::from("{}"),
+            }),
+            entries: Vec::new(),
+            registered: false,
+            realtime: ChannelRealtime::new("x", &JoinPayload::default()),
+            perms: None,
+            events: (0, 0),
+        }
+    }
+
+    #[test]
+    fn channels_grow_one_slot_at_a_time_and_replace_by_topic() {
+        let mut chs = Channels::default();
+        chs.insert(channel("realtime:a"));
+        assert_eq!(chs.0.capacity(), 1);
+        chs.insert(channel("realtime:b"));
+        assert_eq!(chs.0.capacity(), 2);
+        let mut again = channel("realtime:a");
+        again.id = 7;
+        chs.insert(again);
+        assert_eq!(chs.len(), 2);
+        assert_eq!(chs.get("realtime:a").map(|c| c.id), Some(7));
+        assert!(chs.remove("realtime:a").is_some());
+        assert!(!chs.contains("realtime:a"));
+        assert!(chs.get_mut("realtime:b").is_some());
+        // No presence key is made before the channel tracks.
+        assert!(chs
+            .get("realtime:b")
+            .unwrap()
+            .realtime
+            .presence_key
+            .is_none());
     }
 }
