@@ -205,6 +205,28 @@ impl Replicator {
         }
     }
 
+    /// Hold back confirmations (see [`ReplicationStream::hold`]) until
+    /// [`Replicator::release`]. A reconnection drops what was held: the new stream resumes
+    /// from the last confirmed position, so the held transactions are streamed again.
+    pub fn hold(&mut self) {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.hold();
+        }
+    }
+
+    /// Confirm what [`Replicator::hold`] kept back: every change received so far was handed on.
+    pub fn release(&mut self) {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.release();
+            self.resume = self.resume.max(stream.handed_on());
+        }
+    }
+
+    /// Whether events are already waiting, so the next `recv` returns without waiting.
+    pub fn has_buffered(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.has_buffered())
+    }
+
     /// The position confirmed safe by the consumer so far (across connections).
     pub fn handed_on(&self) -> Lsn {
         match &self.stream {

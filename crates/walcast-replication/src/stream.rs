@@ -112,6 +112,10 @@ pub struct ReplicationStream {
     last: Option<Handed>,
     in_transaction: bool,
     handed_on: Lsn,
+    /// While set, positions that become safe are kept in `held` instead of being confirmed:
+    /// the consumer has received those commits but not handed their changes on yet.
+    holding: bool,
+    held: Lsn,
     backend_pid: i32,
 }
 
@@ -148,6 +152,8 @@ impl ReplicationStream {
             last: None,
             in_transaction: false,
             handed_on: Lsn(0),
+            holding: false,
+            held: Lsn(0),
             backend_pid,
         }
     }
@@ -182,14 +188,42 @@ impl ReplicationStream {
             Handed::Keepalive(_) | Handed::Other => None,
         };
         if let Some(lsn) = safe {
-            if lsn > self.handed_on {
-                self.handed_on = lsn;
-                let before = self.shared.handed_on.fetch_max(lsn.0, Ordering::AcqRel);
-                if lsn.0 > before {
-                    self.shared.moved.notify_one();
-                }
+            if self.holding {
+                self.held = self.held.max(lsn);
+            } else {
+                self.publish(lsn);
             }
         }
+    }
+
+    fn publish(&mut self, lsn: Lsn) {
+        if lsn > self.handed_on {
+            self.handed_on = lsn;
+            let before = self.shared.handed_on.fetch_max(lsn.0, Ordering::AcqRel);
+            if lsn.0 > before {
+                self.shared.moved.notify_one();
+            }
+        }
+    }
+
+    /// Stop confirming: commits received from now on are not declared handed on by the next
+    /// `recv` but kept until [`Self::release`]. For a consumer that gathers several
+    /// transactions before handing their changes on (so a crash in between replays them).
+    pub fn hold(&mut self) {
+        self.holding = true;
+    }
+
+    /// Everything received so far was handed on: confirm what [`Self::hold`] kept back (the
+    /// event returned by the last `recv` is declared by the next one, as usual).
+    pub fn release(&mut self) {
+        self.holding = false;
+        let held = std::mem::replace(&mut self.held, Lsn(0));
+        self.publish(held);
+    }
+
+    /// Whether the next `recv` would return at once (events are waiting in the buffer).
+    pub fn has_buffered(&self) -> bool {
+        !self.rx.is_empty()
     }
 
     /// The position this consumer has made safe to confirm (commit end or idle keepalive);

@@ -286,6 +286,59 @@ async fn streams_begin_insert_commit_and_confirms_after_hand_on() -> TestResult 
     Ok(())
 }
 
+/// Read XLogData until the commit of one transaction; its end LSN.
+async fn next_commit(stream: &mut ReplicationStream, decoder: &mut Decoder) -> Lsn {
+    loop {
+        let x = next_xlog(stream).await;
+        if let Ok(LogicalMessage::Commit(c)) = decoder.decode(&x.data) {
+            return c.end_lsn;
+        }
+    }
+}
+
+#[tokio::test]
+async fn held_commits_are_confirmed_only_on_release() -> TestResult {
+    let cluster = PgCluster::shared();
+    let db = cluster.fresh_database().await?;
+    let admin = db.connect().await?;
+    let cfg = config(&db).with_status_interval(Duration::from_millis(200));
+    setup_table(&admin, &cfg.publication).await;
+    let mut stream = start_stream(&cfg).await;
+    let mut decoder = Decoder::new();
+
+    insert_marker(&admin, 1).await;
+    insert_marker(&admin, 2).await;
+    let first = next_commit(&mut stream, &mut decoder).await;
+    // The consumer gathers the first transaction with the next one: receiving past the
+    // first commit must not confirm it.
+    stream.hold();
+    let second = next_commit(&mut stream, &mut decoder).await;
+    assert!(second > first);
+    assert!(
+        stream.handed_on() < first,
+        "a held commit was declared handed on"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        confirmed_flush(&admin, &cfg.slot).await < Some(first),
+        "a held commit reached the server"
+    );
+    // Both transactions handed on: releasing confirms the first; the next recv (or an
+    // explicit mark) confirms the second, as without holding.
+    stream.release();
+    assert_eq!(stream.handed_on(), first);
+    stream.mark_handed_on();
+    assert_eq!(stream.handed_on(), second);
+    eventually("confirmed_flush_lsn to reach the second commit", || async {
+        confirmed_flush(&admin, &cfg.slot)
+            .await
+            .is_some_and(|l| l >= second)
+    })
+    .await;
+    stream.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn idle_database_confirms_keepalive_position() -> TestResult {
     let cluster = PgCluster::shared();
