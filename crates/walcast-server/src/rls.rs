@@ -47,7 +47,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use walcast_core::change::{Change, ChangeKind, Table, Value};
 use walcast_core::hub::{Access, Identity, Visibility};
-use walcast_core::value::write_json_string;
 use walcast_pgoutput::ReplicaIdentity;
 
 use crate::sql::ExclusivePool;
@@ -145,11 +144,15 @@ pub struct CheckColumn {
     pub source: Option<usize>,
 }
 
-/// The statement that returns the ordinals of the images `predicate` accepts. `$1` is a JSON
-/// array of objects `{"o": ordinal, "c<i>": text or null}`; each text goes through the
-/// column type's input function (an explicit cast from text), exactly as Postgres parsed it.
-/// The rebuilt row is named like the table, because deparsed policies qualify its columns
-/// with the table name inside sub-queries.
+/// The statement that returns the ordinals of the images `predicate` accepts.
+///
+/// `$1` is the images' ordinals (`int8[]`); then one `text[]` per column the stream carries,
+/// in `columns` order, each holding that column's text value per image (NULL when the image
+/// has none). `ROWS FROM (unnest, …)` zips them back into rows, and each text goes through the column type's
+/// input function (an explicit cast from text), exactly as Postgres parsed it. Arrays bind in
+/// binary: no JSON to build on our side or to parse on the server's. The rebuilt row is named
+/// like the table, because deparsed policies qualify its columns with the table name inside
+/// sub-queries.
 pub fn check_sql(table: &str, columns: &[CheckColumn], predicate: &str) -> String {
     let mut ord = String::from("walcast_ord");
     while columns.iter().any(|c| c.name == ord) {
@@ -158,12 +161,21 @@ pub fn check_sql(table: &str, columns: &[CheckColumn], predicate: &str) -> Strin
     let alias = quote_ident(table);
     let ord_q = quote_ident(&ord);
     let mut sql = format!("SELECT {alias}.{ord_q} FROM (SELECT w.o AS {ord_q}");
-    let mut defs = String::from("o pg_catalog.int8");
+    let mut arrays = String::from("pg_catalog.unnest($1::pg_catalog.int8[])");
+    let mut names = String::from("o");
+    let mut param = 1;
     for c in columns {
         match c.source {
-            Some(i) => {
-                let _ = write!(sql, ", w.c{i}::{} AS {}", c.type_sql, quote_ident(&c.name));
-                let _ = write!(defs, ", c{i} pg_catalog.text");
+            Some(_) => {
+                param += 1;
+                let _ = write!(
+                    sql,
+                    ", w.c{param}::{} AS {}",
+                    c.type_sql,
+                    quote_ident(&c.name)
+                );
+                let _ = write!(arrays, ", pg_catalog.unnest(${param}::pg_catalog.text[])");
+                let _ = write!(names, ", c{param}");
             }
             None => {
                 let _ = write!(sql, ", NULL::{} AS {}", c.type_sql, quote_ident(&c.name));
@@ -174,7 +186,7 @@ pub fn check_sql(table: &str, columns: &[CheckColumn], predicate: &str) -> Strin
     // anything a client sent.
     let _ = write!(
         sql,
-        " FROM pg_catalog.json_to_recordset($1::pg_catalog.json) AS w({defs})) AS {alias} WHERE {predicate}"
+        " FROM ROWS FROM ({arrays}) AS w({names})) AS {alias} WHERE {predicate}"
     );
     sql
 }
@@ -195,6 +207,18 @@ pub struct RowCheck {
     pub sql: String,
     /// Per column of the change: whether a policy reads it (an image without it is denied).
     pub reads: Vec<bool>,
+    /// The change column behind each `text[]` parameter of `sql` ($2, $3, …).
+    pub sources: Vec<usize>,
+}
+
+impl RowCheck {
+    /// Parameter types of `sql`, for preparing it.
+    fn param_types(&self) -> Vec<Type> {
+        let mut types = Vec::with_capacity(1 + self.sources.len());
+        types.push(Type::INT8_ARRAY);
+        types.resize(1 + self.sources.len(), Type::TEXT_ARRAY);
+        types
+    }
 }
 
 /// A role's access to one table, compiled against the table as the stream describes it.
@@ -366,15 +390,17 @@ pub async fn compile(
         rows: RowRule::Check(Arc::new(RowCheck {
             sql: check_sql(&relname, &check_columns, &predicate),
             reads,
+            sources: check_columns.iter().filter_map(|c| c.source).collect(),
         })),
     })
 }
 
-/// Appends images to a group's JSON parameter.
+/// The row images of one group, column by column (the check's array parameters).
 #[derive(Debug, Clone, Default)]
 pub struct ImageBatch {
-    json: String,
     count: usize,
+    /// Per change column, its text value in each image (`None`: NULL or not in the image).
+    columns: Vec<Vec<Option<Box<str>>>>,
 }
 
 impl ImageBatch {
@@ -390,21 +416,12 @@ impl ImageBatch {
         }
         let ord = self.count;
         self.count += 1;
-        self.json.push(if ord == 0 { '[' } else { ',' });
-        let _ = write!(self.json, "{{\"o\":{ord}");
-        for (i, v) in row.iter().enumerate() {
-            match v {
-                Value::Present { text, .. } => {
-                    let _ = write!(self.json, ",\"c{i}\":");
-                    write_json_string(text, &mut self.json);
-                }
-                Value::Null => {
-                    let _ = write!(self.json, ",\"c{i}\":null");
-                }
-                Value::Missing | Value::UnchangedToast => {}
-            }
+        if self.columns.len() < row.len() {
+            self.columns.resize(row.len(), vec![None; ord]);
         }
-        self.json.push('}');
+        for (i, column) in self.columns.iter_mut().enumerate() {
+            column.push(row.get(i).and_then(Value::text).map(Box::from));
+        }
         Some(ord)
     }
 
@@ -412,18 +429,60 @@ impl ImageBatch {
         self.count == 0
     }
 
-    /// The JSON array without consuming the batch (it may be needed again for a retry).
-    fn json_snapshot(&self) -> String {
-        self.clone().finish()
+    /// The check's parameters: the ordinals, then the `sources` columns' values.
+    fn params(&self, sources: &[usize]) -> (Vec<i64>, Vec<Vec<Option<&str>>>) {
+        let ords = (0..self.count as i64).collect();
+        let columns = sources
+            .iter()
+            .map(|&i| match self.columns.get(i) {
+                Some(values) => values.iter().map(|v| v.as_deref()).collect(),
+                None => vec![None; self.count],
+            })
+            .collect();
+        (ords, columns)
     }
+}
 
-    fn finish(mut self) -> String {
-        if self.count == 0 {
-            self.json.push('[');
-        }
-        self.json.push(']');
-        self.json
+/// `ords` and `columns` as a parameter list.
+fn param_refs<'a>(
+    ords: &'a Vec<i64>,
+    columns: &'a [Vec<Option<&'a str>>],
+) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        Vec::with_capacity(1 + columns.len());
+    params.push(ords);
+    for c in columns {
+        params.push(c);
     }
+    params
+}
+
+/// Sets the three claim settings for the rest of the transaction.
+const SET_CLAIMS_SQL: &str = "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
+     pg_catalog.set_config('request.jwt.claim.sub', $2, true), \
+     pg_catalog.set_config('request.jwt.claim.role', $3, true)";
+
+/// The claim-setting statement and each check statement prepared on the lease's connection
+/// (in the order of `checks`): after the first batch on a connection, a group costs a Bind
+/// and an Execute, not a parse and a plan.
+async fn prepare_checks(
+    lease: &mut crate::sql::Lease<'_>,
+    checks: &[&RowCheck],
+) -> Result<(tokio_postgres::Statement, Vec<tokio_postgres::Statement>), AuthzError> {
+    let set_claims = lease
+        .prepare_cached(SET_CLAIMS_SQL, &[Type::TEXT, Type::TEXT, Type::TEXT])
+        .await
+        .map_err(|e| AuthzError::from_pg(&e))?;
+    let mut statements = Vec::with_capacity(checks.len());
+    for check in checks {
+        statements.push(
+            lease
+                .prepare_cached(&check.sql, &check.param_types())
+                .await
+                .map_err(|e| AuthzError::from_pg(&e))?,
+        );
+    }
+    Ok((set_claims, statements))
 }
 
 /// Run one group's check: the ordinals of the images the identity may see.
@@ -434,11 +493,12 @@ pub async fn check_images(
     images: ImageBatch,
 ) -> Result<Vec<bool>, AuthzError> {
     let count = images.count;
-    let json = images.finish();
-    let lease = pool
+    let (ords, columns) = images.params(&check.sources);
+    let mut lease = pool
         .acquire()
         .await
         .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    let (set_claims, statements) = prepare_checks(&mut lease, &[check]).await?;
     let client = lease.client();
     let sub = claim_str(&identity.claims, "sub");
     let setup = format!(
@@ -449,22 +509,12 @@ pub async fn check_images(
     let claims_text: &str = &identity.claims;
     let role_text: &str = &identity.role;
     let sub_text: &str = &sub;
-    let json_text: &str = &json;
-    let claim_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 3] = [
-        (&claims_text, Type::TEXT),
-        (&sub_text, Type::TEXT),
-        (&role_text, Type::TEXT),
-    ];
-    let check_params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
-        [(&json_text, Type::TEXT)];
     let begin = client.batch_execute(&setup);
-    let claims = client.query_typed(
-        "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
-                pg_catalog.set_config('request.jwt.claim.sub', $2, true), \
-                pg_catalog.set_config('request.jwt.claim.role', $3, true)",
-        &claim_params,
-    );
-    let rows = client.query_typed(&check.sql, &check_params);
+    let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&claims_text, &sub_text, &role_text];
+    let check_params = param_refs(&ords, &columns);
+    let claims = client.query(&set_claims, &claim_params);
+    let rows = client.query(&statements[0], &check_params);
     let end = client.batch_execute("ROLLBACK");
     let (b, c, r, e) = tokio::join!(begin, claims, rows, end);
     if let Err(err) = &e {
@@ -509,7 +559,7 @@ pub async fn check_role_groups(
     }
     let role = groups[0].identity.role.clone();
     debug_assert!(groups.iter().all(|g| g.identity.role == role));
-    let lease = match pool.acquire().await {
+    let mut lease = match pool.acquire().await {
         Ok(l) => l,
         Err(e) => {
             let msg = format!("{e:#}");
@@ -519,64 +569,60 @@ pub async fn check_role_groups(
                 .collect();
         }
     };
+    let checks: Vec<&RowCheck> = groups.iter().map(|g| &*g.check).collect();
+    let (set_claims, check_statements) = match prepare_checks(&mut lease, &checks).await {
+        Ok(p) => p,
+        Err(err) => {
+            if matches!(err, AuthzError::Unavailable(_)) {
+                lease.discard();
+            }
+            return groups.iter().map(|_| Err(err.clone())).collect();
+        }
+    };
     let client = lease.client();
     let setup = format!(
         "BEGIN; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}",
         quote_ident(&role),
         CHECK_TIMEOUT.as_millis()
     );
-    struct Prepared {
-        claims: String,
+    struct Prepared<'a> {
+        claims: &'a str,
         sub: String,
-        json: String,
+        ords: Vec<i64>,
+        columns: Vec<Vec<Option<&'a str>>>,
         count: usize,
     }
-    let prepared: Vec<Prepared> = groups
+    let prepared: Vec<Prepared<'_>> = groups
         .iter()
-        .map(|g| Prepared {
-            claims: g.identity.claims.to_string(),
-            sub: claim_str(&g.identity.claims, "sub"),
-            json: g.images.json_snapshot(),
-            count: g.images.count,
+        .map(|g| {
+            let (ords, columns) = g.images.params(&g.check.sources);
+            Prepared {
+                claims: &g.identity.claims,
+                sub: claim_str(&g.identity.claims, "sub"),
+                ords,
+                columns,
+                count: g.images.count,
+            }
         })
         .collect();
     let role_text: &str = &role;
     let begin = client.batch_execute(&setup);
-    type Param<'a> = (&'a (dyn tokio_postgres::types::ToSql + Sync), Type);
-    let claim_params: Vec<[Param<'_>; 3]> = prepared
-        .iter()
-        .map(|p| {
-            [
-                (
-                    &p.claims as &(dyn tokio_postgres::types::ToSql + Sync),
-                    Type::TEXT,
-                ),
-                (&p.sub, Type::TEXT),
-                (&role_text, Type::TEXT),
-            ]
-        })
-        .collect();
-    let check_params: Vec<[Param<'_>; 1]> = prepared
-        .iter()
-        .map(|p| {
-            [(
-                &p.json as &(dyn tokio_postgres::types::ToSql + Sync),
-                Type::TEXT,
-            )]
-        })
-        .collect();
     // Pipelined: every statement is sent (in order) before any reply is awaited; join! polls
     // each pair's claims statement before its check.
     let mut statements = Vec::with_capacity(groups.len());
-    for (i, g) in groups.iter().enumerate() {
-        let claims = client.query_typed(
-            "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
-                    pg_catalog.set_config('request.jwt.claim.sub', $2, true), \
-                    pg_catalog.set_config('request.jwt.claim.role', $3, true)",
-            &claim_params[i],
-        );
-        let rows = client.query_typed(&g.check.sql, &check_params[i]);
-        statements.push(async move { tokio::join!(claims, rows) });
+    let set_claims = &set_claims;
+    for (p, check) in prepared.iter().zip(&check_statements) {
+        statements.push(async move {
+            let claims_text: &str = p.claims;
+            let sub_text: &str = &p.sub;
+            let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&claims_text, &sub_text, &role_text];
+            let check_params = param_refs(&p.ords, &p.columns);
+            tokio::join!(
+                client.query(set_claims, &claim_params),
+                client.query(check, &check_params)
+            )
+        });
     }
     let end = client.batch_execute("ROLLBACK");
     let (b, results, e) = tokio::join!(begin, futures_util::future::join_all(statements), end);
@@ -788,9 +834,10 @@ mod tests {
         assert_eq!(
             sql,
             "SELECT \"my\"\"docs\".\"walcast_ord_\" FROM (SELECT w.o AS \"walcast_ord_\", \
-             w.c0::bigint AS \"id\", w.c1::text AS \"walcast_ord\", NULL::integer AS \"gen\" \
-             FROM pg_catalog.json_to_recordset($1::pg_catalog.json) AS w(o pg_catalog.int8, \
-             c0 pg_catalog.text, c1 pg_catalog.text)) AS \"my\"\"docs\" WHERE ((id > 0))"
+             w.c2::bigint AS \"id\", w.c3::text AS \"walcast_ord\", NULL::integer AS \"gen\" \
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), \
+             pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) \
+             AS w(o, c2, c3)) AS \"my\"\"docs\" WHERE ((id > 0))"
         );
     }
 
@@ -816,13 +863,16 @@ mod tests {
             batch.push(&[v("3"), Value::Missing, v("y")], &[true, false, false]),
             Some(1)
         );
-        let json: serde_json::Value = serde_json::from_str(&batch.finish()).unwrap();
+        // Columns 0 and 2 are checked ($2, $3); column 1 is not a parameter.
+        let (ords, columns) = batch.params(&[0, 2]);
+        assert_eq!(ords, vec![0, 1]);
         assert_eq!(
-            json,
-            serde_json::json!([{"o": 0, "c0": "1", "c1": null, "c2": "a\"b"},
-                               {"o": 1, "c0": "3", "c2": "y"}])
+            columns,
+            vec![vec![Some("1"), Some("3")], vec![Some("a\"b"), Some("y")]]
         );
-        assert_eq!(ImageBatch::default().finish(), "[]");
+        // A column past the images' width is all NULL.
+        assert_eq!(batch.params(&[7]).1, vec![vec![None, None]]);
+        assert!(ImageBatch::default().is_empty());
     }
 
     #[test]

@@ -139,20 +139,62 @@ impl SqlPool {
 pub struct ExclusivePool {
     cfg: ReplicationConfig,
     application_name: &'static str,
-    slots: Vec<tokio::sync::Mutex<Option<tokio_postgres::Client>>>,
+    slots: Vec<tokio::sync::Mutex<Option<PooledConnection>>>,
     next: std::sync::atomic::AtomicUsize,
+}
+
+/// Most prepared statements kept per pooled connection; past it the cache starts over.
+/// (Statements are keyed by their text; the authorization checks produce one per table
+/// policy set, so a handful is the normal size.)
+const STATEMENT_CACHE_MAX: usize = 128;
+
+struct PooledConnection {
+    client: tokio_postgres::Client,
+    /// Statements prepared on this connection, by SQL text: executing one is a Bind and an
+    /// Execute, without parsing and planning the text again.
+    statements: std::collections::HashMap<String, tokio_postgres::Statement>,
 }
 
 /// A connection on loan from an [`ExclusivePool`]; returned when dropped.
 pub struct Lease<'a> {
-    guard: tokio::sync::MutexGuard<'a, Option<tokio_postgres::Client>>,
+    guard: tokio::sync::MutexGuard<'a, Option<PooledConnection>>,
 }
 
 impl Lease<'_> {
-    pub fn client(&self) -> &tokio_postgres::Client {
+    fn connection(&mut self) -> &mut PooledConnection {
         self.guard
+            .as_mut()
+            .expect("a lease always holds a connection: acquire() fills the slot before lending it")
+    }
+
+    pub fn client(&self) -> &tokio_postgres::Client {
+        &self
+            .guard
             .as_ref()
             .expect("a lease always holds a connection: acquire() fills the slot before lending it")
+            .client
+    }
+
+    /// `sql` prepared on this connection (once; later calls reuse the statement).
+    ///
+    /// Preparing is parse analysis only: privileges and row-level security are checked when
+    /// the statement executes, under the role current then, and Postgres re-plans a cached
+    /// plan whose row-level security depended on another role.
+    pub async fn prepare_cached(
+        &mut self,
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let conn = self.connection();
+        if let Some(statement) = conn.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = conn.client.prepare_typed(sql, types).await?;
+        if conn.statements.len() >= STATEMENT_CACHE_MAX {
+            conn.statements.clear();
+        }
+        conn.statements.insert(sql.to_string(), statement.clone());
+        Ok(statement)
     }
 
     /// Drop the connection (after an error that may have left the session dirty).
@@ -192,8 +234,11 @@ impl ExclusivePool {
             Some(g) => g,
             None => self.slots[start % n].lock().await,
         };
-        if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect(&self.cfg, self.application_name).await?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(PooledConnection {
+                client: connect(&self.cfg, self.application_name).await?,
+                statements: std::collections::HashMap::new(),
+            });
         }
         Ok(Lease { guard })
     }
