@@ -120,6 +120,24 @@ pub struct DispatchStats {
 struct Inner {
     index: SubscriptionIndex,
     channels: HashMap<SubscriberId, ChannelTarget>,
+    /// One shared `Arc` per distinct identity, so routing groups channels by pointer instead
+    /// of comparing claims strings (with 1,000 channels in 100 claims groups, comparing
+    /// contents per route was the pump's main cost). Entries nobody else holds are purged
+    /// when the set outgrows the channels.
+    identities: std::collections::HashSet<Arc<Identity>>,
+}
+
+impl Inner {
+    fn intern(&mut self, identity: Arc<Identity>) -> Arc<Identity> {
+        if let Some(shared) = self.identities.get(&*identity) {
+            return shared.clone();
+        }
+        if self.identities.len() >= 2 * self.channels.len() + 64 {
+            self.identities.retain(|i| Arc::strong_count(i) > 1);
+        }
+        self.identities.insert(identity.clone());
+        identity
+    }
 }
 
 /// Registry of postgres_changes subscribers and the fan-out of changes to them.
@@ -132,6 +150,8 @@ pub struct Hub {
 #[derive(Default)]
 pub struct DispatchScratch {
     matches: Vec<Match>,
+    /// Identity pointer → index in the `Routed` being built.
+    identity_index: HashMap<usize, u32>,
     data: HashMap<RenderKey, Arc<str>>,
     frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
 }
@@ -172,7 +192,12 @@ type RenderKey = (Option<Vec<String>>, Visibility);
 /// batch of changes, authorize the batch, then deliver each in order.
 #[derive(Default, Clone)]
 pub struct Routed {
-    routes: Vec<(Match, ChannelTarget)>,
+    /// Each route with the index of its identity in `identities`.
+    routes: Vec<(Match, ChannelTarget, u32)>,
+    /// Distinct identities among the routes, in first-seen order. Distinct by pointer: the
+    /// hub interns identities, so channels with equal role and claims share one `Arc` and
+    /// one entry here (an identity that escaped interning only costs a separate group).
+    identities: Vec<Arc<Identity>>,
 }
 
 impl Routed {
@@ -180,23 +205,18 @@ impl Routed {
         self.routes.is_empty()
     }
 
-    /// Distinct identities among the routed channels, in first-seen order.
-    pub fn identities(&self) -> Vec<Arc<Identity>> {
-        let mut out: Vec<Arc<Identity>> = Vec::new();
-        for (_, t) in &self.routes {
-            if !out.iter().any(|i| **i == *t.identity) {
-                out.push(t.identity.clone());
-            }
-        }
-        out
+    /// Distinct identities among the routed channels, in first-seen order. Authorization
+    /// decides per entry; [`Hub::deliver_routed`] asks by index into this slice.
+    pub fn identities(&self) -> &[Arc<Identity>] {
+        &self.identities
     }
 
-    /// Subscribers routed under `identity`.
-    pub fn subscribers_of(&self, identity: &Identity) -> Vec<SubscriberId> {
+    /// Subscribers routed under the identity at `index` of [`Routed::identities`].
+    pub fn subscribers_of(&self, index: usize) -> Vec<SubscriberId> {
         self.routes
             .iter()
-            .filter(|(_, t)| *t.identity == *identity)
-            .map(|(m, _)| m.subscriber)
+            .filter(|(_, _, k)| *k as usize == index)
+            .map(|(m, _, _)| m.subscriber)
             .collect()
     }
 }
@@ -223,6 +243,8 @@ impl Hub {
         for b in bindings {
             inner.index.insert(id, b);
         }
+        let mut target = target;
+        target.identity = inner.intern(target.identity);
         inner.channels.insert(id, target);
         while_locked()
     }
@@ -274,11 +296,17 @@ impl Hub {
         }
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         inner.index.matches(change, &mut scratch.matches);
+        scratch.identity_index.clear();
         for m in scratch.matches.drain(..) {
             let Some(target) = inner.channels.get(&m.subscriber) else {
                 continue;
             };
-            routed.routes.push((m, target.clone()));
+            let ptr = Arc::as_ptr(&target.identity) as usize;
+            let k = *scratch.identity_index.entry(ptr).or_insert_with(|| {
+                routed.identities.push(target.identity.clone());
+                (routed.identities.len() - 1) as u32
+            });
+            routed.routes.push((m, target.clone(), k));
         }
         routed
     }
@@ -291,13 +319,13 @@ impl Hub {
         change: &Change,
         routed: Routed,
         scratch: &mut DispatchScratch,
-        decide: impl Fn(&Identity) -> Access,
+        decide: impl Fn(usize) -> Access,
     ) -> DispatchStats {
         let mut stats = DispatchStats::default();
         scratch.data.clear();
         scratch.frames.clear();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        for (m, target) in routed.routes {
+        for (m, target, k) in routed.routes {
             let live = inner
                 .channels
                 .get(&m.subscriber)
@@ -305,7 +333,7 @@ impl Hub {
             if !live {
                 continue;
             }
-            let Access::Allow(vis) = decide(&target.identity) else {
+            let Access::Allow(vis) = decide(k as usize) else {
                 continue;
             };
             let key = (
@@ -715,11 +743,11 @@ mod tests {
         let mut scratch = DispatchScratch::default();
         let change = insert(table(true), "x");
         let routed = hub.route_owned(&change, &mut scratch);
-        let ids = routed.identities();
+        let ids = routed.identities().to_vec();
         let roles: Vec<&str> = ids.iter().map(|i| &*i.role).collect();
         assert_eq!(roles, ["anon", "authenticated"]);
         let stats = hub.deliver_routed(&change, routed, &mut scratch, |i| {
-            if &*i.role == "authenticated" {
+            if &*ids[i].role == "authenticated" {
                 Access::ALL
             } else {
                 Access::Deny
@@ -817,8 +845,9 @@ mod tests {
         let mut scratch = DispatchScratch::default();
         let change = insert(table(true), "x");
         let routed = hub.route_owned(&change, &mut scratch);
+        // Equal role and claims in separate Arcs: interned into one identity.
         assert_eq!(routed.identities().len(), 1);
-        assert_eq!(routed.subscribers_of(&routed.identities()[0]), vec![1, 2]);
+        assert_eq!(routed.subscribers_of(0), vec![1, 2]);
         let mask = Visibility {
             columns: Some(Arc::from(vec![true, false])),
             old_record: true,

@@ -2,18 +2,25 @@
 //! blocking on clients.
 //!
 //! ```text
-//! Replicator.recv() ─▶ ChangeDecoder ─▶ hub.route_owned ─▶ pending (this transaction)
-//!      ▲                   │ Relation: flush, resolve types, forget the table's policies
-//!      │                   │ Commit, or BATCH_MAX pending: flush ─▶ rls (one statement per
-//!      │                   │   table × identity group) ─▶ hub.deliver_routed, change by change
-//!      └── the next recv() confirms everything before it was handed to the hub
+//! Replicator.recv() ─▶ ChangeDecoder ─▶ hub.route_owned ─▶ pending (this transaction, or
+//!      ▲                   │                                  several when behind)
+//!      │                   │ Relation: flush, resolve types, forget the table's policies
+//!      │                   │ Commit (nothing buffered behind it), or BATCH_MAX pending:
+//!      │                   │   flush ─▶ rls (one statement per table × identity group)
+//!      │                   │   ─▶ hub.deliver_routed, change by change ─▶ release held commits
+//!      └── the next recv() confirms what was handed on (held commits wait for the flush)
 //! ```
 //!
 //! Invariants:
 //! - Every routed change is handed to the hub (queued on every authorized socket, or dropped
-//!   for a full one) before the `recv` that follows its Commit, and before any `recv` once
-//!   [`BATCH_MAX`] are pending: the position confirmed to Postgres never passes a change that
-//!   was not handed on, and memory stays bounded whatever the transaction size.
+//!   for a full one) before the position of its Commit is confirmed, and before any `recv`
+//!   once [`BATCH_MAX`] are pending: the position confirmed to Postgres never passes a change
+//!   that was not handed on, and memory stays bounded whatever the transaction size.
+//! - When the pump is behind (more events already buffered at a Commit), it gathers the
+//!   following transactions into the same batch, holding their confirmations
+//!   ([`Replicator::hold`]) until the batch is delivered: one authorization statement per
+//!   group then covers several transactions. When it is caught up, every Commit flushes at
+//!   once, so gathering never adds latency.
 //! - Changes are delivered in the order they were decoded, so each subscriber sees commit
 //!   order.
 //! - Default deny and isolation as documented in [`crate::rls`]: a failed check for one
@@ -49,6 +56,9 @@ pub struct Pump {
     authz: Arc<ExclusivePool>,
     policies: PolicyCache,
     pending: Vec<(Change, Routed)>,
+    /// Committed transactions are pending, gathered while more events were buffered: they
+    /// are flushed as soon as nothing more is buffered.
+    gathering: bool,
     scratch: DispatchScratch,
     /// Broadcast topics, for `realtime.send` messages from the database.
     topics: Option<Arc<Topics>>,
@@ -60,8 +70,18 @@ struct Group {
     relid: u32,
     check: Arc<rls::RowCheck>,
     images: ImageBatch,
-    /// (pending index, ordinal of its primary image, ordinal of its old image)
-    members: Vec<(usize, Option<usize>, Option<usize>)>,
+    members: Vec<Member>,
+}
+
+/// One change's share of a [`Group`].
+struct Member {
+    /// Index in the pending changes.
+    pending: usize,
+    /// Index of the identity in that change's [`Routed::identities`].
+    identity: usize,
+    /// Ordinals of its primary and old images in the group's batch (`None`: not judgeable).
+    primary: Option<usize>,
+    old: Option<usize>,
 }
 
 impl Pump {
@@ -81,6 +101,7 @@ impl Pump {
             authz,
             policies: PolicyCache::default(),
             pending: Vec::new(),
+            gathering: false,
             scratch: DispatchScratch::default(),
             topics: None,
         }
@@ -96,6 +117,10 @@ impl Pump {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         loop {
+            if self.gathering && !self.replicator.has_buffered() {
+                // Gathered transactions must not wait for events that may never come.
+                self.flush().await;
+            }
             let event = tokio::select! {
                 ev = self.replicator.recv() => ev,
                 _ = &mut shutdown => break,
@@ -119,8 +144,9 @@ impl Pump {
                     tracing::warn!(%resume_from, "replication reconnected; resuming");
                     metrics::replication_reconnected();
                     self.decoder.reset();
-                    // The unconfirmed transaction is sent again from its start.
+                    // The unconfirmed transactions are sent again from their start.
                     self.pending.clear();
+                    self.gathering = false;
                     self.policies.clear();
                 }
             }
@@ -169,8 +195,20 @@ impl Pump {
                 }
             }
             Decoded::Commit { commit_time_us, .. } => {
-                self.flush().await;
                 metrics::replication_lag_seconds(seconds_since(commit_time_us));
+                if !self.pending.is_empty()
+                    && self.pending.len() < BATCH_MAX
+                    && self.replicator.has_buffered()
+                {
+                    // Behind the stream: gather the next transactions into this batch, so
+                    // one authorization statement per group covers all of them. Nothing is
+                    // delayed (the next events are already here) and the commit stays
+                    // unconfirmed until its changes are handed on.
+                    self.replicator.hold();
+                    self.gathering = true;
+                } else {
+                    self.flush().await;
+                }
             }
             Decoded::Message(m) => {
                 if let (Some(topics), "realtime.broadcast") =
@@ -186,8 +224,15 @@ impl Pump {
         Ok(())
     }
 
-    /// Authorize and deliver every pending change, in order.
+    /// Authorize and deliver every pending change, in order; then confirm the transactions
+    /// held back while they were gathered.
     async fn flush(&mut self) {
+        self.deliver_pending().await;
+        self.replicator.release();
+        self.gathering = false;
+    }
+
+    async fn deliver_pending(&mut self) {
         if self.pending.is_empty() {
             return;
         }
@@ -226,12 +271,13 @@ impl Pump {
             }
         }
 
-        // 2. Group the images to check per (table, identity).
+        // 2. Group the images to check per (table, identity). Identities are interned by the
+        //    hub, so a group is keyed by the identity's pointer, never by its claims text.
         let mut groups: Vec<Group> = Vec::new();
-        let mut group_of: HashMap<(u32, Arc<Identity>), usize> = HashMap::new();
+        let mut group_of: HashMap<(u32, usize), usize> = HashMap::new();
         for (idx, (change, routed)) in pending.iter().enumerate() {
             let relid = change.table.relation_id;
-            for identity in routed.identities() {
+            for (k, identity) in routed.identities().iter().enumerate() {
                 let policy = &table_policy[&(identity.role.clone(), relid)];
                 let RowRule::Check(check) = &policy.rows else {
                     continue;
@@ -239,18 +285,17 @@ impl Pump {
                 if !policy.select {
                     continue;
                 }
-                let g = *group_of
-                    .entry((relid, identity.clone()))
-                    .or_insert_with(|| {
-                        groups.push(Group {
-                            identity: identity.clone(),
-                            relid,
-                            check: check.clone(),
-                            images: ImageBatch::default(),
-                            members: Vec::new(),
-                        });
-                        groups.len() - 1
+                let key = (relid, Arc::as_ptr(identity) as usize);
+                let g = *group_of.entry(key).or_insert_with(|| {
+                    groups.push(Group {
+                        identity: identity.clone(),
+                        relid,
+                        check: check.clone(),
+                        images: ImageBatch::default(),
+                        members: Vec::new(),
                     });
+                    groups.len() - 1
+                });
                 let group = &mut groups[g];
                 let images = rls::images(change);
                 let primary = images
@@ -263,7 +308,12 @@ impl Pump {
                     (Some(_), Some(row)) => group.images.push(row, &check.reads),
                     _ => None,
                 };
-                group.members.push((idx, primary, old));
+                group.members.push(Member {
+                    pending: idx,
+                    identity: k,
+                    primary,
+                    old,
+                });
             }
         }
 
@@ -315,16 +365,19 @@ impl Pump {
             }
         }
 
-        // Verdicts per (pending index, identity): (primary visible, old visible).
-        let mut verdicts: HashMap<(usize, Arc<Identity>), (bool, bool)> = HashMap::new();
+        // Verdicts per pending change, per identity index: (primary visible, old visible);
+        // `None` (no verdict) denies.
+        let mut verdicts: Vec<Vec<Option<(bool, bool)>>> = pending
+            .iter()
+            .map(|(_, routed)| vec![None; routed.identities().len()])
+            .collect();
         for (group, result) in groups.iter().zip(results) {
             match result {
                 Ok(visible) => {
                     metrics::authz_check("ok");
                     let seen = |o: Option<usize>| o.is_some_and(|o| visible.get(o) == Some(&true));
-                    for (idx, primary, old) in &group.members {
-                        verdicts
-                            .insert((*idx, group.identity.clone()), (seen(*primary), seen(*old)));
+                    for m in &group.members {
+                        verdicts[m.pending][m.identity] = Some((seen(m.primary), seen(m.old)));
                     }
                 }
                 Err(AuthzError::Unavailable(e)) => {
@@ -338,8 +391,8 @@ impl Pump {
                         "Unable to authorize changes for this channel's token: a row-level security check failed (SQLSTATE {code}); the subscription was stopped"
                     );
                     let mut stopped = Vec::new();
-                    for (idx, _, _) in &group.members {
-                        for id in pending[*idx].1.subscribers_of(&group.identity) {
+                    for m in &group.members {
+                        for id in pending[m.pending].1.subscribers_of(m.identity) {
                             if !stopped.contains(&id) && self.hub.fail(id, &message) {
                                 stopped.push(id);
                             }
@@ -353,30 +406,30 @@ impl Pump {
         // 4. Deliver in order.
         for (idx, (change, routed)) in pending.into_iter().enumerate() {
             let relid = change.table.relation_id;
-            let mut decisions: Vec<(Arc<Identity>, Access)> = Vec::new();
-            for identity in routed.identities() {
-                let policy = &table_policy[&(identity.role.clone(), relid)];
-                let decision = match &policy.rows {
-                    RowRule::All => rls::access(policy, true, true),
-                    RowRule::Nothing => Access::Deny,
-                    RowRule::Check(_) => match verdicts.get(&(idx, identity.clone())) {
-                        Some((primary, old)) => rls::access(policy, *primary, *old),
-                        None => Access::Deny,
-                    },
-                };
-                if decision == Access::Deny {
-                    metrics::delivery_dropped("unauthorized");
-                }
-                decisions.push((identity, decision));
-            }
+            let decisions: Vec<Access> = routed
+                .identities()
+                .iter()
+                .enumerate()
+                .map(|(k, identity)| {
+                    let policy = &table_policy[&(identity.role.clone(), relid)];
+                    let decision = match &policy.rows {
+                        RowRule::All => rls::access(policy, true, true),
+                        RowRule::Nothing => Access::Deny,
+                        RowRule::Check(_) => match verdicts[idx][k] {
+                            Some((primary, old)) => rls::access(policy, primary, old),
+                            None => Access::Deny,
+                        },
+                    };
+                    if decision == Access::Deny {
+                        metrics::delivery_dropped("unauthorized");
+                    }
+                    decision
+                })
+                .collect();
             let stats = self
                 .hub
-                .deliver_routed(&change, routed, &mut self.scratch, |id| {
-                    decisions
-                        .iter()
-                        .find(|(i, _)| **i == *id)
-                        .map(|(_, a)| a.clone())
-                        .unwrap_or(Access::Deny)
+                .deliver_routed(&change, routed, &mut self.scratch, |k| {
+                    decisions.get(k).cloned().unwrap_or(Access::Deny)
                 });
             metrics::changes_delivered(stats.delivered);
             if stats.delivered > 0 {

@@ -41,6 +41,10 @@ struct Opts {
     /// Rows per transaction.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Mint a token per channel (at join time, so `exp` varies): as many claims groups as
+    /// channels, like real clients whose tokens carry their own `exp`/`iat`/session.
+    #[arg(long)]
+    token_per_channel: bool,
     #[command(flatten)]
     harness: HarnessArgs,
 }
@@ -85,9 +89,18 @@ async fn run(o: Opts) -> Result<()> {
         frames: (0..o.subscribers).map(|_| AtomicU64::new(0)).collect(),
         last_ns: AtomicU64::new(0),
     });
+    // One token per tenant, shared by its channels: the claims (including `exp`) of a
+    // tenant's channels are identical, so they form exactly `--groups` claims groups. A token
+    // minted per channel would differ in `exp` whenever a second passes during the joins,
+    // multiplying the groups (see `--token-per-channel`).
+    let tenant_tokens: Vec<String> = (0..o.groups).map(token).collect::<Result<_>>()?;
     for i in 0..o.subscribers {
         let tenant = i % o.groups;
-        let tok = token(tenant)?;
+        let tok = if o.token_per_channel {
+            token(tenant)?
+        } else {
+            tenant_tokens[tenant].clone()
+        };
         let mut ws = realtime::connect(addr, None, &tok, 64 * 1024).await?;
         let join = serde_json::json!([ "1", "1", format!("realtime:rls-{i}"), "phx_join",
             {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "rls_rows"}]},
