@@ -412,20 +412,20 @@ impl Pump {
                 .enumerate()
                 .map(|(k, identity)| {
                     let policy = &table_policy[&(identity.role.clone(), relid)];
-                    let decision = match &policy.rows {
+                    match &policy.rows {
                         RowRule::All => rls::access(policy, true, true),
                         RowRule::Nothing => Access::Deny,
                         RowRule::Check(_) => match verdicts[idx][k] {
                             Some((primary, old)) => rls::access(policy, primary, old),
                             None => Access::Deny,
                         },
-                    };
-                    if decision == Access::Deny {
-                        metrics::delivery_dropped("unauthorized");
                     }
-                    decision
                 })
                 .collect();
+            let denied = decisions.iter().filter(|d| **d == Access::Deny).count();
+            if denied > 0 {
+                metrics::delivery_dropped_n("unauthorized", denied as u64);
+            }
             let stats = self
                 .hub
                 .deliver_routed(&change, routed, &mut self.scratch, |k| {

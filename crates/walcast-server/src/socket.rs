@@ -337,13 +337,7 @@ async fn write_batch(
         }
     }
     ws.flush().await?;
-    if text > 0 {
-        metrics::frames_out("text", text, 0);
-    }
-    if binary > 0 {
-        metrics::frames_out("binary", binary, 0);
-    }
-    metrics::frames_out("bytes", 0, bytes);
+    metrics::frames_out(text, binary, bytes);
     Ok(())
 }
 
@@ -491,11 +485,11 @@ impl Socket {
     async fn on_message(&mut self, msg: Message) -> Option<Exit> {
         let decoded = match msg {
             Message::Text(t) => {
-                metrics::frame_in("text", t.len());
+                metrics::frame_in(metrics::FrameKind::Text, t.len());
                 decode_text(self.vsn, t.as_str())
             }
             Message::Binary(b) => {
-                metrics::frame_in("binary", b.len());
+                metrics::frame_in(metrics::FrameKind::Binary, b.len());
                 decode_binary_bytes(self.vsn, &b)
             }
             Message::Close(_) => return Some(Exit::ClientGone),
