@@ -54,7 +54,11 @@ use crate::sql::ExclusivePool;
 /// Longest one authorization statement may run.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a compiled policy set is reused without a Relation message invalidating it.
-/// (Policy changes do not produce a Relation message, so this bounds their staleness.)
+/// CREATE/ALTER/DROP POLICY, ENABLE/FORCE ROW LEVEL SECURITY and GRANT/REVOKE on the table
+/// invalidate its relcache, so pgoutput sends its Relation message again before its next
+/// change and the pump forgets the compiled policy at exactly that point (test
+/// `a_policy_change_applies_from_its_commit`). This limit bounds what touches no table:
+/// role membership (`GRANT role TO role`) and role attributes (`BYPASSRLS`, `SUPERUSER`).
 pub const POLICY_TTL: Duration = Duration::from_secs(10);
 
 /// Why an authorization step did not produce an answer, by what the caller does next.

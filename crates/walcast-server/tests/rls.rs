@@ -545,3 +545,83 @@ async fn a_failing_policy_stops_only_that_subscriber() {
         "nothing was delivered to the failing identity"
     );
 }
+
+/// A policy or privilege changed while a subscriber listens applies from the DDL's position
+/// in the stream, not after the policy cache's 10-second time limit: the DDL invalidates the
+/// table's relcache, so pgoutput sends the table's Relation message again before its next
+/// change, and the pump forgets the compiled policy there. The row committed right after
+/// the ALTER POLICY is not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_applies_from_its_commit() {
+    let db = PgCluster::shared()
+        .fresh_database()
+        .await
+        .expect("database");
+    let sql = db.connect().await.expect("connect");
+    let role = format!("{}_r", db.name());
+    support::exec_each(
+        &sql,
+        &[
+            &format!("CREATE ROLE {role} NOLOGIN"),
+            "CREATE TABLE t (id int8 PRIMARY KEY, tenant int4)",
+            "CREATE TABLE fence (id int8 PRIMARY KEY)",
+            "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
+            &format!("GRANT SELECT ON t, fence TO {role}"),
+            "CREATE POLICY p ON t FOR SELECT USING (true)",
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_ddl", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut sub = Subscriber::join(
+        server.port,
+        "watcher",
+        &json!({"role": role, "tenant": 1}),
+        &tables,
+    )
+    .await;
+    sql.batch_execute("INSERT INTO t VALUES (1, 2); INSERT INTO fence VALUES (1)")
+        .await
+        .expect("insert");
+    sub.until_fence("fence", 1).await;
+    // The cached policy now says "every row". Tighten it and write at once.
+    sql.batch_execute(
+        "ALTER POLICY p ON t USING (tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4);
+         INSERT INTO t VALUES (2, 2); INSERT INTO t VALUES (3, 1); INSERT INTO fence VALUES (2)",
+    )
+    .await
+    .expect("alter and insert");
+    sub.until_fence("fence", 2).await;
+    let ids: Vec<&Value> = sub
+        .events
+        .iter()
+        .filter(|e| e["table"] == "t")
+        .map(|e| &e["record"]["id"])
+        .collect();
+    assert_eq!(ids, [&json!(1), &json!(3)], "row 2 is another tenant's");
+    // Loosening works the same way (GRANT/REVOKE and DROP POLICY take the same path).
+    sql.batch_execute(
+        "DROP POLICY p ON t; CREATE POLICY p2 ON t FOR SELECT USING (true);
+         INSERT INTO t VALUES (4, 2); INSERT INTO fence VALUES (3)",
+    )
+    .await
+    .expect("replace and insert");
+    sub.until_fence("fence", 3).await;
+    assert!(
+        sub.events.iter().any(|e| e["record"]["id"] == 4),
+        "{:?}",
+        sub.events
+    );
+    // Revoking the table privilege stops delivery from the next change on.
+    sql.batch_execute(&format!(
+        "REVOKE SELECT ON t FROM {role}; INSERT INTO t VALUES (5, 1); INSERT INTO fence VALUES (4)"
+    ))
+    .await
+    .expect("revoke and insert");
+    sub.until_fence("fence", 4).await;
+    assert!(
+        !sub.events.iter().any(|e| e["record"]["id"] == 5),
+        "{:?}",
+        sub.events
+    );
+}
