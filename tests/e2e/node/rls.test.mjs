@@ -138,3 +138,41 @@ test('a private channel with a read policy for its topic is joined', async () =>
   const first = await statuses.find(() => true)
   assert.equal(first.status, 'CHANNEL_ERROR', 'the policy grants one topic only')
 })
+
+test('an accessToken callback authorizes channels as the user, over an anon apikey', async () => {
+  // The usual app setup: the socket is opened with the project's anon key and the signed-in
+  // user's token comes from the `accessToken` option; channels must act as the user.
+  // supabase-js fetches that token asynchronously after createClient; a channel subscribed
+  // in the same tick joins without `access_token`, i.e. as the apikey's role (anon), and the
+  // client never pushes the token afterwards because it did not change. Supabase's server
+  // treats that join the same way, so the test waits for the token like an app that renders
+  // first: `realtime.setAuth()` without an argument asks the callback.
+  let userToken = mintToken({ role: 'authenticated', claims: { sub: 'hana' } })
+  const supabase = newClient(mintToken({ role: 'anon' }), { accessToken: async () => userToken })
+  await supabase.realtime.setAuth()
+  const channel = supabase.channel(`rls-callback-${sfx}`)
+  const system = collectSystem(channel)
+  const events = listen(channel, { event: 'INSERT', schema: 'public', table: notes })
+  const fenceEvents = listen(channel, { event: 'INSERT', schema: 'public', table: fence })
+  await subscribed(channel)
+  await sql(`INSERT INTO public."${notes}" VALUES (300, 'hana', 'h1'), (301, 'ivan', 'i1')`)
+  await sql(`INSERT INTO public."${fence}" VALUES (300)`)
+  await fenceEvents.find((e) => e.new.id === 300)
+  assert.deepStrictEqual(rows(events), [{ id: 300, owner: 'hana', body: 'h1' }])
+
+  // The callback now returns another user's token; setAuth() pushes it to the channel.
+  userToken = mintToken({ role: 'authenticated', claims: { sub: 'ivan' } })
+  await supabase.realtime.setAuth()
+  for (let n = 310; !rows(events).some((r) => r.owner === 'ivan'); n += 1) {
+    assert.ok(n < 350, 'ivan\'s rows never arrived after the refresh')
+    await sql(`INSERT INTO public."${notes}" VALUES (${n}, 'ivan', 'probe')`)
+    await sql(`INSERT INTO public."${fence}" VALUES (${n})`)
+    await fenceEvents.find((e) => e.new.id === n)
+  }
+  await sql(`INSERT INTO public."${notes}" VALUES (400, 'hana', 'h2'), (401, 'ivan', 'i2')`)
+  await sql(`INSERT INTO public."${fence}" VALUES (400)`)
+  await fenceEvents.find((e) => e.new.id === 400)
+  assert.deepStrictEqual(rows(events).at(-1), { id: 401, owner: 'ivan', body: 'i2' })
+  assert.ok(!rows(events).some((r) => r.id === 400), 'hana\'s row after the switch')
+  assert.deepStrictEqual(system.items.filter((m) => m.status === 'error'), [])
+})
