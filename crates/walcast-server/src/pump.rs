@@ -18,8 +18,9 @@
 //!   that was not handed on, and memory stays bounded whatever the transaction size.
 //! - When the pump is behind (more events already buffered at a Commit), it gathers the
 //!   following transactions into the same batch, holding their confirmations
-//!   ([`Replicator::hold`]) until the batch is delivered: one authorization statement per
-//!   group then covers several transactions. When it is caught up, every Commit flushes at
+//!   ([`Replicator::hold`]) until the batch is delivered, for at most [`GATHER_MAX`] and
+//!   [`BATCH_MAX`] changes: one authorization statement per group then covers several
+//!   transactions. When it is caught up, every Commit flushes at
 //!   once, so gathering never adds latency.
 //! - Changes are delivered in the order they were decoded, so each subscriber sees commit
 //!   order.
@@ -28,6 +29,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use walcast_core::broadcast::Topics;
@@ -44,6 +46,10 @@ use crate::sql::{ExclusivePool, SqlPool};
 /// Most routed changes held before they are authorized and delivered, inside one
 /// transaction.
 pub const BATCH_MAX: usize = 1_000;
+/// Longest the pump keeps gathering buffered transactions into one batch. While it catches
+/// up on a backlog something is always buffered; this bounds the delay of the first
+/// gathered change and how long its commit stays unconfirmed.
+const GATHER_MAX: Duration = Duration::from_millis(25);
 /// Authorization transactions run side by side (the size of the authorization pool).
 const AUTHZ_PARALLEL: usize = 4;
 
@@ -59,6 +65,8 @@ pub struct Pump {
     /// Committed transactions are pending, gathered while more events were buffered: they
     /// are flushed as soon as nothing more is buffered.
     gathering: bool,
+    /// When the first gathered transaction's commit arrived.
+    gathering_since: Option<Instant>,
     scratch: DispatchScratch,
     /// Broadcast topics, for `realtime.send` messages from the database.
     topics: Option<Arc<Topics>>,
@@ -102,6 +110,7 @@ impl Pump {
             policies: PolicyCache::default(),
             pending: Vec::new(),
             gathering: false,
+            gathering_since: None,
             scratch: DispatchScratch::default(),
             topics: None,
         }
@@ -147,6 +156,7 @@ impl Pump {
                     // The unconfirmed transactions are sent again from their start.
                     self.pending.clear();
                     self.gathering = false;
+                    self.gathering_since = None;
                     self.policies.clear();
                 }
             }
@@ -196,8 +206,10 @@ impl Pump {
             }
             Decoded::Commit { commit_time_us, .. } => {
                 metrics::replication_lag_seconds(seconds_since(commit_time_us));
+                let gathered_for = self.gathering_since.map_or(Duration::ZERO, |t| t.elapsed());
                 if !self.pending.is_empty()
                     && self.pending.len() < BATCH_MAX
+                    && gathered_for < GATHER_MAX
                     && self.replicator.has_buffered()
                 {
                     // Behind the stream: gather the next transactions into this batch, so
@@ -206,6 +218,7 @@ impl Pump {
                     // unconfirmed until its changes are handed on.
                     self.replicator.hold();
                     self.gathering = true;
+                    self.gathering_since.get_or_insert_with(Instant::now);
                 } else {
                     self.flush().await;
                 }
@@ -230,6 +243,7 @@ impl Pump {
         self.deliver_pending().await;
         self.replicator.release();
         self.gathering = false;
+        self.gathering_since = None;
     }
 
     async fn deliver_pending(&mut self) {
