@@ -480,8 +480,14 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
 
 /// One identity whose claims make a policy raise (a cast error, Supabase #2093) loses its
 /// binding with a system error; the others keep receiving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_policy_stops_only_that_subscriber() {
+/// A row's tenant against the token's `tenant` claim.
+const TENANT_POLICY: &str =
+    "tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4";
+
+/// A fresh database with role `<db>_r`, table `t (id, tenant)` under row-level security with
+/// one SELECT policy `p` using `policy`, and a `fence` table without RLS; the role may
+/// SELECT both.
+async fn tenant_table(policy: &str) -> (walcast_testkit::TestDb, tokio_postgres::Client, String) {
     let db = PgCluster::shared()
         .fresh_database()
         .await
@@ -493,12 +499,19 @@ async fn a_failing_policy_stops_only_that_subscriber() {
         &[
             &format!("CREATE ROLE {role} NOLOGIN"),
             "CREATE TABLE t (id int8 PRIMARY KEY, tenant int4)",
+            "CREATE TABLE fence (id int8 PRIMARY KEY)",
             "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
-            &format!("GRANT SELECT ON t TO {role}"),
-            "CREATE POLICY p ON t FOR SELECT USING (tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4)",
+            &format!("GRANT SELECT ON t, fence TO {role}"),
+            &format!("CREATE POLICY p ON t FOR SELECT USING ({policy})"),
         ],
     )
     .await;
+    (db, sql, role)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_policy_stops_only_that_subscriber() {
+    let (db, sql, role) = tenant_table(TENANT_POLICY).await;
     let server = serve(db.url(), &format!("{}_iso", db.name())).await;
     let tables = vec!["t".to_string()];
     let mut bad = Subscriber::join(
@@ -553,24 +566,7 @@ async fn a_failing_policy_stops_only_that_subscriber() {
 /// the ALTER POLICY is not delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_applies_from_its_commit() {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("database");
-    let sql = db.connect().await.expect("connect");
-    let role = format!("{}_r", db.name());
-    support::exec_each(
-        &sql,
-        &[
-            &format!("CREATE ROLE {role} NOLOGIN"),
-            "CREATE TABLE t (id int8 PRIMARY KEY, tenant int4)",
-            "CREATE TABLE fence (id int8 PRIMARY KEY)",
-            "ALTER TABLE t ENABLE ROW LEVEL SECURITY",
-            &format!("GRANT SELECT ON t, fence TO {role}"),
-            "CREATE POLICY p ON t FOR SELECT USING (true)",
-        ],
-    )
-    .await;
+    let (db, sql, role) = tenant_table("true").await;
     let server = serve(db.url(), &format!("{}_ddl", db.name())).await;
     let tables = vec!["t".to_string(), "fence".to_string()];
     let mut sub = Subscriber::join(
@@ -585,10 +581,10 @@ async fn a_policy_change_applies_from_its_commit() {
         .expect("insert");
     sub.until_fence("fence", 1).await;
     // The cached policy now says "every row". Tighten it and write at once.
-    sql.batch_execute(
-        "ALTER POLICY p ON t USING (tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4);
-         INSERT INTO t VALUES (2, 2); INSERT INTO t VALUES (3, 1); INSERT INTO fence VALUES (2)",
-    )
+    sql.batch_execute(&format!(
+            "ALTER POLICY p ON t USING ({TENANT_POLICY});
+             INSERT INTO t VALUES (2, 2); INSERT INTO t VALUES (3, 1); INSERT INTO fence VALUES (2)"
+        ))
     .await
     .expect("alter and insert");
     sub.until_fence("fence", 2).await;
