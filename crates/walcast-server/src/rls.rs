@@ -489,50 +489,6 @@ async fn prepare_checks(
     Ok((set_claims, statements))
 }
 
-/// Run one group's check: the ordinals of the images the identity may see.
-pub async fn check_images(
-    pool: &ExclusivePool,
-    identity: &Identity,
-    check: &RowCheck,
-    images: ImageBatch,
-) -> Result<Vec<bool>, AuthzError> {
-    let count = images.count;
-    let (ords, columns) = images.params(&check.sources);
-    let mut lease = pool
-        .acquire()
-        .await
-        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
-    let (set_claims, statements) = prepare_checks(&mut lease, &[check]).await?;
-    let client = lease.client();
-    let sub = claim_str(&identity.claims, "sub");
-    let setup = format!(
-        "BEGIN; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}",
-        quote_ident(&identity.role),
-        CHECK_TIMEOUT.as_millis()
-    );
-    let claims_text: &str = &identity.claims;
-    let role_text: &str = &identity.role;
-    let sub_text: &str = &sub;
-    let begin = client.batch_execute(&setup);
-    let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&claims_text, &sub_text, &role_text];
-    let check_params = param_refs(&ords, &columns);
-    let claims = client.query(&set_claims, &claim_params);
-    let rows = client.query(&statements[0], &check_params);
-    let end = client.batch_execute("ROLLBACK");
-    let (b, c, r, e) = tokio::join!(begin, claims, rows, end);
-    if let Err(err) = &e {
-        // The session may still carry the role: never lend it again.
-        let err = AuthzError::from_pg(err);
-        lease.discard();
-        return Err(err);
-    }
-    b.map_err(|e| AuthzError::from_pg(&e))?;
-    c.map_err(|e| AuthzError::from_pg(&e))?;
-    let rows = r.map_err(|e| AuthzError::from_pg(&e))?;
-    visible_ordinals(rows, count)
-}
-
 /// One claims group's share of a batched check: its identity (role + claims), the compiled
 /// check of the table and the row images to judge.
 pub struct GroupCheck {
@@ -554,24 +510,39 @@ pub async fn check_role_groups(
     pool: &ExclusivePool,
     groups: Vec<GroupCheck>,
 ) -> Vec<Result<Vec<bool>, AuthzError>> {
-    if groups.len() <= 1 {
-        let mut out = Vec::with_capacity(1);
-        for g in groups {
-            out.push(check_images(pool, &g.identity, &g.check, g.images).await);
-        }
-        return out;
+    let first = one_transaction(pool, &groups).await;
+    let mut finished = Vec::with_capacity(groups.len());
+    for (g, r) in groups.iter().zip(first) {
+        finished.push(match r {
+            Some(r) => r,
+            // Aborted by an earlier group's failure: decided again, on its own.
+            None => match one_transaction(pool, std::slice::from_ref(g)).await.pop() {
+                Some(Some(r)) => r,
+                // A lone group is never aborted by another; nothing ran.
+                _ => Err(AuthzError::Unavailable(
+                    "the authorization check did not run".into(),
+                )),
+            },
+        });
     }
-    let role = groups[0].identity.role.clone();
+    finished
+}
+
+/// `groups` (all of one role) in one transaction and one pipelined round trip. `None` for a
+/// group whose statements came after a failing one (they fail with 25P02 whatever their
+/// policies say) and must be decided again.
+async fn one_transaction(
+    pool: &ExclusivePool,
+    groups: &[GroupCheck],
+) -> Vec<Option<Result<Vec<bool>, AuthzError>>> {
+    let Some(role) = groups.first().map(|g| g.identity.role.clone()) else {
+        return Vec::new();
+    };
     debug_assert!(groups.iter().all(|g| g.identity.role == role));
+    let all_fail = |err: AuthzError| groups.iter().map(|_| Some(Err(err.clone()))).collect();
     let mut lease = match pool.acquire().await {
         Ok(l) => l,
-        Err(e) => {
-            let msg = format!("{e:#}");
-            return groups
-                .iter()
-                .map(|_| Err(AuthzError::Unavailable(msg.clone())))
-                .collect();
-        }
+        Err(e) => return all_fail(AuthzError::Unavailable(format!("{e:#}"))),
     };
     let checks: Vec<&RowCheck> = groups.iter().map(|g| &*g.check).collect();
     let (set_claims, check_statements) = match prepare_checks(&mut lease, &checks).await {
@@ -580,7 +551,7 @@ pub async fn check_role_groups(
             if matches!(err, AuthzError::Unavailable(_)) {
                 lease.discard();
             }
-            return groups.iter().map(|_| Err(err.clone())).collect();
+            return all_fail(err);
         }
     };
     let client = lease.client();
@@ -594,7 +565,6 @@ pub async fn check_role_groups(
         sub: String,
         ords: Vec<i64>,
         columns: Vec<Vec<Option<&'a str>>>,
-        count: usize,
     }
     let prepared: Vec<Prepared<'_>> = groups
         .iter()
@@ -605,7 +575,6 @@ pub async fn check_role_groups(
                 sub: claim_str(&g.identity.claims, "sub"),
                 ords,
                 columns,
-                count: g.images.count,
             }
         })
         .collect();
@@ -634,39 +603,31 @@ pub async fn check_role_groups(
         // The session may still carry the role: never lend it again.
         let err = AuthzError::from_pg(err);
         lease.discard();
-        return groups.iter().map(|_| Err(err.clone())).collect();
+        return all_fail(err);
     }
     drop(lease);
     if let Err(err) = b {
-        let err = AuthzError::from_pg(&err);
-        return groups.iter().map(|_| Err(err.clone())).collect();
+        return all_fail(AuthzError::from_pg(&err));
     }
     let mut out: Vec<Option<Result<Vec<bool>, AuthzError>>> = Vec::with_capacity(groups.len());
     let mut aborted = false;
     for ((claims, rows), p) in results.into_iter().zip(&prepared) {
         if aborted {
-            // Decided again below, on its own.
+            // check_role_groups decides it again, on its own.
             out.push(None);
             continue;
         }
         let result = claims
             .map_err(|e| AuthzError::from_pg(&e))
             .and_then(|_| rows.map_err(|e| AuthzError::from_pg(&e)))
-            .and_then(|rows| visible_ordinals(rows, p.count));
+            .and_then(|rows| visible_ordinals(rows, p.ords.len()));
         if result.is_err() {
             // Everything after this statement failed with 25P02, whatever its policy.
             aborted = true;
         }
         out.push(Some(result));
     }
-    let mut finished = Vec::with_capacity(groups.len());
-    for (g, r) in groups.into_iter().zip(out) {
-        finished.push(match r {
-            Some(r) => r,
-            None => check_images(pool, &g.identity, &g.check, g.images).await,
-        });
-    }
-    finished
+    out
 }
 
 fn visible_ordinals(rows: Vec<tokio_postgres::Row>, count: usize) -> Result<Vec<bool>, AuthzError> {

@@ -161,18 +161,11 @@ pub struct Lease<'a> {
 }
 
 impl Lease<'_> {
-    fn connection(&mut self) -> &mut PooledConnection {
-        self.guard
-            .as_mut()
-            .expect("a lease always holds a connection: acquire() fills the slot before lending it")
-    }
+    const FILLED: &'static str =
+        "a lease always holds a connection: acquire() fills the slot before lending it";
 
     pub fn client(&self) -> &tokio_postgres::Client {
-        &self
-            .guard
-            .as_ref()
-            .expect("a lease always holds a connection: acquire() fills the slot before lending it")
-            .client
+        &self.guard.as_ref().expect(Self::FILLED).client
     }
 
     /// `sql` prepared on this connection (once; later calls reuse the statement).
@@ -185,7 +178,7 @@ impl Lease<'_> {
         sql: &str,
         types: &[tokio_postgres::types::Type],
     ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        let conn = self.connection();
+        let conn = self.guard.as_mut().expect(Self::FILLED);
         if let Some(statement) = conn.statements.get(sql) {
             return Ok(statement.clone());
         }
