@@ -252,13 +252,17 @@ impl Pump {
         }
         let pending = std::mem::take(&mut self.pending);
 
-        // 1. Table policy per (role, table) among the routed identities.
+        // 1. Table policy per (role, table) among the routed identities, looked up (or
+        //    compiled) once per pair, then kept per change and identity index for steps 2 and 4.
         let mut table_policy: HashMap<(Arc<str>, u32), Arc<TablePolicy>> = HashMap::new();
+        let mut policy_of: Vec<Vec<Arc<TablePolicy>>> = Vec::with_capacity(pending.len());
         for (change, routed) in &pending {
             let relid = change.table.relation_id;
+            let mut per_identity = Vec::with_capacity(routed.identities().len());
             for identity in routed.identities() {
                 let key = (identity.role.clone(), relid);
-                if table_policy.contains_key(&key) {
+                if let Some(p) = table_policy.get(&key) {
+                    per_identity.push(p.clone());
                     continue;
                 }
                 let policy = match self.policies.get(&identity.role, relid) {
@@ -273,16 +277,14 @@ impl Pump {
                         Err(e) => {
                             tracing::warn!(error = %e, role = %identity.role, relid, "compiling table policies failed; delivering nothing");
                             metrics::authz_check("unavailable");
-                            Arc::new(TablePolicy {
-                                select: false,
-                                columns: None,
-                                rows: RowRule::Nothing,
-                            })
+                            Arc::new(TablePolicy::DENY)
                         }
                     },
                 };
-                table_policy.insert(key, policy);
+                table_policy.insert(key, policy.clone());
+                per_identity.push(policy);
             }
+            policy_of.push(per_identity);
         }
 
         // 2. Group the images to check per (table, identity). Identities are interned by the
@@ -292,7 +294,7 @@ impl Pump {
         for (idx, (change, routed)) in pending.iter().enumerate() {
             let relid = change.table.relation_id;
             for (k, identity) in routed.identities().iter().enumerate() {
-                let policy = &table_policy[&(identity.role.clone(), relid)];
+                let policy = &policy_of[idx][k];
                 let RowRule::Check(check) = &policy.rows else {
                     continue;
                 };
@@ -419,21 +421,16 @@ impl Pump {
 
         // 4. Deliver in order.
         for (idx, (change, routed)) in pending.into_iter().enumerate() {
-            let relid = change.table.relation_id;
-            let decisions: Vec<Access> = routed
-                .identities()
+            let decisions: Vec<Access> = policy_of[idx]
                 .iter()
                 .enumerate()
-                .map(|(k, identity)| {
-                    let policy = &table_policy[&(identity.role.clone(), relid)];
-                    match &policy.rows {
-                        RowRule::All => rls::access(policy, true, true),
-                        RowRule::Nothing => Access::Deny,
-                        RowRule::Check(_) => match verdicts[idx][k] {
-                            Some((primary, old)) => rls::access(policy, primary, old),
-                            None => Access::Deny,
-                        },
-                    }
+                .map(|(k, policy)| match &policy.rows {
+                    RowRule::All => rls::access(policy, true, true),
+                    RowRule::Nothing => Access::Deny,
+                    RowRule::Check(_) => match verdicts[idx][k] {
+                        Some((primary, old)) => rls::access(policy, primary, old),
+                        None => Access::Deny,
+                    },
                 })
                 .collect();
             let denied = decisions.iter().filter(|d| **d == Access::Deny).count();

@@ -236,7 +236,8 @@ pub struct TablePolicy {
 }
 
 impl TablePolicy {
-    const DENY: TablePolicy = TablePolicy {
+    /// Nothing: no SELECT, no row.
+    pub const DENY: TablePolicy = TablePolicy {
         select: false,
         columns: None,
         rows: RowRule::Nothing,
