@@ -58,6 +58,7 @@ use tokio_tungstenite::tungstenite::Message;
 use walcast_bench::harness::{self, CpuWindow, Harness, HarnessArgs};
 use walcast_bench::rawws::{self, opcode, RawWs};
 use walcast_bench::realtime::{self, Ws};
+use walcast_bench::worker::{share, Worker};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -212,12 +213,6 @@ struct Step {
     server_cpu: f64,
     generator_cpu: f64,
     load: String,
-}
-
-struct WorkerHandle {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 async fn parent(o: Opts) -> Result<()> {
@@ -379,43 +374,33 @@ async fn join_sender(ws: &mut Ws, topic: &str) -> Result<()> {
     }
 }
 
-async fn spawn_workers(
-    name: &str,
-    addr: SocketAddr,
-    token: &str,
-    o: &Opts,
-) -> Result<Vec<WorkerHandle>> {
+async fn spawn_workers(name: &str, addr: SocketAddr, token: &str, o: &Opts) -> Result<Vec<Worker>> {
     let total = o.channels * o.receivers_per_channel;
     let n = o.workers.max(1).max(total.div_ceil(19_000));
-    let exe = std::env::current_exe()?;
     let mut workers = Vec::with_capacity(n);
     for w in 0..n {
-        let first = w * total / n;
-        let count = (w + 1) * total / n - first;
+        let (first, count) = share(total, w, n);
         let source = o.sources[w % o.sources.len()];
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("--worker")
-            .args(["--addr", &addr.to_string()])
-            .args(["--token", token])
-            .args(["--first", &first.to_string()])
-            .args(["--count", &count.to_string()])
-            .args(["--source", &source.to_string()])
-            .args(["--channels", &o.channels.to_string()])
-            .args(["--worker-threads", &o.worker_threads.to_string()])
-            .args(["--read-buffer", &o.read_buffer.to_string()])
-            .args(["--connect-concurrency", &o.connect_concurrency.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        workers.push(WorkerHandle {
-            child,
-            stdin,
-            lines: BufReader::new(stdout).lines(),
-        });
+        workers.push(Worker::spawn([
+            "--addr".to_string(),
+            addr.to_string(),
+            "--token".into(),
+            token.into(),
+            "--first".into(),
+            first.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--source".into(),
+            source.to_string(),
+            "--channels".into(),
+            o.channels.to_string(),
+            "--worker-threads".into(),
+            o.worker_threads.to_string(),
+            "--read-buffer".into(),
+            o.read_buffer.to_string(),
+            "--connect-concurrency".into(),
+            o.connect_concurrency.to_string(),
+        ])?);
     }
     let started = Instant::now();
     let (mut joined, mut failed) = (0u64, 0u64);
@@ -449,7 +434,7 @@ async fn spawn_workers(
     Ok(workers)
 }
 
-async fn send_line(workers: &mut [WorkerHandle], line: &str) -> Result<()> {
+async fn send_line(workers: &mut [Worker], line: &str) -> Result<()> {
     for w in workers.iter_mut() {
         w.stdin.write_all(line.as_bytes()).await?;
         w.stdin.flush().await?;

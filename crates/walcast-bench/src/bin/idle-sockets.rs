@@ -24,7 +24,6 @@
 //! The server itself must hold N sockets + its Postgres connections under its own 20,000 cap.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +36,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use walcast_bench::harness::{self, CpuWindow, Harness, HarnessArgs};
 use walcast_bench::realtime::{self, Classifier, Inbound, Ws};
+use walcast_bench::worker::{share, Worker};
 
 #[derive(Parser, Debug)]
 #[command(about = "idle WebSocket connections: server RSS per socket and idle CPU")]
@@ -109,12 +109,6 @@ fn main() -> Result<()> {
     }
 }
 
-struct WorkerHandle {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-}
-
 async fn parent(mut o: Opts) -> Result<()> {
     if o.sources.is_empty() {
         bail!("--sources is empty");
@@ -143,37 +137,32 @@ async fn parent(mut o: Opts) -> Result<()> {
 
     let per = o.per_worker.max(1);
     let n_workers = o.sockets.div_ceil(per).max(2);
-    let exe = std::env::current_exe()?;
     let mut workers = Vec::new();
     let t_connect = Instant::now();
     let join_cpu = CpuWindow::start(&[("walcast", pid, false)]);
     for w in 0..n_workers {
-        let first = w * o.sockets / n_workers;
-        let count = (w + 1) * o.sockets / n_workers - first;
+        let (first, count) = share(o.sockets, w, n_workers);
         let source = o.sources[w % o.sources.len()];
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("--worker")
-            .args(["--server", &h.addr().to_string()])
-            .args(["--token", &h.token])
-            .args(["--first", &first.to_string()])
-            .args(["--count", &count.to_string()])
-            .args(["--source", &source.to_string()])
-            .args(["--heartbeat-secs", &o.heartbeat_secs.to_string()])
-            .args(["--read-buffer", &o.read_buffer.to_string()])
-            .args(["--connect-concurrency", &o.connect_concurrency.to_string()])
-            .args(["--threads", &o.threads.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting a worker")?;
-        let stdin = child.stdin.take().context("worker stdin")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        workers.push(WorkerHandle {
-            child,
-            stdin,
-            lines: BufReader::new(stdout).lines(),
-        });
+        workers.push(Worker::spawn([
+            "--server".to_string(),
+            h.addr().to_string(),
+            "--token".into(),
+            h.token.clone(),
+            "--first".into(),
+            first.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--source".into(),
+            source.to_string(),
+            "--heartbeat-secs".into(),
+            o.heartbeat_secs.to_string(),
+            "--read-buffer".into(),
+            o.read_buffer.to_string(),
+            "--connect-concurrency".into(),
+            o.connect_concurrency.to_string(),
+            "--threads".into(),
+            o.threads.to_string(),
+        ])?);
     }
     eprintln!(
         "idle-sockets: {n_workers} workers connecting {} sockets",
