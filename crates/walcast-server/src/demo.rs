@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use axum::{Json, Router};
@@ -333,15 +333,28 @@ async fn token(State(demo): State<Arc<DemoState>>, Query(q): Query<TokenQuery>) 
 }
 
 /// The verified claims of the request's bearer token, or why there are none.
-fn bearer(demo: &DemoState, headers: &HeaderMap) -> Result<Claims, (StatusCode, String)> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| (StatusCode::UNAUTHORIZED, "missing bearer token".to_string()))?;
-    demo.verifier
-        .verify(token, now_unix())
-        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))
+/// The verified claims of the request's `Authorization: Bearer` token; a request without a
+/// valid one is answered 401 before the handler runs.
+struct User(Claims);
+
+impl axum::extract::FromRequestParts<Arc<DemoState>> for User {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        demo: &Arc<DemoState>,
+    ) -> Result<User, Response> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| error(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        demo.verifier
+            .verify(token, now_unix())
+            .map(User)
+            .map_err(|e| error(StatusCode::UNAUTHORIZED, e.to_string()))
+    }
 }
 
 /// Run one statement returning `jsonb` as the token's role, with its claims, the way
@@ -386,11 +399,7 @@ async fn as_user(
     run.await.unwrap_or_else(|r| r)
 }
 
-async fn list_todos(State(demo): State<Arc<DemoState>>, headers: HeaderMap) -> Response {
-    let claims = match bearer(&demo, &headers) {
-        Ok(c) => c,
-        Err((status, message)) => return error(status, message),
-    };
+async fn list_todos(State(demo): State<Arc<DemoState>>, User(claims): User) -> Response {
     as_user(
         &demo,
         &claims,
@@ -409,13 +418,9 @@ struct NewTodo {
 
 async fn add_todo(
     State(demo): State<Arc<DemoState>>,
-    headers: HeaderMap,
+    User(claims): User,
     Json(todo): Json<NewTodo>,
 ) -> Response {
-    let claims = match bearer(&demo, &headers) {
-        Ok(c) => c,
-        Err((status, message)) => return error(status, message),
-    };
     let name = claims
         .raw
         .get("user_metadata")
@@ -440,13 +445,9 @@ struct TodoPatch {
 async fn update_todo(
     State(demo): State<Arc<DemoState>>,
     Path(id): Path<i64>,
-    headers: HeaderMap,
+    User(claims): User,
     Json(change): Json<TodoPatch>,
 ) -> Response {
-    let claims = match bearer(&demo, &headers) {
-        Ok(c) => c,
-        Err((status, message)) => return error(status, message),
-    };
     as_user(
         &demo,
         &claims,
@@ -459,12 +460,8 @@ async fn update_todo(
 async fn delete_todo(
     State(demo): State<Arc<DemoState>>,
     Path(id): Path<i64>,
-    headers: HeaderMap,
+    User(claims): User,
 ) -> Response {
-    let claims = match bearer(&demo, &headers) {
-        Ok(c) => c,
-        Err((status, message)) => return error(status, message),
-    };
     as_user(
         &demo,
         &claims,
