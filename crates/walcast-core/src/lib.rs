@@ -4,6 +4,7 @@ pub mod broadcast;
 pub mod change;
 pub mod filter;
 pub mod hub;
+pub mod payload;
 pub mod pg_type;
 pub mod presence;
 pub mod subscription;

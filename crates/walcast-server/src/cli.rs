@@ -170,8 +170,8 @@ pub struct LimitArgs {
 
 impl LimitArgs {
     /// The broadcast and presence limits these flags describe.
-    pub fn broadcast_limits(&self) -> crate::broadcast::BroadcastLimits {
-        crate::broadcast::BroadcastLimits {
+    pub fn broadcast_limits(&self) -> crate::realtime::broadcast::BroadcastLimits {
+        crate::realtime::broadcast::BroadcastLimits {
             max_payload_bytes: self.max_payload_size_kb.saturating_mul(1024),
             presence_max_calls: self.client_presence_max_calls,
             presence_window: std::time::Duration::from_millis(self.client_presence_window_ms),

@@ -9,8 +9,8 @@ use walcast_core::hub::Hub;
 use walcast_core::pg_type::TypeRegistry;
 
 use crate::auth::JwtVerifier;
-use crate::broadcast::{BroadcastLimits, RateWindow};
-use crate::sql::{ExclusivePool, SqlPool};
+use crate::db::sql::{ExclusivePool, SqlPool};
+use crate::realtime::broadcast::{BroadcastLimits, RateWindow};
 
 /// Settings the socket layer needs.
 #[derive(Debug, Clone)]

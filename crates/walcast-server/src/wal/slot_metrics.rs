@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::sql::SqlPool;
 use crate::metrics;
-use crate::sql::SqlPool;
 
 /// Poll until `shutdown` resolves.
 pub async fn run(

@@ -17,7 +17,7 @@
 //!
 //! Invariants:
 //! - A private topic is written to only after the same write check the WebSocket path uses
-//!   ([`crate::broadcast::can_write`]); HTTP is never a way around it.
+//!   ([`crate::realtime::broadcast::can_write`]); HTTP is never a way around it.
 //! - Every response carries `access-control-allow-origin: *`; `OPTIONS` answers preflights.
 
 use std::collections::HashMap;
@@ -35,8 +35,8 @@ use walcast_core::broadcast::{Body, TopicKey, UserBroadcast};
 use walcast_protocol::{outbound, PayloadEncoding};
 
 use crate::auth::Claims;
-use crate::broadcast::{can_write, Extension};
 use crate::http::HttpState;
+use crate::realtime::broadcast::{can_write, Extension};
 use crate::state::now_unix;
 
 /// The broadcast routes (merged into the main router).

@@ -10,7 +10,7 @@ use anyhow::Result;
 use walcast_replication::ReplicationConfig;
 
 use crate::cli::CheckArgs;
-use crate::sql;
+use crate::db::sql;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {

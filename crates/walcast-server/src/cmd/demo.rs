@@ -40,8 +40,8 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::cli::{Cli, Command, DemoArgs};
 use crate::state::now_unix;
 
-const PAGE: &str = include_str!("../assets/demo/index.html");
-const SUPABASE_JS: &[u8] = include_bytes!("../assets/vendor/supabase.js");
+const PAGE: &str = include_str!("../../assets/demo/index.html");
+const SUPABASE_JS: &[u8] = include_bytes!("../../assets/vendor/supabase.js");
 const DATABASE: &str = "walcast_demo";
 /// Lifetime of the tokens `/demo/token` hands out.
 const TOKEN_TTL_SECS: i64 = 3600;
@@ -54,7 +54,7 @@ const NO_POSTGRES: &str = "walcast demo needs the PostgreSQL server binaries (in
 /// (`auth.uid()` is the `sub` claim), so the same SQL works on a Supabase project.
 const ROLES_SQL: &str = "CREATE ROLE anon NOLOGIN; CREATE ROLE authenticated NOLOGIN;";
 
-/// Run after the `realtime` schema exists (`crate::migrate`).
+/// Run after the `realtime` schema exists (`crate::db::migrate`).
 const SCHEMA_SQL: &str = r#"
 CREATE SCHEMA auth;
 GRANT USAGE ON SCHEMA auth TO anon, authenticated;
@@ -161,7 +161,7 @@ async fn run_on(cluster: &PgCluster, port: u16) -> Result<()> {
         .await
         .context("creating the demo roles")?;
     // The realtime schema first: the room's policies live on realtime.messages.
-    crate::migrate::run(&mut db)
+    crate::db::migrate::run(&mut db)
         .await
         .context("creating the realtime schema")?;
     db.batch_execute(SCHEMA_SQL)
@@ -203,7 +203,7 @@ async fn run_on(cluster: &PgCluster, port: u16) -> Result<()> {
     };
 
     let banner = tokio::spawn(print_banner(port, db_url, cluster.dir().to_path_buf()));
-    let result = crate::serve::run_with(*serve_args, routes(demo)).await;
+    let result = crate::cmd::serve::run_with(*serve_args, routes(demo)).await;
     banner.abort();
     result
 }

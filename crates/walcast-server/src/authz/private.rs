@@ -24,8 +24,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use walcast_core::hub::Identity;
 
-use crate::rls::{claim_str, quote_ident, AuthzError, CHECK_TIMEOUT};
-use crate::sql::ExclusivePool;
+use crate::authz::rls::{claim_str, quote_ident, AuthzError, CHECK_TIMEOUT};
+use crate::db::sql::ExclusivePool;
 use crate::state::AppState;
 
 /// What a private channel's token may do, as evaluated at join (or at the last

@@ -1,5 +1,9 @@
 //! HTTP surface: WebSocket upgrades (with the connection token checked before anything
-//! else), REST broadcast ([`crate::broadcast_api`]), health and readiness, metrics.
+//! else), REST broadcast ([`broadcast_api`]), health and readiness, metrics; the accept loop
+//! ([`listener`]).
+
+pub mod broadcast_api;
+pub mod listener;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use walcast_protocol::Vsn;
 
 use crate::auth::JwtError;
 use crate::metrics;
-use crate::socket::{self, Connection};
+use crate::realtime::socket::{self, Connection};
 use crate::state::{now_unix, AppState};
 
 #[derive(Clone)]
@@ -29,7 +33,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let max_body = state.app.limits.max_frame_bytes;
     Router::new()
-        .merge(crate::broadcast_api::routes(max_body))
+        .merge(crate::http::broadcast_api::routes(max_body))
         .route("/socket/websocket", get(websocket))
         .route("/realtime/v1/websocket", get(websocket))
         .route("/healthz", get(healthz))

@@ -49,7 +49,7 @@ use walcast_core::change::{Change, ChangeKind, Table, Value};
 use walcast_core::hub::{Access, Identity, Visibility};
 use walcast_pgoutput::ReplicaIdentity;
 
-use crate::sql::ExclusivePool;
+use crate::db::sql::ExclusivePool;
 
 /// Longest one authorization statement may run.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -471,7 +471,7 @@ const SET_CLAIMS_SQL: &str = "SELECT pg_catalog.set_config('request.jwt.claims',
 /// (in the order of `checks`): after the first batch on a connection, a group costs a Bind
 /// and an Execute, not a parse and a plan.
 async fn prepare_checks(
-    lease: &mut crate::sql::Lease<'_>,
+    lease: &mut crate::db::sql::Lease<'_>,
     checks: &[&RowCheck],
 ) -> Result<(tokio_postgres::Statement, Vec<tokio_postgres::Statement>), AuthzError> {
     let set_claims = lease

@@ -24,7 +24,7 @@
 //!   once, so gathering never adds latency.
 //! - Changes are delivered in the order they were decoded, so each subscriber sees commit
 //!   order.
-//! - Default deny and isolation as documented in [`crate::rls`]: a failed check for one
+//! - Default deny and isolation as documented in [`crate::authz::rls`]: a failed check for one
 //!   identity stops only that identity's channels ([`Hub::fail`]), with a `system` error.
 
 use std::collections::HashMap;
@@ -38,10 +38,10 @@ use walcast_core::hub::{Access, DispatchScratch, Hub, Identity, Routed};
 use walcast_core::pg_type::TypeRegistry;
 use walcast_replication::{Replicator, StreamEvent};
 
-use crate::catalog::resolve_types;
+use crate::authz::rls::{self, AuthzError, ImageBatch, PolicyCache, RowRule, TablePolicy};
+use crate::db::catalog::resolve_types;
+use crate::db::sql::{ExclusivePool, SqlPool};
 use crate::metrics;
-use crate::rls::{self, AuthzError, ImageBatch, PolicyCache, RowRule, TablePolicy};
-use crate::sql::{ExclusivePool, SqlPool};
 
 /// Most routed changes held before they are authorized and delivered, inside one
 /// transaction.
@@ -224,12 +224,12 @@ impl Pump {
                 }
             }
             Decoded::Message(m) => {
-                if let (Some(topics), "realtime.broadcast") =
+                if let (Some(topics), crate::realtime::broadcast::DB_BROADCAST_PREFIX) =
                     (self.topics.clone(), m.prefix.as_str())
                 {
                     // Changes decoded before the message go out before it.
                     self.flush().await;
-                    crate::broadcast::deliver_db_message(&topics, &m.content);
+                    crate::realtime::broadcast::deliver_db_message(&topics, &m.content);
                 }
             }
             _ => {}

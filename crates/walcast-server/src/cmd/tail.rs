@@ -18,10 +18,10 @@ use walcast_core::change::{ChangeDecoder, Decoded};
 use walcast_core::pg_type::TypeRegistry;
 use walcast_replication::{Lsn, Replicator, StreamEvent};
 
-use crate::catalog::resolve_types;
 use crate::cli::TailArgs;
-use crate::source::replication_config;
-use crate::sql;
+use crate::db::catalog::resolve_types;
+use crate::db::sql;
+use crate::wal::source::replication_config;
 
 pub async fn run(args: TailArgs) -> Result<()> {
     let cfg = replication_config(&args.source, "walcast tail")?;

@@ -59,10 +59,10 @@ impl Default for BroadcastLimits {
     }
 }
 
-pub use crate::private::Extension;
+pub use crate::authz::private::Extension;
 
 /// May `claims` write `extension` messages to the private topic `sub_topic`? The INSERT
-/// policies of `realtime.messages` decide ([`crate::private::can_write`]); a check that
+/// policies of `realtime.messages` decide ([`crate::authz::private::can_write`]); a check that
 /// fails is a no (default deny).
 pub async fn can_write(
     state: &AppState,
@@ -70,7 +70,7 @@ pub async fn can_write(
     sub_topic: &str,
     extension: Extension,
 ) -> bool {
-    let identity = crate::private::identity_of(claims);
+    let identity = crate::authz::private::identity_of(claims);
     can_write_as(state, &identity, sub_topic, extension).await
 }
 
@@ -82,7 +82,7 @@ pub async fn can_write_as(
     sub_topic: &str,
     extension: Extension,
 ) -> bool {
-    match crate::private::can_write(state, identity, sub_topic, extension).await {
+    match crate::authz::private::can_write(state, identity, sub_topic, extension).await {
         Ok(allowed) => allowed,
         Err(e) => {
             tracing::warn!(error = %e, topic = %sub_topic, extension = extension.as_str(),

@@ -10,7 +10,7 @@ use walcast_core::filter;
 use walcast_core::subscription::{binding_id, Binding, EventFilter};
 use walcast_protocol::PostgresBinding;
 
-use crate::catalog::{find_table, role_exists, table_access};
+use crate::db::catalog::{find_table, role_exists, table_access};
 use crate::state::AppState;
 
 /// The integer id echoed in the join reply for an entry. Never 0: some clients treat 0 as

@@ -21,11 +21,11 @@ use walcast_replication::Replicator;
 
 use crate::auth::JwtVerifier;
 use crate::cli::ServeArgs;
+use crate::db::sql::SqlPool;
 use crate::http::{router, HttpState};
-use crate::pump::Pump;
-use crate::source::replication_config;
-use crate::sql::SqlPool;
 use crate::state::{AppState, Limits};
+use crate::wal::pump::Pump;
+use crate::wal::source::replication_config;
 
 /// Read `--jwt-jwks`: inline JSON or `@path`.
 fn load_jwks(arg: Option<&str>) -> Result<Option<String>> {
@@ -59,8 +59,8 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let sql = Arc::new(SqlPool::new(cfg.clone(), 4));
     // The realtime schema (private channels); a server without the privileges to create
     // it still serves everything else.
-    match crate::sql::connect(&cfg, "walcast migrate").await {
-        Ok(mut client) => match crate::migrate::run(&mut client).await {
+    match crate::db::sql::connect(&cfg, "walcast migrate").await {
+        Ok(mut client) => match crate::db::migrate::run(&mut client).await {
             Ok(applied) if !applied.files.is_empty() => {
                 tracing::info!(files = ?applied.files, "applied the realtime schema")
             }
@@ -112,7 +112,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut pump_shutdown = shutdown_rx.clone();
     let mut poller_shutdown = shutdown_rx.clone();
-    tokio::spawn(crate::slot_metrics::run(
+    tokio::spawn(crate::wal::slot_metrics::run(
         sql.clone(),
         cfg.slot.clone(),
         Duration::from_secs(5),
@@ -143,7 +143,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let mut http_shutdown = shutdown_rx.clone();
     let header_timeout = Duration::from_secs(args.limits.handshake_timeout_secs.max(1));
     let server = tokio::spawn(async move {
-        crate::listener::serve(listener, app, header_timeout, async move {
+        crate::http::listener::serve(listener, app, header_timeout, async move {
             let _ = http_shutdown.changed().await;
         })
         .await

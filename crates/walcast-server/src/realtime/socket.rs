@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!            hub (pump task) ──push──┐          (never blocks: a full queue marks overflow)
-//!   socket's own replies ───push──▶ SocketOutbox (crate::outbox) ─┐
+//!   socket's own replies ───push──▶ SocketOutbox (crate::realtime::outbox) ─┐
 //!                                                                  ▼
 //!   client ◀── ws.feed(frame)… ws.flush()  ◀── socket task: select! { shutdown, queued frames
 //!   client ──▶ decode_text / decode_binary ──▶ inbound handling      or overflow, inbound
@@ -41,12 +41,12 @@ use walcast_protocol::{
 };
 use walcast_protocol::{BroadcastPush, PresencePush};
 
-use crate::broadcast::{can_write_as, CallWindow, Extension};
-use crate::changes::{build_bindings, id_for, Checked};
+use crate::authz::private::{self, identity_of, ChannelPerms};
+use crate::authz::rls::AuthzError;
 use crate::metrics;
-use crate::outbox::{self, OutboxReader, SocketOutbox};
-use crate::private::{self, identity_of, ChannelPerms};
-use crate::rls::AuthzError;
+use crate::realtime::broadcast::{can_write_as, CallWindow, Extension};
+use crate::realtime::changes::{build_bindings, id_for, Checked};
+use crate::realtime::outbox::{self, OutboxReader, SocketOutbox};
 use crate::state::{now_unix, AppState};
 
 /// WebSocket close code for a client that cannot keep up (private-use range).
@@ -630,7 +630,7 @@ impl Socket {
         let (exp, identity) = (claims.exp, Arc::new(identity_of(&claims)));
         drop(claims);
         // Private channels: the realtime.messages SELECT policies must let the token read
-        // broadcast or presence (see crate::private); the result is kept until access_token.
+        // broadcast or presence (see crate::authz::private); the result is kept until access_token.
         let perms = if join.config.private {
             match self
                 .private_perms(&identity, name, join.config.presence.enabled)
