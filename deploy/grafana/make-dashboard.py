@@ -77,9 +77,12 @@ line(ts(0, 8, "Connected sockets", [(f"sum by (instance) (walcast_sockets_connec
      ts(16, 8, "Joins and join errors / s", [
          (rate("walcast_joins_total"), "joins"),
          (rate("walcast_join_errors_total", "reason"), "error: {{reason}}")], "ops"))
-line(ts(0, 12, "WebSocket upgrades refused / s", [
+line(ts(0, 8, "WebSocket upgrades refused / s", [
          (rate("walcast_upgrades_refused_total", "reason"), "{{reason}}")], "ops"),
-     ts(12, 12, "Slow-client disconnects", [
+     ts(8, 8, "Pending connections closed for newcomers / s", [
+         (rate("walcast_pending_connections_closed_total"), "closed")], "ops",
+        desc="Connections that had not become WebSockets, closed at --max-pending-connections"),
+     ts(16, 8, "Slow-client disconnects", [
          (f"sum(increase(walcast_slow_client_disconnects_total{J}[$__rate_interval]))", "disconnects")],
         desc="Sockets closed because their send queue overflowed"))
 

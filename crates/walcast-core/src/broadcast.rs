@@ -112,6 +112,27 @@ impl Body {
     }
 }
 
+/// How a [`Topics::join`] is made.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JoinOptions<'a> {
+    /// Queue the presence state, stamped with this join_ref, before any diff.
+    pub presence_state: Option<Option<&'a str>>,
+    /// Refuse the join when the topic already has this many members.
+    pub max_members: Option<usize>,
+}
+
+/// A join refused because the topic is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the channel already has {max} members")]
+pub struct MemberLimit {
+    pub max: usize,
+}
+
+/// A track refused because the topic's presence state is at its size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the channel's presence state is full")]
+pub struct PresenceFull;
+
 /// What one publish or presence fan-out did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FanoutStats {
@@ -245,24 +266,35 @@ impl Topics {
         }
     }
 
-    /// Add a channel to a topic. When `presence_state_join_ref` is `Some`, the topic's
-    /// presence state is queued to it first (stamped with that join_ref), under the lock
-    /// that orders diffs. Joining again with the same id replaces the member.
-    pub fn join(
+    /// Add a channel to a topic, under the lock that orders the topic's broadcasts and diffs:
+    /// first `before` runs (queue the join reply there, so it precedes everything the channel
+    /// receives), then the presence state is queued when `presence_state` is `Some(join_ref)`,
+    /// then the channel becomes a member. Joining again with the same id replaces the member.
+    ///
+    /// With `max_members`, a join that would make the topic exceed that many channels is
+    /// refused (and `before` does not run).
+    pub fn join<R>(
         &self,
         key: &TopicKey,
         id: MemberId,
         member: Member,
-        presence_state_join_ref: Option<Option<&str>>,
-    ) {
+        opts: JoinOptions<'_>,
+        before: impl FnOnce() -> R,
+    ) -> Result<R, MemberLimit> {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let (Some(max), Some(topic)) = (opts.max_members, topics.get(key)) {
+            if !topic.index.contains_key(&id) && topic.members.len() >= max {
+                return Err(MemberLimit { max });
+            }
+        }
         let topic = topics.entry(key.clone()).or_insert_with(|| Topic {
             wire: Arc::from(format!("realtime:{}", key.name)),
             members: Vec::new(),
             index: HashMap::new(),
             presence: PresenceState::default(),
         });
-        if let Some(join_ref) = presence_state_join_ref {
+        let out = before();
+        if let Some(join_ref) = opts.presence_state {
             let payload = topic.presence.state_payload();
             member.outbox.push(OutFrame::text(encode_push(
                 member.vsn,
@@ -276,6 +308,29 @@ impl Topics {
         topic.remove_member(id);
         topic.index.insert(id, topic.members.len());
         topic.members.push((id, member));
+        Ok(out)
+    }
+
+    /// Change what a member receives (its permissions were evaluated again). Returns false
+    /// when it is not a member.
+    pub fn set_access(
+        &self,
+        key: &TopicKey,
+        id: MemberId,
+        broadcast: bool,
+        presence: bool,
+    ) -> bool {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Some(topic) = topics.get_mut(key) else {
+            return false;
+        };
+        let Some(&i) = topic.index.get(&id) else {
+            return false;
+        };
+        let m = &mut topic.members[i].1;
+        m.broadcast = broadcast;
+        m.presence = presence;
+        true
     }
 
     /// Remove a channel: its presence leaves (diff to the remaining members), then it is
@@ -296,25 +351,32 @@ impl Topics {
         stats
     }
 
-    /// Track or update `id`'s presence under `presence_key`. `None` when nothing changed.
+    /// Track or update `id`'s presence under `presence_key`. `Ok(None)` when nothing changed;
+    /// refused when the topic's presence state would grow past `max_state_bytes`.
     pub fn track(
         &self,
         key: &TopicKey,
         id: MemberId,
         presence_key: &str,
         payload: &str,
-    ) -> Option<FanoutStats> {
+        max_state_bytes: usize,
+    ) -> Result<Option<FanoutStats>, PresenceFull> {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
-        let topic = topics.get_mut(key)?;
+        let Some(topic) = topics.get_mut(key) else {
+            return Ok(None);
+        };
         // Only joined channels may track (a leave must be able to clean up).
         if !topic.index.contains_key(&id) {
-            return None;
+            return Ok(None);
+        }
+        if topic.presence.bytes_after_track(id, payload) > max_state_bytes {
+            return Err(PresenceFull);
         }
         let diff = {
             let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
-            topic.presence.track(id, presence_key, payload, &mut refs)?
+            topic.presence.track(id, presence_key, payload, &mut refs)
         };
-        Some(fan_out_diff(topic, &diff))
+        Ok(diff.map(|d| fan_out_diff(topic, &d)))
     }
 
     /// Remove `id`'s presence. `None` when it was not tracked.
@@ -454,9 +516,12 @@ mod tests {
             Arc::new(Sink::default()),
             Arc::new(Sink::default()),
         );
-        t.join(&key, 1, member(&a, vsn2()), None);
-        t.join(&key, 2, member(&b, vsn2()), None);
-        t.join(&key, 3, member(&c, vsn1()), None);
+        t.join(&key, 1, member(&a, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
+        t.join(&key, 2, member(&b, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
+        t.join(&key, 3, member(&c, vsn1()), JoinOptions::default(), || ())
+            .unwrap();
         let map = r#"{"type":"broadcast","event":"e","payload":{"x":1},"extra":true}"#;
         let st = t.publish(&key, &Body::Map(map.into()), Some(1));
         assert_eq!((st.delivered, st.encoded), (2, 2));
@@ -482,7 +547,14 @@ mod tests {
         let key = TopicKey::new("big", false);
         let sinks: Vec<Arc<Sink>> = (0..100).map(|_| Arc::new(Sink::default())).collect();
         for (i, s) in sinks.iter().enumerate() {
-            t.join(&key, i as u64, member(s, vsn2()), None);
+            t.join(
+                &key,
+                i as u64,
+                member(s, vsn2()),
+                JoinOptions::default(),
+                || (),
+            )
+            .unwrap();
         }
         let body = Body::User(UserBroadcast {
             event: "e".into(),
@@ -510,8 +582,10 @@ mod tests {
         let t = Topics::new(0);
         let key = TopicKey::new("r", false);
         let (v2, v1) = (Arc::new(Sink::default()), Arc::new(Sink::default()));
-        t.join(&key, 1, member(&v2, vsn2()), None);
-        t.join(&key, 2, member(&v1, vsn1()), None);
+        t.join(&key, 1, member(&v2, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
+        t.join(&key, 2, member(&v1, vsn1()), JoinOptions::default(), || ())
+            .unwrap();
         let json_body = Body::User(UserBroadcast {
             event: "ev".into(),
             encoding: PayloadEncoding::Json,
@@ -547,8 +621,22 @@ mod tests {
         let public = TopicKey::new("x", false);
         let private = TopicKey::new("x", true);
         let (a, b) = (Arc::new(Sink::default()), Arc::new(Sink::default()));
-        t.join(&public, 1, member(&a, vsn2()), None);
-        t.join(&private, 2, member(&b, vsn2()), None);
+        t.join(
+            &public,
+            1,
+            member(&a, vsn2()),
+            JoinOptions::default(),
+            || (),
+        )
+        .unwrap();
+        t.join(
+            &private,
+            2,
+            member(&b, vsn2()),
+            JoinOptions::default(),
+            || (),
+        )
+        .unwrap();
         t.publish(&private, &Body::Map("{}".into()), None);
         assert!(a.take().is_empty());
         assert_eq!(b.take().len(), 1);
@@ -559,17 +647,39 @@ mod tests {
         let t = Topics::new(0);
         let key = TopicKey::new("p", false);
         let (a, b) = (Arc::new(Sink::default()), Arc::new(Sink::default()));
-        t.join(&key, 1, member(&a, vsn2()), Some(Some("1")));
+        t.join(
+            &key,
+            1,
+            member(&a, vsn2()),
+            JoinOptions {
+                presence_state: Some(Some("1")),
+                max_members: None,
+            },
+            || (),
+        )
+        .unwrap();
         assert_eq!(
             text(&a.take()[0]),
             json!(["1", null, "realtime:p", "presence_state", {}])
         );
-        t.track(&key, 1, "alice", r#"{"s":1}"#).unwrap();
+        t.track(&key, 1, "alice", r#"{"s":1}"#, usize::MAX)
+            .unwrap()
+            .unwrap();
         let d = text(&a.take()[0]);
         assert_eq!(d[3], "presence_diff");
         assert_eq!(d[0], Value::Null);
         // Joiner gets the state including alice, then later diffs.
-        t.join(&key, 2, member(&b, vsn1()), Some(None));
+        t.join(
+            &key,
+            2,
+            member(&b, vsn1()),
+            JoinOptions {
+                presence_state: Some(None),
+                max_members: None,
+            },
+            || (),
+        )
+        .unwrap();
         let s = text(&b.take()[0]);
         assert_eq!(s["event"], "presence_state");
         assert_eq!(s["payload"]["alice"]["metas"][0]["s"], 1);
@@ -592,15 +702,66 @@ mod tests {
         let mut m = member(&a, vsn2());
         m.broadcast = false;
         m.presence = false;
-        t.join(&key, 1, m, None);
+        t.join(&key, 1, m, JoinOptions::default(), || ()).unwrap();
         let b = Arc::new(Sink::default());
-        t.join(&key, 2, member(&b, vsn2()), None);
+        t.join(&key, 2, member(&b, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
         t.publish(&key, &Body::Map("{}".into()), None);
-        t.track(&key, 2, "k", "{}").unwrap();
+        t.track(&key, 2, "k", "{}", usize::MAX).unwrap().unwrap();
         assert!(a.take().is_empty());
         assert_eq!(b.take().len(), 2);
         // Not joined: cannot track.
-        assert!(t.track(&key, 9, "k", "{}").is_none());
+        assert_eq!(t.track(&key, 9, "k", "{}", usize::MAX), Ok(None));
+    }
+
+    #[test]
+    fn member_cap_refuses_newcomers_only() {
+        let t = Topics::new(0);
+        let key = TopicKey::new("room", false);
+        let sinks: Vec<Arc<Sink>> = (0..3).map(|_| Arc::new(Sink::default())).collect();
+        let cap = |max| JoinOptions {
+            presence_state: None,
+            max_members: Some(max),
+        };
+        for (i, s) in sinks.iter().take(2).enumerate() {
+            t.join(&key, i as u64, member(s, vsn2()), cap(2), || ())
+                .unwrap();
+        }
+        let mut ran = false;
+        assert_eq!(
+            t.join(&key, 7, member(&sinks[2], vsn2()), cap(2), || ran = true),
+            Err(MemberLimit { max: 2 })
+        );
+        assert!(!ran, "a refused join runs nothing under the lock");
+        // A member joining again (same id) is not a newcomer.
+        t.join(&key, 1, member(&sinks[1], vsn2()), cap(2), || ())
+            .unwrap();
+        assert_eq!(t.member_count(&key), 2);
+        t.leave(&key, 0);
+        t.join(&key, 7, member(&sinks[2], vsn2()), cap(2), || ())
+            .unwrap();
+    }
+
+    #[test]
+    fn presence_state_size_is_bounded_and_access_can_change() {
+        let t = Topics::new(0);
+        let key = TopicKey::new("room", true);
+        let a = Arc::new(Sink::default());
+        let b = Arc::new(Sink::default());
+        t.join(&key, 1, member(&a, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
+        t.join(&key, 2, member(&b, vsn2()), JoinOptions::default(), || ())
+            .unwrap();
+        let big = format!(r#"{{"x":"{}"}}"#, "y".repeat(500));
+        assert_eq!(t.track(&key, 1, "k", &big, 400), Err(PresenceFull));
+        assert!(t.track(&key, 1, "k", &big, 1000).unwrap().is_some());
+        assert_eq!(t.track(&key, 2, "k2", &big, 1000), Err(PresenceFull));
+        b.take();
+        // Member 2 loses presence read: the next diff skips it.
+        assert!(t.set_access(&key, 2, true, false));
+        t.untrack(&key, 1).unwrap();
+        assert!(b.take().is_empty());
+        assert!(!t.set_access(&key, 9, true, true));
     }
 
     #[test]
@@ -609,7 +770,14 @@ mod tests {
         let key = TopicKey::new("s", false);
         let sinks: Vec<Arc<Sink>> = (0..5).map(|_| Arc::new(Sink::default())).collect();
         for (i, s) in sinks.iter().enumerate() {
-            t.join(&key, i as u64, member(s, vsn2()), None);
+            t.join(
+                &key,
+                i as u64,
+                member(s, vsn2()),
+                JoinOptions::default(),
+                || (),
+            )
+            .unwrap();
         }
         t.leave(&key, 0);
         t.leave(&key, 2);

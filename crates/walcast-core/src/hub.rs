@@ -153,6 +153,9 @@ pub struct DispatchScratch {
     identity_index: HashMap<usize, u32>,
     data: HashMap<RenderKey, Arc<str>>,
     frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
+    /// Subscribers whose bindings read a column their identity may no longer read, with
+    /// that column: stopped once the dispatch is done.
+    revoked: Vec<(SubscriberId, String)>,
 }
 
 /// What one identity may see of one change: nothing, or the change trimmed to its columns.
@@ -335,6 +338,15 @@ impl Hub {
             let Access::Allow(vis) = decide(k as usize) else {
                 continue;
             };
+            if let Some(mask) = &vis.columns {
+                // The column mask narrowed since the binding was checked (a REVOKE): a filter
+                // or selection on a column the identity cannot read would reveal it through
+                // what matches, so nothing is delivered and the binding is stopped.
+                if let Some(col) = Self::hidden_column_read(&inner.index, &m, change, mask) {
+                    scratch.revoked.push((m.subscriber, col));
+                    continue;
+                }
+            }
             let key = (
                 target.vsn,
                 target.topic.clone(),
@@ -378,7 +390,38 @@ impl Hub {
                 stats.dropped += 1;
             }
         }
+        drop(inner);
+        for (subscriber, column) in std::mem::take(&mut scratch.revoked) {
+            self.fail(
+                subscriber,
+                &format!(
+                    "permission denied for column {column}: this channel's token may no longer read it, so its subscription was stopped"
+                ),
+            );
+        }
         stats
+    }
+
+    /// The first column one of `m`'s bindings reads that `mask` hides, if any.
+    fn hidden_column_read(
+        index: &SubscriptionIndex,
+        m: &Match,
+        change: &Change,
+        mask: &[bool],
+    ) -> Option<String> {
+        let table = &change.table;
+        let visible = |name: &str| {
+            table
+                .columns
+                .iter()
+                .position(|c| &*c.name == name)
+                .is_some_and(|i| mask.get(i).copied().unwrap_or(false))
+        };
+        index
+            .bindings_of(m.subscriber, &m.binding_ids, &table.schema, &table.name)
+            .flat_map(|b| b.columns_read())
+            .find(|c| !visible(c))
+            .map(str::to_owned)
     }
 
     /// Route and deliver to every matching channel, without authorization (tests, tools).

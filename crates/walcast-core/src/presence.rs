@@ -95,6 +95,8 @@ pub struct PresenceState {
     order: Vec<String>,
     /// member → the key it is tracked under.
     by_member: HashMap<MemberId, String>,
+    /// Bytes of every meta held (what a `presence_state` costs to send).
+    bytes: usize,
 }
 
 impl PresenceState {
@@ -105,6 +107,24 @@ impl PresenceState {
     /// Number of tracked members.
     pub fn len(&self) -> usize {
         self.by_member.len()
+    }
+
+    /// Bytes of the metas held: roughly the size of a `presence_state` payload.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// What the state would hold in bytes once `member` tracked `payload` (its current meta,
+    /// if any, replaced), for limits checked before tracking.
+    pub fn bytes_after_track(&self, member: MemberId, payload: &str) -> usize {
+        let current = self
+            .by_member
+            .get(&member)
+            .and_then(|k| self.keys.get(k))
+            .and_then(|metas| metas.iter().find(|t| t.member == member))
+            .map_or(0, |t| t.meta.len());
+        // A meta is the payload plus `phx_ref` and `phx_ref_prev` (two short refs).
+        (self.bytes - current).saturating_add(payload.trim().len() + META_OVERHEAD)
     }
 
     /// Track (or update) `member` under `key` with `payload` (a JSON object's text).
@@ -138,6 +158,7 @@ impl PresenceState {
         if !self.keys.contains_key(key) {
             self.order.push(key.to_owned());
         }
+        self.bytes += meta.len();
         self.keys.entry(key.to_owned()).or_default().push(Tracked {
             member,
             phx_ref,
@@ -164,6 +185,7 @@ impl PresenceState {
         let metas = self.keys.get_mut(&key)?;
         let i = metas.iter().position(|t| t.member == member)?;
         let old = metas.remove(i);
+        self.bytes = self.bytes.saturating_sub(old.meta.len());
         if metas.is_empty() {
             self.keys.remove(&key);
             self.order.retain(|k| *k != key);
@@ -179,6 +201,9 @@ impl PresenceState {
         }))
     }
 }
+
+/// Upper bound of what [`meta_json`] adds to a payload: `,"phx_ref":"…","phx_ref_prev":"…"`.
+const META_OVERHEAD: usize = 64;
 
 /// The payload object with `phx_ref` (and `phx_ref_prev`) appended. Appended last so that
 /// ours win over same-named members a client might send (JSON parsers keep the last).
@@ -285,6 +310,26 @@ mod tests {
         // A different key is not an update of the old meta: no phx_ref_prev.
         assert!(!d.joins[0].1.contains("phx_ref_prev"));
         assert_eq!(v(&st.state_payload()).as_object().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bytes_follow_the_metas() {
+        let mut refs = RefGen::new(0);
+        let mut st = PresenceState::default();
+        assert_eq!(st.bytes(), 0);
+        st.track(1, "a", r#"{"x":1}"#, &mut refs).unwrap();
+        let one = st.bytes();
+        assert_eq!(
+            one,
+            st.state_payload().len() - r#"{"a":{"metas":[]}}"#.len()
+        );
+        assert!(st.bytes_after_track(2, r#"{"x":1}"#) >= 2 * one);
+        assert!(st.bytes_after_track(1, r#"{"x":1}"#) >= one);
+        assert!(st.bytes_after_track(1, r#"{"x":1}"#) < 2 * one);
+        st.track(1, "a", r#"{"x":22}"#, &mut refs).unwrap();
+        assert!(st.bytes() > one);
+        st.untrack(1).unwrap();
+        assert_eq!(st.bytes(), 0);
     }
 
     #[test]

@@ -86,6 +86,18 @@ pub struct Binding {
     pub select: Option<Vec<String>>,
 }
 
+impl Binding {
+    /// The columns whose values decide or shape what this binding delivers: the filter's
+    /// and the selection's. A subscriber must be allowed to read every one of them, or the
+    /// binding itself reveals them (which rows match, which columns exist).
+    pub fn columns_read(&self) -> impl Iterator<Item = &str> {
+        self.filter
+            .iter()
+            .flat_map(|f| f.columns())
+            .chain(self.select.iter().flatten().map(String::as_str))
+    }
+}
+
 /// What one subscriber gets for one change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Match {
@@ -311,6 +323,32 @@ impl SubscriptionIndex {
     /// Number of subscribers holding at least one binding.
     pub fn subscriber_count(&self) -> usize {
         self.by_subscriber.len()
+    }
+
+    /// The bindings of `subscriber` with one of `ids` that cover `(schema, table)`. A slow
+    /// path (it walks the table's list), for the rare checks that need a binding itself.
+    pub fn bindings_of<'a>(
+        &'a self,
+        subscriber: SubscriberId,
+        ids: &'a [u32],
+        schema: &'a str,
+        table: &'a str,
+    ) -> impl Iterator<Item = &'a Binding> + 'a {
+        let lists = [
+            self.exact
+                .get(schema)
+                .and_then(|tables| tables.get(table))
+                .map(Vec::as_slice),
+            self.schema_wide.get(schema).map(Vec::as_slice),
+            self.table_wide.get(table).map(Vec::as_slice),
+            Some(self.everything.as_slice()),
+        ];
+        lists
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(move |e| e.subscriber == subscriber && ids.contains(&e.binding.id))
+            .map(|e| &e.binding)
     }
 
     /// The `(schema, table)` patterns a subscriber's bindings cover (`*` for wildcards),

@@ -67,19 +67,25 @@ pub enum Inbound {
     },
 }
 
-fn check_len(len: usize) -> Result<(), FrameError> {
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge {
-            len,
-            max: MAX_FRAME_LEN,
-        });
+fn check_len(len: usize, max: usize) -> Result<(), FrameError> {
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     Ok(())
 }
 
-/// Decodes a text frame.
+/// Decodes a text frame of at most [`MAX_FRAME_LEN`] bytes.
 pub fn decode_text(vsn: Vsn, text: &str) -> Result<InboundFrame, FrameError> {
-    check_len(text.len())?;
+    decode_text_within(vsn, text, MAX_FRAME_LEN)
+}
+
+/// Decodes a text frame of at most `max_len` bytes (the server's configured frame limit).
+pub fn decode_text_within(
+    vsn: Vsn,
+    text: &str,
+    max_len: usize,
+) -> Result<InboundFrame, FrameError> {
+    check_len(text.len(), max_len)?;
     let env = match vsn {
         Vsn::V1 => envelope_v1(text)?,
         Vsn::V2 => envelope_v2(text)?,
@@ -89,23 +95,35 @@ pub fn decode_text(vsn: Vsn, text: &str) -> Result<InboundFrame, FrameError> {
 
 /// Decodes a binary frame, copying the user payload out of `bytes`.
 pub fn decode_binary(vsn: Vsn, bytes: &[u8]) -> Result<InboundFrame, FrameError> {
-    decode_binary_with(vsn, bytes, |start| Bytes::copy_from_slice(&bytes[start..]))
+    decode_binary_with(vsn, bytes, MAX_FRAME_LEN, |start| {
+        Bytes::copy_from_slice(&bytes[start..])
+    })
 }
 
 /// Decodes a binary frame held in [`Bytes`]; the user payload shares its buffer (no copy).
 pub fn decode_binary_bytes(vsn: Vsn, bytes: &Bytes) -> Result<InboundFrame, FrameError> {
-    decode_binary_with(vsn, bytes, |start| bytes.slice(start..))
+    decode_binary_bytes_within(vsn, bytes, MAX_FRAME_LEN)
+}
+
+/// [`decode_binary_bytes`] with the server's configured frame limit.
+pub fn decode_binary_bytes_within(
+    vsn: Vsn,
+    bytes: &Bytes,
+    max_len: usize,
+) -> Result<InboundFrame, FrameError> {
+    decode_binary_with(vsn, bytes, max_len, |start| bytes.slice(start..))
 }
 
 fn decode_binary_with(
     vsn: Vsn,
     buf: &[u8],
+    max_len: usize,
     payload: impl FnOnce(usize) -> Bytes,
 ) -> Result<InboundFrame, FrameError> {
     if !vsn.supports_binary() {
         return Err(FrameError::BinaryOnV1);
     }
-    check_len(buf.len())?;
+    check_len(buf.len(), max_len)?;
     let kind3 = binary::decode(buf)?;
     let start = kind3.payload_start;
     let (refs, push) = kind3.into_broadcast(payload(start));

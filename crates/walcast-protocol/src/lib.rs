@@ -76,7 +76,10 @@ mod vsn;
 pub use binary::{KIND_USER_BROADCAST, KIND_USER_BROADCAST_PUSH};
 pub use broadcast::{BinaryBroadcast, BroadcastPush, JsonBroadcast, PayloadEncoding};
 pub use error::{FrameAction, FrameError, FrameRefs};
-pub use inbound::{decode_binary, decode_binary_bytes, decode_text, Inbound, InboundFrame};
+pub use inbound::{
+    decode_binary, decode_binary_bytes, decode_binary_bytes_within, decode_text,
+    decode_text_within, Inbound, InboundFrame,
+};
 pub use join::{
     BroadcastConfig, JoinConfig, JoinPayload, PostgresBinding, PresenceConfig, ReplayConfig,
 };

@@ -87,6 +87,10 @@ pub struct ServeArgs {
     #[arg(long, env = "BIND", default_value = "0.0.0.0")]
     pub bind: String,
 
+    /// Database broadcasts (`realtime.messages` rows) older than this are deleted.
+    #[arg(long, env = "MESSAGES_RETENTION_SECS", default_value_t = 3 * 24 * 3600)]
+    pub messages_retention_secs: u64,
+
     /// Require `Authorization: Bearer <token>` on /metrics.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -106,6 +110,14 @@ pub struct LimitArgs {
     #[arg(long, env = "SOCKET_SEND_QUEUE", default_value_t = 4096)]
     pub socket_send_queue: usize,
 
+    /// Bytes queued for one socket before it counts as too slow and is disconnected.
+    #[arg(long, env = "SOCKET_SEND_QUEUE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub socket_send_queue_bytes: usize,
+
+    /// Close a socket (4008) whose writes make no progress for this many seconds.
+    #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
+
     /// A change whose payload exceeds this many bytes is sent trimmed, with an error.
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 1_048_576)]
     pub max_record_bytes: usize,
@@ -114,10 +126,15 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 5_000_000)]
     pub max_frame_bytes: usize,
 
-    /// Longest a client may take to send its HTTP request headers (the WebSocket handshake);
-    /// slower connections are closed (slowloris).
+    /// Longest a connection may stay open without a request in progress before it became a
+    /// WebSocket (idle, trickling its headers, or sending anything else); then it is closed.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_SECS", default_value_t = 10)]
     pub handshake_timeout_secs: u64,
+
+    /// Connections held open while not yet WebSockets (nor serving a request); past it the
+    /// oldest such connection is closed to admit the new one.
+    #[arg(long, env = "MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    pub max_pending_connections: usize,
 
     /// Close a socket that sent nothing (not even a heartbeat) for this many seconds.
     #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 60)]
@@ -136,9 +153,23 @@ pub struct LimitArgs {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: u64,
 
-    /// Channel joins per second across the server; a socket joining past it is disconnected.
+    /// Channel joins per second across the server (a ceiling far above one client's share);
+    /// joins past it are refused.
     #[arg(long, env = "MAX_JOINS_PER_SECOND", default_value_t = 2_500)]
     pub max_joins_per_second: u32,
+
+    /// Channel joins per second one client (token `sub`, else address) may make over all
+    /// its sockets; past it the socket is disconnected.
+    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_CLIENT", default_value_t = 500)]
+    pub max_joins_per_second_per_client: u32,
+
+    /// Channel joins per second one socket may make; past it the socket is disconnected.
+    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_SOCKET", default_value_t = 200)]
+    pub max_joins_per_second_per_socket: u32,
+
+    /// Channels (sockets) one topic may hold; 0 = no cap. Joins past it are refused.
+    #[arg(long, env = "MAX_MEMBERS_PER_CHANNEL", default_value_t = 0)]
+    pub max_members_per_channel: usize,
 
     /// Broadcast and presence pushes one channel may send per second; past it the channel is
     /// closed with "Too many messages per second".
@@ -163,9 +194,31 @@ pub struct LimitArgs {
     #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = 30_000)]
     pub client_presence_window_ms: u64,
 
-    /// Messages per second the REST broadcast endpoints accept (all callers together).
-    #[arg(long, env = "MAX_HTTP_BROADCASTS_PER_SECOND", default_value_t = 1000)]
+    /// Messages per second the REST broadcast endpoints accept from all callers together.
+    #[arg(long, env = "MAX_HTTP_BROADCASTS_PER_SECOND", default_value_t = 10_000)]
     pub max_http_broadcasts_per_second: u32,
+
+    /// Messages per second the REST broadcast endpoints accept from one client (token
+    /// `sub`, else address); also the largest batch.
+    #[arg(
+        long,
+        env = "MAX_HTTP_BROADCASTS_PER_SECOND_PER_CLIENT",
+        default_value_t = 1000
+    )]
+    pub max_http_broadcasts_per_second_per_client: u32,
+
+    /// Largest presence payload one channel may track, in bytes.
+    #[arg(long, env = "MAX_PRESENCE_PAYLOAD_BYTES", default_value_t = 65_536)]
+    pub max_presence_payload_bytes: usize,
+
+    /// Largest presence state of one channel (all its members' payloads), in bytes.
+    #[arg(long, env = "MAX_PRESENCE_STATE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_presence_state_bytes: usize,
+
+    /// Comma-separated token roles allowed although privileged (superuser, REPLICATION, or a
+    /// predefined `pg_*` role); such tokens are refused by default.
+    #[arg(long, env = "ALLOWED_TOKEN_ROLES")]
+    pub allowed_token_roles: Option<String>,
 }
 
 impl LimitArgs {
@@ -175,7 +228,8 @@ impl LimitArgs {
             max_payload_bytes: self.max_payload_size_kb.saturating_mul(1024),
             presence_max_calls: self.client_presence_max_calls,
             presence_window: std::time::Duration::from_millis(self.client_presence_window_ms),
-            rest_messages_per_second: self.max_http_broadcasts_per_second,
+            max_presence_payload_bytes: self.max_presence_payload_bytes,
+            max_presence_state_bytes: self.max_presence_state_bytes,
         }
     }
 }

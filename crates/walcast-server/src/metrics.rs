@@ -31,6 +31,7 @@ pub const CHANNELS_CLOSED: &str = "walcast_channels_closed_total";
 pub const BROADCASTS: &str = "walcast_broadcasts_total";
 pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
+pub const PENDING_EVICTED: &str = "walcast_pending_connections_closed_total";
 
 /// Register descriptions (shown as `# HELP` lines).
 pub fn describe() {
@@ -219,6 +220,11 @@ pub fn presence_event(event: &'static str) {
 /// `reason`: "events_rate", "token_expired", "presence_rate", "authz".
 pub fn channel_closed(reason: &'static str) {
     counter!(CHANNELS_CLOSED, "reason" => reason).increment(1);
+}
+
+/// A pending (not yet upgraded) connection was closed to admit a newer one.
+pub fn pending_evicted() {
+    counter!(PENDING_EVICTED).increment(1);
 }
 
 pub fn authz_check_seconds(seconds: f64) {

@@ -9,14 +9,20 @@ use walcast_core::hub::Hub;
 use walcast_core::pg_type::TypeRegistry;
 
 use crate::auth::JwtVerifier;
+use crate::authz::roles::TokenRoles;
 use crate::db::sql::{ExclusivePool, SqlPool};
-use crate::realtime::broadcast::{BroadcastLimits, RateWindow};
+use crate::realtime::broadcast::BroadcastLimits;
+use crate::realtime::limiter::Limited;
 
 /// Settings the socket layer needs.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_channels_per_client: usize,
     pub socket_send_queue: usize,
+    /// Bytes one socket's send queue may hold.
+    pub socket_send_queue_bytes: usize,
+    /// Longest a socket's write may make no progress.
+    pub write_timeout: Duration,
     pub max_frame_bytes: usize,
     pub idle_timeout: Duration,
     pub channel_error_backoff: Duration,
@@ -24,7 +30,16 @@ pub struct Limits {
     /// Broadcast and presence limits.
     pub broadcast: BroadcastLimits,
     pub max_connections: u64,
+    /// Joins per second, server-wide.
     pub max_joins_per_second: u32,
+    /// Joins per second per client (all its sockets) and per socket.
+    pub max_joins_per_second_per_client: u32,
+    pub max_joins_per_second_per_socket: u32,
+    /// REST broadcast messages per second, server-wide and per client.
+    pub max_http_broadcasts_per_second: u32,
+    pub max_http_broadcasts_per_second_per_client: u32,
+    /// Channels one topic may hold; 0 = no cap.
+    pub max_members_per_channel: usize,
     /// Broadcast and presence pushes one channel may send per second.
     pub max_events_per_second: u32,
     /// Exact origins allowed to open WebSockets; `None` allows any.
@@ -49,12 +64,14 @@ pub struct AppState {
     pub authz: Arc<ExclusivePool>,
     /// Broadcast topics and presence.
     pub topics: Arc<Topics>,
-    /// Messages accepted by the REST broadcast endpoints in the current second.
-    pub rest_rate: RateWindow,
+    /// Joins per client and server-wide.
+    pub join_limits: Limited,
+    /// REST broadcast messages per client and server-wide.
+    pub rest_limits: Limited,
+    /// Which token roles clients may use.
+    pub token_roles: TokenRoles,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
-    /// (unix second, joins counted in it) for the server-wide join rate.
-    join_window: std::sync::Mutex<(i64, u32)>,
 }
 
 impl AppState {
@@ -67,9 +84,22 @@ impl AppState {
         limits: Limits,
         types: Arc<RwLock<TypeRegistry>>,
         streaming: Arc<AtomicBool>,
+        token_roles: TokenRoles,
     ) -> AppState {
         let authz = Arc::new(ExclusivePool::new(sql.config().clone(), "walcast authz", 4));
+        let now = std::time::Instant::now();
         AppState {
+            join_limits: Limited::new(
+                limits.max_joins_per_second_per_client,
+                limits.max_joins_per_second,
+                now,
+            ),
+            rest_limits: Limited::new(
+                limits.max_http_broadcasts_per_second_per_client,
+                limits.max_http_broadcasts_per_second,
+                now,
+            ),
+            token_roles,
             authz,
             jwt,
             hub,
@@ -80,28 +110,17 @@ impl AppState {
             streaming,
             shutting_down: AtomicBool::new(false),
             topics: Arc::new(Topics::new(ref_salt())),
-            rest_rate: RateWindow::new(Duration::from_secs(1)),
             next_subscriber: AtomicU64::new(1),
             sockets: AtomicU64::new(0),
-            join_window: std::sync::Mutex::new((0, 0)),
         }
     }
 
-    /// Count a socket in (returns a guard that counts it out when dropped).
-    pub fn socket_guard(self: &Arc<Self>) -> SocketGuard {
-        self.sockets.fetch_add(1, Ordering::AcqRel);
-        SocketGuard(self.clone())
-    }
-
-    /// Count a join against the per-second budget; false when over it.
-    pub fn allow_join(&self) -> bool {
-        let now = now_unix();
-        let mut w = self.join_window.lock().unwrap_or_else(|p| p.into_inner());
-        if w.0 != now {
-            *w = (now, 0);
-        }
-        w.1 = w.1.saturating_add(1);
-        w.1 <= self.limits.max_joins_per_second
+    /// Take a socket slot: counted in first, then checked, so concurrent upgrades can never
+    /// exceed `--max-connections` together. `None` when the server is full.
+    pub fn try_socket_slot(self: &Arc<Self>) -> Option<SocketGuard> {
+        let guard = SocketGuard(self.clone());
+        let before = self.sockets.fetch_add(1, Ordering::AcqRel);
+        (before < self.limits.max_connections).then_some(guard)
     }
 
     pub fn open_sockets(&self) -> u64 {
@@ -115,19 +134,6 @@ impl AppState {
 
     pub fn is_streaming(&self) -> bool {
         self.streaming.load(Ordering::Acquire)
-    }
-
-    /// Wait (bounded) until the replication stream runs, so a join reply never promises
-    /// changes the stream cannot deliver yet.
-    pub async fn wait_streaming(&self, limit: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while !self.is_streaming() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        true
     }
 }
 
@@ -147,7 +153,7 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// Counts an open socket for graceful shutdown.
+/// Counts an open socket (for `--max-connections` and graceful shutdown) until dropped.
 pub struct SocketGuard(Arc<AppState>);
 
 impl Drop for SocketGuard {

@@ -274,7 +274,7 @@ async fn connection_join_and_origin_limits() {
         &[
             "--max-connections",
             "3",
-            "--max-joins-per-second",
+            "--max-joins-per-second-per-client",
             "2",
             "--allowed-origins",
             "https://app.example.com, http://localhost:3000/",
@@ -293,7 +293,8 @@ async fn connection_join_and_origin_limits() {
         None
     );
     let mut a = server.connect(&t).await;
-    // Joins per second: five quick joins cannot all fit in windows of two.
+    // Joins per second (this client's share): five quick joins cannot all fit in windows of
+    // two, and a socket over its share is disconnected.
     let mut refused = None;
     for i in 0..5 {
         a.send(json!([i.to_string(), i.to_string(), format!("realtime:j{i}"), "phx_join", {"config": {}}]))

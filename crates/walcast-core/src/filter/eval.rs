@@ -286,6 +286,11 @@ impl CompiledFilter {
         self.conditions.len()
     }
 
+    /// The columns the conditions read, in condition order (may repeat).
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.conditions.iter().map(|c| &*c.column)
+    }
+
     /// Does the change's row image satisfy every condition? See the module docs.
     pub fn matches(&self, change: &Change) -> bool {
         let (row, fallback) = match change.kind {

@@ -34,7 +34,8 @@ use crate::state::AppState;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChannelPerms {
     pub broadcast_read: bool,
-    pub presence_read: bool,
+    /// `None` until evaluated: at join when presence is enabled, else at the first track.
+    pub presence_read: Option<bool>,
     /// `None` until checked with [`can_write`].
     pub broadcast_write: Option<bool>,
     pub presence_write: Option<bool>,
@@ -43,7 +44,7 @@ pub struct ChannelPerms {
 impl ChannelPerms {
     /// Joining needs one of the two reads.
     pub fn may_join(&self) -> bool {
-        self.broadcast_read || self.presence_read
+        self.broadcast_read || self.presence_read == Some(true)
     }
 }
 
@@ -174,9 +175,9 @@ pub async fn read_perms(
             if bypasses_rls(client, &identity.role).await? {
                 return Ok(ChannelPerms {
                     broadcast_read: true,
-                    presence_read: presence,
+                    presence_read: presence.then_some(true),
                     broadcast_write: Some(true),
-                    presence_write: Some(presence),
+                    presence_write: Some(true),
                 });
             }
             begin(client, &identity, &sub_topic).await?;
@@ -224,7 +225,7 @@ pub async fn read_perms(
             };
             Ok(ChannelPerms {
                 broadcast_read: visible(Extension::Broadcast),
-                presence_read: visible(Extension::Presence),
+                presence_read: presence.then(|| visible(Extension::Presence)),
                 broadcast_write: None,
                 presence_write: None,
             })

@@ -373,7 +373,7 @@ pub async fn compile(
     };
     if reads_unstreamed {
         // A policy reads a column the WAL does not carry: no image can be judged.
-        tracing::warn!(table = %relname, "a policy reads a column the stream does not carry; denying");
+        tracing::warn!(table = ?relname, "a policy reads a column the stream does not carry; denying");
         return Ok(TablePolicy {
             select,
             columns,

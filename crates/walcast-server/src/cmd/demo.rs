@@ -235,7 +235,7 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
         .with_context(|| format!("connecting to the demo database {url}"))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "demo sql connection ended");
+            tracing::debug!(error = ?e.to_string(), "demo sql connection ended");
         }
     });
     Ok(client)

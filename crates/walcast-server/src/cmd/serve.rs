@@ -20,6 +20,7 @@ use walcast_core::pg_type::TypeRegistry;
 use walcast_replication::Replicator;
 
 use crate::auth::JwtVerifier;
+use crate::authz::roles::TokenRoles;
 use crate::cli::ServeArgs;
 use crate::db::sql::SqlPool;
 use crate::http::{router, HttpState};
@@ -66,11 +67,11 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot apply the realtime schema (sql/); private channels will be refused until `walcast migrate` runs")
+                tracing::warn!(error = ?format!("{e:#}"), "cannot apply the realtime schema (sql/); private channels will be refused until `walcast migrate` runs")
             }
         },
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "cannot connect to apply the realtime schema")
+            tracing::warn!(error = ?format!("{e:#}"), "cannot connect to apply the realtime schema")
         }
     }
     // Fail fast on an unreachable database or bad credentials.
@@ -79,13 +80,26 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let limits = Limits {
         max_channels_per_client: args.limits.max_channels_per_client,
         socket_send_queue: args.limits.socket_send_queue,
+        socket_send_queue_bytes: args.limits.socket_send_queue_bytes.max(1),
+        write_timeout: Duration::from_secs(args.limits.write_timeout_secs.max(1)),
         max_frame_bytes: args.limits.max_frame_bytes,
         idle_timeout: Duration::from_secs(args.limits.idle_timeout_secs.max(1)),
         channel_error_backoff: Duration::from_millis(args.limits.channel_error_backoff_ms),
         connect_error_backoff: Duration::from_millis(args.limits.connect_error_backoff_ms),
         broadcast: args.limits.broadcast_limits(),
-        max_connections: args.limits.max_connections,
+        max_connections: crate::http::listener::fd_budget(
+            args.limits.max_connections,
+            args.limits.max_pending_connections.max(1),
+        ),
         max_joins_per_second: args.limits.max_joins_per_second.max(1),
+        max_joins_per_second_per_client: args.limits.max_joins_per_second_per_client.max(1),
+        max_joins_per_second_per_socket: args.limits.max_joins_per_second_per_socket.max(1),
+        max_http_broadcasts_per_second: args.limits.max_http_broadcasts_per_second.max(1),
+        max_http_broadcasts_per_second_per_client: args
+            .limits
+            .max_http_broadcasts_per_second_per_client
+            .max(1),
+        max_members_per_channel: args.limits.max_members_per_channel,
         max_events_per_second: args.limits.max_events_per_second.max(1),
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
@@ -94,6 +108,25 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
                 .collect()
         }),
     };
+    match &limits.allowed_origins {
+        None => tracing::info!(
+            allowed_origins = "any",
+            "WebSockets from any browser origin are accepted (set --allowed-origins to restrict)"
+        ),
+        Some(list) => tracing::info!(allowed_origins = ?list, "WebSocket origins restricted"),
+    }
+    let token_roles = TokenRoles::new(
+        args.limits
+            .allowed_token_roles
+            .as_deref()
+            .map(|l| {
+                l.split(',')
+                    .map(|r| r.trim().to_string())
+                    .filter(|r| !r.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    );
     let types = Arc::new(RwLock::new(TypeRegistry::new()));
     let hub = Arc::new(Hub::new(HubConfig {
         max_record_bytes: args.limits.max_record_bytes,
@@ -107,6 +140,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         limits,
         types.clone(),
         replicator.streaming_flag(),
+        token_roles,
     ));
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -118,6 +152,15 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         Duration::from_secs(5),
         async move {
             let _ = poller_shutdown.changed().await;
+        },
+    ));
+    let mut retention_shutdown = shutdown_rx.clone();
+    tokio::spawn(crate::db::retention::run(
+        sql.clone(),
+        Duration::from_secs(args.messages_retention_secs),
+        Duration::from_secs(60),
+        async move {
+            let _ = retention_shutdown.changed().await;
         },
     ));
     let pump = tokio::spawn(
@@ -141,9 +184,12 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     })
     .merge(extra);
     let mut http_shutdown = shutdown_rx.clone();
-    let header_timeout = Duration::from_secs(args.limits.handshake_timeout_secs.max(1));
+    let listener_config = crate::http::listener::ListenerConfig {
+        handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs.max(1)),
+        max_pending: args.limits.max_pending_connections.max(1),
+    };
     let server = tokio::spawn(async move {
-        crate::http::listener::serve(listener, app, header_timeout, async move {
+        crate::http::listener::serve(listener, app, listener_config, async move {
             let _ = http_shutdown.changed().await;
         })
         .await

@@ -106,16 +106,25 @@ pub async fn role_exists(client: &tokio_postgres::Client, role: &str) -> Result<
     Ok(row.try_get(0)?)
 }
 
-/// Table-level access of a role: SELECT privilege and whether row-level security is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Access of a role to a table: SELECT on it (or on some of its columns), the columns it
+/// may SELECT, and whether row-level security is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableAccess {
     pub select: bool,
     pub rls_enabled: bool,
+    /// Columns the role may not SELECT (trimmed from payloads, refused in filters).
+    pub hidden_columns: Vec<String>,
 }
 
-/// `has_any_column_privilege(role, table, 'SELECT')` (SELECT on the table or on some of its
-/// columns; the others are trimmed from payloads) and `relrowsecurity`, role as a bound
-/// parameter. A role that no longer exists gets no access.
+impl TableAccess {
+    pub fn may_read(&self, column: &str) -> bool {
+        !self.hidden_columns.iter().any(|c| c == column)
+    }
+}
+
+/// `has_any_column_privilege(role, table, 'SELECT')`, the columns without
+/// `has_column_privilege(…, 'SELECT')`, and `relrowsecurity`; the role is a bound parameter.
+/// A role that no longer exists gets no access.
 pub async fn table_access(
     client: &tokio_postgres::Client,
     role: &str,
@@ -123,9 +132,14 @@ pub async fn table_access(
 ) -> Result<TableAccess> {
     let row = client
         .query_opt(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
-                         THEN pg_catalog.has_any_column_privilege($1, c.oid, 'SELECT') ELSE false END,
-                    c.relrowsecurity
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
+                      AND pg_catalog.has_any_column_privilege($1, c.oid, 'SELECT'),
+                    c.relrowsecurity,
+                    ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                            AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
+                                     AND pg_catalog.has_column_privilege($1, c.oid, a.attnum, 'SELECT'))
+                          ORDER BY a.attnum)
              FROM pg_catalog.pg_class c WHERE c.oid = $2",
             &[&role, &table_oid],
         )
@@ -135,10 +149,12 @@ pub async fn table_access(
         Some(r) => TableAccess {
             select: r.try_get(0)?,
             rls_enabled: r.try_get(1)?,
+            hidden_columns: r.try_get(2)?,
         },
         None => TableAccess {
             select: false,
             rls_enabled: false,
+            hidden_columns: Vec::new(),
         },
     })
 }

@@ -55,7 +55,7 @@ where
 {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "sql connection ended");
+            tracing::warn!(error = ?e.to_string(), "sql connection ended");
         }
     });
 }

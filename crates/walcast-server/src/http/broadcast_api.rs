@@ -18,7 +18,11 @@
 //! Invariants:
 //! - A private topic is written to only after the same write check the WebSocket path uses
 //!   ([`crate::realtime::broadcast::can_write`]); HTTP is never a way around it.
-//! - Every response carries `access-control-allow-origin: *`; `OPTIONS` answers preflights.
+//! - Rates are per client (token `sub`, else address) under a server-wide ceiling: one
+//!   caller's batch never uses up the others' budget.
+//! - CORS follows `--allowed-origins`: any origin (`*`) when unset, else the request's origin
+//!   when it is listed and no `access-control-allow-origin` at all when it is not.
+//!   `OPTIONS` answers preflights the same way.
 
 use std::collections::HashMap;
 
@@ -35,8 +39,10 @@ use walcast_core::broadcast::{Body, TopicKey, UserBroadcast};
 use walcast_protocol::{outbound, PayloadEncoding};
 
 use crate::auth::Claims;
-use crate::http::HttpState;
+use crate::authz::roles::refusal_message;
+use crate::http::{bearer, ClientAddr, HttpState};
 use crate::realtime::broadcast::{can_write, Extension};
+use crate::realtime::limiter::{client_key, Refused};
 use crate::state::now_unix;
 
 /// The broadcast routes (merged into the main router).
@@ -56,16 +62,55 @@ pub fn routes(max_body_bytes: usize) -> Router<HttpState> {
     r.layer(DefaultBodyLimit::max(max_body_bytes))
 }
 
-fn with_cors(mut resp: Response) -> Response {
-    resp.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    resp
+/// The `access-control-allow-origin` a response gets, decided once per request.
+#[derive(Clone)]
+enum Cors {
+    Any,
+    Origin(HeaderValue),
+    Nothing,
 }
 
-async fn preflight() -> Response {
-    let mut resp = with_cors(StatusCode::NO_CONTENT.into_response());
+impl Cors {
+    fn of(s: &HttpState, headers: &HeaderMap) -> Cors {
+        let Some(allowed) = &s.app.limits.allowed_origins else {
+            return Cors::Any;
+        };
+        match headers.get(header::ORIGIN) {
+            Some(origin) => {
+                let text = origin.to_str().unwrap_or("").trim_end_matches('/');
+                if allowed.iter().any(|a| a == text) {
+                    Cors::Origin(origin.clone())
+                } else {
+                    Cors::Nothing
+                }
+            }
+            None => Cors::Nothing,
+        }
+    }
+
+    fn apply(&self, mut resp: Response) -> Response {
+        let h = resp.headers_mut();
+        match self {
+            Cors::Any => {
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                    HeaderValue::from_static("*"),
+                );
+            }
+            Cors::Origin(o) => {
+                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o.clone());
+                h.insert(header::VARY, HeaderValue::from_static("origin"));
+            }
+            Cors::Nothing => {
+                h.insert(header::VARY, HeaderValue::from_static("origin"));
+            }
+        }
+        resp
+    }
+}
+
+async fn preflight(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let mut resp = Cors::of(&s, &headers).apply(StatusCode::NO_CONTENT.into_response());
     let h = resp.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -83,54 +128,57 @@ async fn preflight() -> Response {
 }
 
 fn message(status: StatusCode, text: &str) -> Response {
-    with_cors((status, Json(json!({ "message": text }))).into_response())
+    (status, Json(json!({ "message": text }))).into_response()
 }
 
 fn unprocessable(field: &str, text: &str) -> Response {
-    with_cors(
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({ "errors": { field: [text] } })),
-        )
-            .into_response(),
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({ "errors": { field: [text] } })),
     )
+        .into_response()
 }
 
 fn accepted() -> Response {
-    with_cors(StatusCode::ACCEPTED.into_response())
+    StatusCode::ACCEPTED.into_response()
 }
 
 const PAYLOAD_TOO_LARGE: &str = "Payload size exceeds tenant limit";
 
-/// `Authorization: Bearer <jwt>`, else `apikey: <jwt>`, verified.
 /// A refusal: status and `message` text.
-type Refusal = (StatusCode, &'static str);
+type Refusal = (StatusCode, std::borrow::Cow<'static, str>);
 
 fn refuse((status, text): Refusal) -> Response {
-    message(status, text)
+    message(status, &text)
 }
 
-fn authenticate(s: &HttpState, headers: &HeaderMap) -> Result<Claims, Refusal> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .filter(|t| !t.is_empty());
+/// `Authorization: Bearer <jwt>`, else `apikey: <jwt>`, verified; privileged token roles are
+/// refused as on the WebSocket.
+async fn authenticate(s: &HttpState, headers: &HeaderMap) -> Result<Claims, Refusal> {
+    let unauthorized = || (StatusCode::UNAUTHORIZED, "Unauthorized".into());
     let apikey = headers
         .get("apikey")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|t| !t.is_empty());
-    let Some(token) = bearer.or(apikey) else {
-        return Err((StatusCode::UNAUTHORIZED, "Unauthorized"));
+    let Some(token) = bearer(headers).or(apikey) else {
+        return Err(unauthorized());
     };
-    s.app.jwt.verify(token, now_unix()).map_err(|e| {
-        tracing::debug!(error = %e, "refusing a REST broadcast");
-        (StatusCode::UNAUTHORIZED, "Unauthorized")
-    })
+    let claims = s.app.jwt.verify(token, now_unix()).map_err(|e| {
+        tracing::debug!(error = ?e.to_string(), "refusing a REST broadcast");
+        unauthorized()
+    })?;
+    let privilege = match s.app.token_roles.privilege(&s.app.sql, &claims.role).await {
+        Ok(p) => p,
+        Err(_) => s.app.token_roles.cached_privilege(&claims.role),
+    };
+    if let Some(why) = privilege {
+        return Err((
+            StatusCode::FORBIDDEN,
+            refusal_message(&claims.role, why).into(),
+        ));
+    }
+    Ok(claims)
 }
 
 fn content_type(headers: &HeaderMap) -> Option<String> {
@@ -144,22 +192,27 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-/// Take `n` messages from the REST rate window, or the 429 to answer.
-fn rate(s: &HttpState, n: usize) -> Result<(), Refusal> {
-    let limit = u64::from(s.app.limits.broadcast.rest_messages_per_second);
-    if n as u64 > limit {
+/// Take `n` messages from the caller's share (and the server-wide ceiling), or the 429.
+fn rate(s: &HttpState, client: &std::sync::Arc<str>, n: usize) -> Result<(), Refusal> {
+    let limits = &s.app.rest_limits;
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    if n > limits.per_client() {
         return Err((
             StatusCode::TOO_MANY_REQUESTS,
-            "Too many messages to broadcast, please reduce the batch size",
+            "Too many messages to broadcast, please reduce the batch size".into(),
         ));
     }
-    if !s.app.rest_rate.try_take(n as u64, limit) {
-        return Err((
+    match limits.check(client, std::time::Instant::now(), n) {
+        Ok(()) => Ok(()),
+        Err(Refused::Client | Refused::Server) => Err((
             StatusCode::TOO_MANY_REQUESTS,
-            "You have exceeded your rate limit",
-        ));
+            "You have exceeded your rate limit".into(),
+        )),
     }
-    Ok(())
+}
+
+fn client_of(claims: &Claims, addr: Option<std::net::IpAddr>) -> std::sync::Arc<str> {
+    client_key(claims.sub.as_deref(), addr)
 }
 
 #[derive(Deserialize)]
@@ -180,12 +233,27 @@ struct BatchMessage<'a> {
     id: Option<String>,
 }
 
-async fn batch(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let claims = match authenticate(&s, &headers) {
+async fn batch(
+    State(s): State<HttpState>,
+    ClientAddr(addr): ClientAddr,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cors = Cors::of(&s, &headers);
+    cors.apply(batch_inner(&s, addr, &headers, body).await)
+}
+
+async fn batch_inner(
+    s: &HttpState,
+    addr: Option<std::net::IpAddr>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let claims = match authenticate(s, headers).await {
         Ok(c) => c,
         Err(r) => return refuse(r),
     };
-    if content_type(&headers).is_some_and(|ct| ct != "application/json") {
+    if content_type(headers).is_some_and(|ct| ct != "application/json") {
         return message(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type");
     }
     let batch: Batch<'_> = match serde_json::from_slice(&body) {
@@ -201,7 +269,7 @@ async fn batch(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
             return unprocessable("payload", PAYLOAD_TOO_LARGE);
         }
     }
-    if let Err(r) = rate(&s, batch.messages.len()) {
+    if let Err(r) = rate(s, &client_of(&claims, addr), batch.messages.len()) {
         return refuse(r);
     }
     let mut allowed: HashMap<String, bool> = HashMap::new();
@@ -239,16 +307,30 @@ async fn batch(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> R
 
 async fn single(
     State(s): State<HttpState>,
+    ClientAddr(addr): ClientAddr,
     Path((topic, event)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let claims = match authenticate(&s, &headers) {
+    let cors = Cors::of(&s, &headers);
+    cors.apply(single_inner(&s, addr, topic, event, query, &headers, body).await)
+}
+
+async fn single_inner(
+    s: &HttpState,
+    addr: Option<std::net::IpAddr>,
+    topic: String,
+    event: String,
+    query: HashMap<String, String>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let claims = match authenticate(s, headers).await {
         Ok(c) => c,
         Err(r) => return refuse(r),
     };
-    let encoding = match content_type(&headers).as_deref() {
+    let encoding = match content_type(headers).as_deref() {
         Some("application/json") => PayloadEncoding::Json,
         Some("application/octet-stream") => PayloadEncoding::Binary,
         _ => return message(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Unsupported media type"),
@@ -259,7 +341,7 @@ async fn single(
     if body.len() > s.app.limits.broadcast.max_payload_bytes {
         return unprocessable("payload", PAYLOAD_TOO_LARGE);
     }
-    if let Err(r) = rate(&s, 1) {
+    if let Err(r) = rate(s, &client_of(&claims, addr), 1) {
         return refuse(r);
     }
     let private = query

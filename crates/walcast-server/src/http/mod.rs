@@ -8,7 +8,7 @@ pub mod listener;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,9 +17,32 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use walcast_protocol::Vsn;
 
 use crate::auth::JwtError;
+use crate::authz::roles::refusal_message;
 use crate::metrics;
+use crate::realtime::limiter::client_key;
 use crate::realtime::socket::{self, Connection};
 use crate::state::{now_unix, AppState};
+
+/// The client's address as the accept loop saw it (absent when a request did not come
+/// through it, e.g. in router tests).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<ConnectInfo<std::net::SocketAddr>>()
+                .map(|ConnectInfo(a)| a.ip()),
+        ))
+    }
+}
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -68,23 +91,33 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     }
 }
 
-/// Compare without an early exit on the first differing byte, so response time does not
-/// reveal how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Do two secrets match? Compared as SHA-256 digests, without an early exit: neither the
+/// length of the configured token nor how much of a guess was right shows in the timing.
+fn secret_eq(given: &[u8], want: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given), Sha256::digest(want));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 9110).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 async fn metrics_page(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     if let Some(want) = &s.metrics_token {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), want.as_bytes()) {
+        let given = bearer(&headers).unwrap_or("");
+        if !secret_eq(given.as_bytes(), want.as_bytes()) {
             return (StatusCode::UNAUTHORIZED, "metrics need a bearer token\n").into_response();
         }
     }
@@ -101,6 +134,7 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 
 async fn websocket(
     State(s): State<HttpState>,
+    ClientAddr(addr): ClientAddr,
     Query(params): Query<HashMap<String, String>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
@@ -122,11 +156,11 @@ async fn websocket(
             return refuse(StatusCode::FORBIDDEN, "Origin not allowed");
         }
     }
-    if s.app.open_sockets() >= limits.max_connections {
+    let Some(slot) = s.app.try_socket_slot() else {
         metrics::upgrade_refused("max_connections");
         tokio::time::sleep(limits.connect_error_backoff).await;
         return refuse(StatusCode::TOO_MANY_REQUESTS, "Too many connected users");
-    }
+    };
     // The gateway's header wins over the query parameter, as in Supabase.
     let token = headers
         .get("x-api-key")
@@ -140,16 +174,28 @@ async fn websocket(
     };
     // The claims themselves are not kept: every join verifies its own token again (the
     // connection token may expire), and an idle socket should not carry a copy.
-    let token = match (token, verified) {
-        (Some(t), Ok(_)) => t,
+    let (token, claims) = match (token, verified) {
+        (Some(t), Ok(c)) => (t, c),
         (_, Err(e)) => {
             metrics::upgrade_refused(e.label());
-            tracing::debug!(error = %e, "refusing websocket upgrade");
+            tracing::debug!(error = ?e.to_string(), "refusing websocket upgrade");
             tokio::time::sleep(limits.connect_error_backoff).await;
             return refuse(StatusCode::UNAUTHORIZED, e.upgrade_message());
         }
         (None, Ok(_)) => return refuse(StatusCode::UNAUTHORIZED, "API key is missing"),
     };
+    // A privileged role is refused here when known; joins check it again in any case.
+    let privilege = match s.app.token_roles.privilege(&s.app.sql, &claims.role).await {
+        Ok(p) => p,
+        Err(_) => s.app.token_roles.cached_privilege(&claims.role),
+    };
+    if let Some(why) = privilege {
+        metrics::upgrade_refused("privileged_role");
+        tokio::time::sleep(limits.connect_error_backoff).await;
+        return refuse(StatusCode::FORBIDDEN, &refusal_message(&claims.role, why));
+    }
+    let client = client_key(claims.sub.as_deref(), addr);
+    drop(claims);
     let app = s.app.clone();
     let shutdown = s.shutdown.clone();
     upgrade
@@ -162,6 +208,8 @@ async fn websocket(
             let conn = Connection {
                 vsn,
                 token: token.into(),
+                client,
+                slot,
             };
             socket::run(ws, app, conn, shutdown)
         })

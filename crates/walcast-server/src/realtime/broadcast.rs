@@ -1,39 +1,35 @@
 //! Broadcast and presence, the server side: limits, the private-channel write check, and
-//! broadcasts emitted from SQL (`realtime.send`).
+//! broadcasts from SQL (`realtime.send`, rows of `realtime.messages`).
 //!
 //! ```text
-//!  client push ──socket.rs──┐  size limit, write check (private), presence call window
-//!  POST /api/broadcast ─────┼─ broadcast_api.rs: auth, validation, rate window, write check
-//!  realtime.send() in SQL   │
-//!    pg_logical_emit_message(true, 'realtime.broadcast', {topic,event,payload,private,id})
-//!    ── WAL, decoded only if the transaction commits ──▶ pump ──▶ deliver_db_message ─┘
+//!  client push ──socket──────┐  size limit, write check (private), presence call window
+//!  POST /api/broadcast ──────┼─ http/broadcast_api.rs: auth, validation, rates, write check
+//!  realtime.send() in SQL    │
+//!    INSERT INTO realtime.messages as the caller (its INSERT policies decide)
+//!    ── WAL, decoded only if the transaction commits ──▶ pump ──▶ deliver_message_row ─┘
 //!                                                                 ▼
 //!                                                 walcast_core::broadcast::Topics (fan-out)
 //! ```
 //!
 //! Invariants:
 //! - A private topic is only written to after [`can_write`] said yes for the caller's
-//!   identity, on every path (WebSocket, HTTP); SQL senders are trusted (they already ran
-//!   SQL on the database).
-//! - Database broadcasts are transactional logical messages: nothing is stored, nothing is
-//!   delivered for a rolled-back transaction, and delivery follows commit order.
-//! - Rate windows are plain counters checked on the request path: no timers.
+//!   identity, on every path: WebSocket, HTTP, and SQL, where the row's very existence proves
+//!   its author passed the INSERT policies of `realtime.messages` (walcast's own probe rows
+//!   are always rolled back, so they never reach the WAL). Logical messages
+//!   (`pg_logical_emit_message`) are never delivered: anyone can emit them.
+//! - Database broadcasts follow commit order; nothing is delivered for a rolled-back
+//!   transaction.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use walcast_core::broadcast::{Body, FanoutStats, TopicKey, Topics, UserBroadcast};
+use walcast_core::change::{Change, ChangeKind, Value};
 use walcast_core::hub::Identity;
 use walcast_protocol::PayloadEncoding;
 
 use crate::auth::Claims;
 use crate::state::AppState;
-
-/// Prefix of the logical messages `realtime.send` emits (`sql/realtime_send.sql`).
-pub const DB_BROADCAST_PREFIX: &str = "realtime.broadcast";
 
 /// Limits of the broadcast and presence paths (Supabase's defaults).
 #[derive(Debug, Clone)]
@@ -44,8 +40,10 @@ pub struct BroadcastLimits {
     pub presence_max_calls: u32,
     /// The presence call window (30 s).
     pub presence_window: Duration,
-    /// Messages per second accepted by the REST endpoints, all callers together.
-    pub rest_messages_per_second: u32,
+    /// Largest payload one channel may track.
+    pub max_presence_payload_bytes: usize,
+    /// Largest presence state of one topic.
+    pub max_presence_state_bytes: usize,
 }
 
 impl Default for BroadcastLimits {
@@ -54,7 +52,8 @@ impl Default for BroadcastLimits {
             max_payload_bytes: 3000 * 1024,
             presence_max_calls: 5,
             presence_window: Duration::from_secs(30),
-            rest_messages_per_second: 1000,
+            max_presence_payload_bytes: 64 * 1024,
+            max_presence_state_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -85,107 +84,55 @@ pub async fn can_write_as(
     match crate::authz::private::can_write(state, identity, sub_topic, extension).await {
         Ok(allowed) => allowed,
         Err(e) => {
-            tracing::warn!(error = %e, topic = %sub_topic, extension = extension.as_str(),
+            tracing::warn!(error = ?e.to_string(), topic = ?sub_topic, extension = extension.as_str(),
                 "private write check failed; refusing");
             false
         }
     }
 }
 
-/// A fixed-window counter: at most `limit` units per `window`. Checked and updated on the
-/// request path, so it needs no timer.
-#[derive(Debug)]
-pub struct RateWindow {
-    window: Duration,
-    state: Mutex<(Instant, u64)>,
+/// The schema and table whose inserted rows are database broadcasts.
+pub const MESSAGES_TABLE: (&str, &str) = ("realtime", "messages");
+
+/// Whether `change` is a committed `realtime.messages` row to broadcast.
+pub fn is_message_row(change: &Change) -> bool {
+    change.kind == ChangeKind::Insert
+        && &*change.table.schema == MESSAGES_TABLE.0
+        && &*change.table.name == MESSAGES_TABLE.1
 }
 
-impl RateWindow {
-    pub fn new(window: Duration) -> RateWindow {
-        RateWindow {
-            window,
-            state: Mutex::new((Instant::now(), 0)),
-        }
-    }
-
-    /// Take `n` units if they fit under `limit` in the current window.
-    pub fn try_take(&self, n: u64, limit: u64) -> bool {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.0.elapsed() >= self.window {
-            *st = (Instant::now(), 0);
-        }
-        if st.1 + n > limit {
-            return false;
-        }
-        st.1 += n;
-        true
-    }
-}
-
-/// Per-channel presence call counter (one per channel, no timer: the window restarts on
-/// the first call after it ran out).
-#[derive(Debug, Clone)]
-pub struct CallWindow {
-    start: Instant,
-    calls: u32,
-}
-
-impl Default for CallWindow {
-    fn default() -> Self {
-        CallWindow {
-            start: Instant::now(),
-            calls: 0,
-        }
-    }
-}
-
-impl CallWindow {
-    /// Count one call; false when it goes over `max` in `window`.
-    pub fn hit(&mut self, max: u32, window: Duration) -> bool {
-        if self.start.elapsed() >= window {
-            self.start = Instant::now();
-            self.calls = 0;
-        }
-        self.calls += 1;
-        self.calls <= max
-    }
-}
-
-#[derive(Deserialize)]
-struct DbMessage<'a> {
-    #[serde(borrow)]
-    topic: &'a str,
-    #[serde(borrow)]
-    event: &'a str,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-    #[serde(default)]
-    private: bool,
-    #[serde(borrow)]
-    id: &'a str,
-}
-
-/// Deliver one `realtime.send` message (the logical message content) to its topic:
+/// Deliver one inserted `realtime.messages` row with `extension = 'broadcast'` to its topic:
 /// kind 4 with metadata `{"id":…}` to vsn 2.0.0 members, text with `meta` to vsn 1.0.0.
-pub fn deliver_db_message(topics: &Topics, content: &[u8]) -> Option<FanoutStats> {
-    let msg: DbMessage<'_> = match serde_json::from_slice(content) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring a malformed realtime.broadcast message");
-            return None;
-        }
+/// Rows of other extensions, or without a topic, event or JSON payload, deliver nothing.
+pub fn deliver_message_row(topics: &Topics, change: &Change) -> Option<FanoutStats> {
+    let record = change.record.as_deref()?;
+    let column = |name: &str| -> Option<&Value> {
+        let i = change.table.columns.iter().position(|c| &*c.name == name)?;
+        record.get(i)
     };
-    let mut meta = String::with_capacity(msg.id.len() + 10);
+    let text = |name: &str| column(name).and_then(Value::text);
+    if text("extension") != Some("broadcast") {
+        return None;
+    }
+    let (Some(topic), Some(event), Some(id), Some(payload)) =
+        (text("topic"), text("event"), text("id"), text("payload"))
+    else {
+        tracing::debug!("ignoring a realtime.messages row without topic, event, id or payload");
+        return None;
+    };
+    // `private` defaults to true in the table; a NULL is as private as it gets.
+    let private = text("private").is_none_or(|p| p != "f");
+    let mut meta = String::with_capacity(id.len() + 10);
     meta.push_str("{\"id\":");
-    walcast_core::write_json_string(msg.id, &mut meta);
+    walcast_core::write_json_string(id, &mut meta);
     meta.push('}');
     let body = Body::User(UserBroadcast {
-        event: msg.event.to_owned(),
+        event: event.to_owned(),
         encoding: PayloadEncoding::Json,
         meta: Some(meta),
-        payload: Bytes::copy_from_slice(msg.payload.get().as_bytes()),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
     });
-    let stats = topics.publish(&TopicKey::new(msg.topic, msg.private), &body, None);
+    let stats = topics.publish(&TopicKey::new(topic, private), &body, None);
     crate::metrics::broadcast("database", stats.delivered);
     Some(stats)
 }
@@ -194,34 +141,118 @@ pub fn deliver_db_message(topics: &Topics, content: &[u8]) -> Option<FanoutStats
 mod tests {
     use super::*;
 
-    #[test]
-    fn call_window_counts_and_resets() {
-        let mut w = CallWindow::default();
-        for _ in 0..5 {
-            assert!(w.hit(5, Duration::from_secs(30)));
+    use std::sync::Arc;
+    use walcast_core::broadcast::{JoinOptions, Member};
+    use walcast_core::change::{Column, Table};
+    use walcast_core::hub::{OutFrame, Outbox};
+    use walcast_pgoutput::{Lsn, ReplicaIdentity};
+    use walcast_protocol::Vsn;
+
+    #[derive(Default)]
+    struct Sink(std::sync::Mutex<Vec<OutFrame>>);
+
+    impl Outbox for Sink {
+        fn push(&self, frame: OutFrame) -> bool {
+            self.0.lock().unwrap().push(frame);
+            true
         }
-        assert!(!w.hit(5, Duration::from_secs(30)));
-        assert!(w.hit(5, Duration::ZERO));
+    }
+
+    fn row(table: &str, values: &[(&str, Option<&str>)]) -> Change {
+        let columns = values
+            .iter()
+            .map(|(n, _)| Column {
+                name: (*n).into(),
+                type_name: "text".into(),
+                type_oid: 25,
+                is_key: *n == "id",
+            })
+            .collect::<Vec<_>>();
+        Change {
+            table: Arc::new(Table {
+                relation_id: 1,
+                schema: "realtime".into(),
+                name: table.into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: columns.into(),
+            }),
+            kind: ChangeKind::Insert,
+            commit_lsn: Lsn(1),
+            index_in_txn: 0,
+            commit_time_us: 0,
+            record: Some(
+                values
+                    .iter()
+                    .map(|(_, v)| match v {
+                        Some(t) => Value::Present {
+                            text: (*t).into(),
+                            json: "null".into(),
+                        },
+                        None => Value::Null,
+                    })
+                    .collect(),
+            ),
+            old_record: None,
+        }
     }
 
     #[test]
-    fn rate_window() {
-        let r = RateWindow::new(Duration::from_secs(3600));
-        assert!(r.try_take(3, 5));
-        assert!(!r.try_take(3, 5));
-        assert!(r.try_take(2, 5));
-        assert!(!r.try_take(1, 5));
-    }
-
-    #[test]
-    fn db_message_malformed_is_ignored() {
-        let t = Topics::new(0);
-        assert!(deliver_db_message(&t, b"not json").is_none());
-        let ok = deliver_db_message(
-            &t,
-            br#"{"topic":"t","event":"e","payload":{"a":1},"private":false,"id":"x"}"#,
-        )
-        .unwrap();
-        assert_eq!(ok.delivered, 0);
+    fn message_rows_reach_their_topic_and_nothing_else_does() {
+        let topics = Topics::new(0);
+        let sink = Arc::new(Sink::default());
+        let member = Member {
+            outbox: sink.clone(),
+            vsn: Vsn::V1,
+            broadcast: true,
+            presence: true,
+        };
+        topics
+            .join(
+                &TopicKey::new("room", true),
+                1,
+                member,
+                JoinOptions::default(),
+                || (),
+            )
+            .unwrap();
+        let good = [
+            ("id", Some("6f1c2c2e-0000-4000-8000-000000000001")),
+            ("topic", Some("room")),
+            ("extension", Some("broadcast")),
+            ("event", Some("ev")),
+            ("payload", Some(r#"{"a":1}"#)),
+            ("private", Some("t")),
+        ];
+        let change = row("messages", &good);
+        assert!(is_message_row(&change));
+        assert_eq!(
+            deliver_message_row(&topics, &change).map(|s| s.delivered),
+            Some(1)
+        );
+        let text = match &sink.0.lock().unwrap()[0] {
+            OutFrame::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+            OutFrame::Binary(_) => panic!("vsn 1 gets text"),
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["payload"]["payload"], serde_json::json!({"a": 1}));
+        assert_eq!(
+            v["payload"]["meta"]["id"],
+            "6f1c2c2e-0000-4000-8000-000000000001"
+        );
+        // Presence rows, public rows to a private topic and other tables deliver nothing.
+        let mut presence = good;
+        presence[2].1 = Some("presence");
+        assert!(deliver_message_row(&topics, &row("messages", &presence)).is_none());
+        let mut public = good;
+        public[5].1 = Some("f");
+        assert_eq!(
+            deliver_message_row(&topics, &row("messages", &public)).map(|s| s.delivered),
+            Some(0)
+        );
+        assert!(!is_message_row(&row("other", &good)));
+        let mut no_event = good;
+        no_event[3].1 = None;
+        assert!(deliver_message_row(&topics, &row("messages", &no_event)).is_none());
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
     }
 }

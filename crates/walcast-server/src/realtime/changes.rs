@@ -13,6 +13,11 @@ use walcast_protocol::PostgresBinding;
 use crate::db::catalog::{find_table, role_exists, table_access};
 use crate::state::AppState;
 
+/// The `postgres_changes` system error a channel gets while the replication stream is down
+/// (at join, or when the stream is lost); an `ok` follows when it is back.
+pub const STREAM_DOWN: &str =
+    "Replication stream is down: changes will be delivered once it is back";
+
 /// The integer id echoed in the join reply for an entry. Never 0: some clients treat 0 as
 /// "no id".
 pub fn id_for(entry: &PostgresBinding) -> u32 {
@@ -55,7 +60,7 @@ pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBin
     let client = match state.sql.get().await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "catalog connection failed during a join");
+            tracing::warn!(error = ?e.to_string(), "catalog connection failed during a join");
             out.errors
                 .push("Realtime was unable to connect to the project database".to_string());
             return out;
@@ -149,6 +154,20 @@ async fn check_entry(
             entry,
             format!("permission denied for table {}", meta.name),
         ));
+    }
+    // A filter or selection on a column the role cannot read would reveal that column
+    // through which rows match (or that it exists): refused, naming it.
+    let named = parsed
+        .iter()
+        .flat_map(|f| f.conditions.iter().map(|c| c.column.as_str()))
+        .chain(entry.select.iter().flatten().map(String::as_str));
+    for column in named {
+        if meta.columns.iter().any(|m| m.name == column) && !access.may_read(column) {
+            return Err(unable(
+                entry,
+                format!("permission denied for column {column}"),
+            ));
+        }
     }
     let compiled = match &parsed {
         Some(f) if !f.conditions.is_empty() => {

@@ -1,8 +1,14 @@
-//! The realtime side of a WebSocket: one task per connection ([`socket`]) with its bounded
-//! send queue ([`outbox`]), postgres_changes join checks ([`changes`]), and broadcast and
-//! presence rules ([`broadcast`]).
+//! The realtime side of a WebSocket: the sans-I/O [`session`] (channels, joins, tokens,
+//! limits) and its driver, one task per connection ([`socket`]) with its bounded send queue
+//! ([`outbox`]); the database work a session asks for ([`authorize`], postgres_changes join
+//! checks in [`changes`]); broadcast and presence rules ([`broadcast`]); rate limits
+//! ([`limiter`]).
 
+pub mod authorize;
 pub mod broadcast;
 pub mod changes;
+pub mod channel;
+pub mod limiter;
 pub mod outbox;
+pub mod session;
 pub mod socket;

@@ -8,8 +8,9 @@
 //! ```
 //!
 //! Invariants:
-//! - `push` never waits: a full queue refuses the frame, marks the outbox overflowed and wakes
-//!   the socket task, which closes the connection (close 4008).
+//! - `push` never waits: a full queue (by frames or by bytes) refuses the frame, marks the
+//!   outbox overflowed and wakes the socket task, which closes the connection (close 4008).
+//!   A client that stops reading therefore costs at most the byte bound, whatever is sent.
 //! - An idle socket holds no frame buffer: the queue's buffer is allocated on the first push
 //!   and released whenever the socket task drains it. (A tokio bounded mpsc allocates a
 //!   32-slot block and a cache-padded channel up front, about 1.8 KB per socket.)
@@ -29,11 +30,14 @@ use walcast_core::hub::{OutFrame, Outbox};
 pub struct SocketOutbox {
     queue: Mutex<Queue>,
     capacity: usize,
+    max_bytes: usize,
 }
 
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<OutFrame>,
+    /// Bytes of the queued frames.
+    bytes: usize,
     overflowed: bool,
     closed: bool,
     /// The socket task, while it waits in [`OutboxReader::ready`].
@@ -45,11 +49,14 @@ pub struct OutboxReader {
     outbox: Arc<SocketOutbox>,
 }
 
-/// A queue of at most `capacity` frames (at least 1).
-pub fn bounded(capacity: usize) -> (Arc<SocketOutbox>, OutboxReader) {
+/// A queue of at most `capacity` frames (at least 1) and `max_bytes` bytes (a single frame
+/// larger than that still fits into an empty queue, so one big message is never refused
+/// only for its size).
+pub fn bounded(capacity: usize, max_bytes: usize) -> (Arc<SocketOutbox>, OutboxReader) {
     let outbox = Arc::new(SocketOutbox {
         queue: Mutex::new(Queue::default()),
         capacity: capacity.max(1),
+        max_bytes,
     });
     let reader = OutboxReader {
         outbox: outbox.clone(),
@@ -71,10 +78,14 @@ impl Outbox for SocketOutbox {
         if q.closed || q.overflowed {
             return false;
         }
-        let queued = if q.frames.len() >= self.capacity {
+        let len = frame.len();
+        let too_many = q.frames.len() >= self.capacity;
+        let too_big = !q.frames.is_empty() && q.bytes.saturating_add(len) > self.max_bytes;
+        let queued = if too_many || too_big {
             q.overflowed = true;
             false
         } else {
+            q.bytes += len;
             q.frames.push_back(frame);
             true
         };
@@ -120,6 +131,9 @@ impl OutboxReader {
     pub fn pop(&self) -> Option<OutFrame> {
         let mut q = self.outbox.lock();
         let frame = q.frames.pop_front();
+        if let Some(f) = &frame {
+            q.bytes = q.bytes.saturating_sub(f.len());
+        }
         if q.frames.is_empty() && q.frames.capacity() > 0 {
             q.frames = VecDeque::new();
         }
@@ -133,6 +147,7 @@ impl Drop for OutboxReader {
         q.closed = true;
         q.waker = None;
         q.frames = VecDeque::new();
+        q.bytes = 0;
     }
 }
 
@@ -154,7 +169,7 @@ mod tests {
 
     #[test]
     fn frames_come_out_in_push_order() {
-        let (outbox, reader) = bounded(4);
+        let (outbox, reader) = bounded(4, usize::MAX);
         assert!(outbox.push(frame("a")));
         assert!(outbox.push(frame("b")));
         assert_eq!(text(reader.pop()).as_deref(), Some("a"));
@@ -167,7 +182,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_and_marks_overflow() {
-        let (outbox, reader) = bounded(2);
+        let (outbox, reader) = bounded(2, usize::MAX);
         assert!(outbox.push(frame("a")));
         assert!(outbox.push(frame("b")));
         assert!(!outbox.push(frame("c")));
@@ -179,7 +194,7 @@ mod tests {
 
     #[test]
     fn pushes_after_the_reader_is_gone_are_refused() {
-        let (outbox, reader) = bounded(2);
+        let (outbox, reader) = bounded(2, usize::MAX);
         assert!(outbox.push(frame("a")));
         drop(reader);
         assert!(!outbox.push(frame("b")));
@@ -188,7 +203,7 @@ mod tests {
 
     #[test]
     fn a_drained_queue_keeps_no_buffer() {
-        let (outbox, reader) = bounded(16);
+        let (outbox, reader) = bounded(16, usize::MAX);
         assert_eq!(outbox.lock().frames.capacity(), 0);
         outbox.push(frame("a"));
         outbox.push(frame("b"));
@@ -200,7 +215,7 @@ mod tests {
 
     #[test]
     fn ready_is_level_triggered_and_woken_by_push() {
-        let (outbox, reader) = bounded(2);
+        let (outbox, reader) = bounded(2, usize::MAX);
         let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         struct Count(Arc<std::sync::atomic::AtomicUsize>);
         impl std::task::Wake for Count {
@@ -221,6 +236,23 @@ mod tests {
         reader.pop();
         let mut idle = Box::pin(reader.ready());
         assert!(idle.as_mut().poll(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn the_byte_bound_overflows_but_admits_one_big_frame() {
+        let (outbox, reader) = bounded(100, 10);
+        assert!(
+            outbox.push(frame(&"x".repeat(50))),
+            "alone, a big frame fits"
+        );
+        assert!(!outbox.push(frame("y")), "past the byte bound");
+        assert!(reader.overflowed());
+        let (outbox, reader) = bounded(100, 10);
+        assert!(outbox.push(frame("12345")));
+        assert!(outbox.push(frame("12345")));
+        reader.pop();
+        assert!(outbox.push(frame("abcde")), "popping frees bytes");
+        assert!(!outbox.push(frame("z")));
     }
 
     /// What an idle socket's queue costs: the shared allocation only, no frame buffer.

@@ -68,7 +68,7 @@ pub struct Pump {
     /// When the first gathered transaction's commit arrived.
     gathering_since: Option<Instant>,
     scratch: DispatchScratch,
-    /// Broadcast topics, for `realtime.send` messages from the database.
+    /// Broadcast topics, for `realtime.messages` rows (`realtime.send`) from the database.
     topics: Option<Arc<Topics>>,
 }
 
@@ -166,7 +166,7 @@ impl Pump {
         self.replicator.mark_handed_on();
         match self.replicator.shutdown().await {
             Ok(lsn) => tracing::info!(confirmed = %lsn, "replication stopped"),
-            Err(e) => tracing::warn!(error = %e, "replication did not stop cleanly"),
+            Err(e) => tracing::warn!(error = ?e.to_string(), "replication did not stop cleanly"),
         }
         Ok(())
     }
@@ -191,6 +191,13 @@ impl Pump {
             }
             Decoded::Change(change) => {
                 metrics::change_decoded(change.kind.as_str());
+                if let Some(topics) = self.topics.clone() {
+                    if crate::realtime::broadcast::is_message_row(&change) {
+                        // Changes decoded before the broadcast go out before it.
+                        self.flush().await;
+                        crate::realtime::broadcast::deliver_message_row(&topics, &change);
+                    }
+                }
                 let routed = self.hub.route_owned(&change, &mut self.scratch);
                 if !routed.is_empty() {
                     self.pending.push((change, routed));
@@ -223,15 +230,9 @@ impl Pump {
                     self.flush().await;
                 }
             }
-            Decoded::Message(m) => {
-                if let (Some(topics), crate::realtime::broadcast::DB_BROADCAST_PREFIX) =
-                    (self.topics.clone(), m.prefix.as_str())
-                {
-                    // Changes decoded before the message go out before it.
-                    self.flush().await;
-                    crate::realtime::broadcast::deliver_db_message(&topics, &m.content);
-                }
-            }
+            // Logical messages are never delivered: any role can emit them, so nothing
+            // about their author can be trusted (database broadcasts are rows instead).
+            Decoded::Message(_) => {}
             _ => {}
         }
         Ok(())
@@ -275,7 +276,7 @@ impl Pump {
                             p
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, role = %identity.role, relid, "compiling table policies failed; delivering nothing");
+                            tracing::warn!(error = ?e.to_string(), role = ?identity.role, relid, "compiling table policies failed; delivering nothing");
                             metrics::authz_check("unavailable");
                             Arc::new(TablePolicy::DENY)
                         }
@@ -398,11 +399,11 @@ impl Pump {
                 }
                 Err(AuthzError::Unavailable(e)) => {
                     metrics::authz_check("unavailable");
-                    tracing::warn!(error = %e, role = %group.identity.role, relid = group.relid, "authorization unavailable; delivering nothing");
+                    tracing::warn!(error = ?e.to_string(), role = ?group.identity.role, relid = group.relid, "authorization unavailable; delivering nothing");
                 }
                 Err(AuthzError::Failed { code, message }) => {
                     metrics::authz_check("failed");
-                    tracing::warn!(%code, error = %message, role = %group.identity.role, relid = group.relid, "authorization failed; stopping this identity's changes");
+                    tracing::warn!(%code, error = ?message, role = ?group.identity.role, relid = group.relid, "authorization failed; stopping this identity's changes");
                     let message = format!(
                         "Unable to authorize changes for this channel's token: a row-level security check failed (SQLSTATE {code}); the subscription was stopped"
                     );

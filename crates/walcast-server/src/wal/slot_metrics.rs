@@ -49,7 +49,7 @@ pub async fn run(
                 );
             }
             Ok(None) => metrics::slot_state(0, 0, false),
-            Err(e) => tracing::debug!(error = %e, "slot metrics poll failed"),
+            Err(e) => tracing::debug!(error = ?e.to_string(), "slot metrics poll failed"),
         }
     }
 }

@@ -1,0 +1,111 @@
+//! The database work a [`crate::realtime::session::Session`] asks for, run by its driver:
+//! authorizing a join (or a new token), and a private channel's first write.
+//!
+//! ```text
+//!  Authorize: token role allowed? ─▶ private: read policies on realtime.messages
+//!             ─▶ postgres_changes entries checked under the role (catalog, privileges, filters)
+//!  Write:     INSERT policies for the extension (+ presence read, when a first track enables it)
+//! ```
+//!
+//! Default deny: a check that cannot run refuses (a join error, or no write), never grants.
+
+use walcast_core::hub::Identity;
+
+use crate::authz::private::{self, read_perms, unauthorized_read, Extension};
+use crate::authz::rls::AuthzError;
+use crate::authz::roles::refusal_message;
+use crate::metrics;
+use crate::realtime::changes::build_bindings;
+use crate::realtime::session::{AuthorizeRequest, Authorized, Outcome, Refusal, WorkKind};
+use crate::state::AppState;
+
+/// The text Supabase uses when the project database cannot be reached.
+pub const DB_UNAVAILABLE: &str = "Realtime was unable to connect to the project database";
+
+/// Run one piece of session work to its outcome.
+pub async fn run(state: &AppState, kind: WorkKind) -> Outcome {
+    match kind {
+        WorkKind::Authorize(req) => Outcome::Authorize(authorize(state, req).await),
+        WorkKind::Write {
+            identity,
+            name,
+            ext,
+            presence_read,
+        } => {
+            let allowed = match private::can_write(state, &identity, &name, ext).await {
+                Ok(allowed) => allowed,
+                Err(e) => {
+                    tracing::warn!(error = ?e.to_string(), topic = ?name, extension = ext.as_str(),
+                        "private write check failed; refusing");
+                    false
+                }
+            };
+            let presence_read = if presence_read {
+                Some(match read_perms(state, &identity, &name, true).await {
+                    Ok(p) => p.presence_read == Some(true),
+                    Err(e) => {
+                        tracing::warn!(error = ?e.to_string(), topic = ?name, "presence read check failed; refusing");
+                        false
+                    }
+                })
+            } else {
+                None
+            };
+            if ext == Extension::Presence && !allowed {
+                metrics::delivery_dropped("unauthorized");
+            }
+            Outcome::Write {
+                allowed,
+                presence_read,
+            }
+        }
+    }
+}
+
+async fn authorize(state: &AppState, req: AuthorizeRequest) -> Result<Authorized, Refusal> {
+    let role = &req.identity.role;
+    let needs_db = req.private || !req.entries.is_empty();
+    match state.token_roles.privilege(&state.sql, role).await {
+        Ok(Some(why)) => return Err(Refusal::new("privileged_role", refusal_message(role, why))),
+        Ok(None) => {}
+        Err(e) if needs_db => {
+            tracing::warn!(error = ?format!("{e:#}"), "cannot read the token role's attributes");
+            return Err(Refusal::new("unavailable", DB_UNAVAILABLE));
+        }
+        // A public broadcast/presence channel touches no database: what the role could do
+        // there, any token can do.
+        Err(_) => {}
+    }
+    let perms = if req.private {
+        Some(private_perms(state, &req.identity, &req.name, req.presence).await?)
+    } else {
+        None
+    };
+    let changes = if req.entries.is_empty() {
+        Default::default()
+    } else {
+        build_bindings(state, role, &req.entries).await
+    };
+    Ok(Authorized { perms, changes })
+}
+
+/// Read permissions of a private channel, or the refusal.
+async fn private_perms(
+    state: &AppState,
+    identity: &Identity,
+    name: &str,
+    presence: bool,
+) -> Result<private::ChannelPerms, Refusal> {
+    match read_perms(state, identity, name, presence).await {
+        Ok(p) if p.may_join() => Ok(p),
+        Ok(_) => Err(Refusal::new("unauthorized", unauthorized_read(name))),
+        Err(AuthzError::Failed { code, message }) => {
+            tracing::debug!(%code, message = ?message, topic = ?name, "private channel read check failed");
+            Err(Refusal::new("unauthorized", unauthorized_read(name)))
+        }
+        Err(AuthzError::Unavailable(e)) => {
+            tracing::warn!(error = ?e.to_string(), topic = ?name, "private channel check unavailable");
+            Err(Refusal::new("unavailable", DB_UNAVAILABLE))
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! The session without a socket or a database: frames in, frames and work out, outcomes fed
+//! back by hand, the clock passed in.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use walcast_core::broadcast::TopicKey;
+use walcast_core::hub::{Hub, HubConfig, OutFrame};
+use walcast_protocol::{decode_text, Vsn};
+
+use super::*;
+use crate::auth::JwtVerifier;
+use crate::authz::private::ChannelPerms;
+use crate::authz::roles::TokenRoles;
+use crate::db::sql::SqlPool;
+use crate::realtime::broadcast::BroadcastLimits;
+use crate::realtime::outbox::{self, OutboxReader};
+use crate::state::{AppState, Limits};
+
+const SECRET: &str = "session-test-secret-session-test-secret";
+
+fn limits() -> Limits {
+    Limits {
+        max_channels_per_client: 3,
+        socket_send_queue: 1024,
+        socket_send_queue_bytes: 1 << 20,
+        write_timeout: Duration::from_secs(30),
+        max_frame_bytes: 1 << 20,
+        idle_timeout: Duration::from_secs(60),
+        channel_error_backoff: Duration::ZERO,
+        connect_error_backoff: Duration::ZERO,
+        broadcast: BroadcastLimits::default(),
+        max_connections: 100,
+        max_joins_per_second: 1000,
+        max_joins_per_second_per_client: 5,
+        max_joins_per_second_per_socket: 5,
+        max_http_broadcasts_per_second: 1000,
+        max_http_broadcasts_per_second_per_client: 100,
+        max_members_per_channel: 0,
+        max_events_per_second: 100,
+        allowed_origins: None,
+    }
+}
+
+fn app(limits: Limits) -> Arc<AppState> {
+    // The pools connect lazily: nothing here ever reaches a database.
+    let cfg =
+        walcast_replication::ReplicationConfig::from_url("postgres://nobody@127.0.0.1:1/none")
+            .expect("url");
+    Arc::new(AppState::new(
+        JwtVerifier::new(Some(SECRET), None).expect("secret"),
+        Arc::new(Hub::new(HubConfig::default())),
+        Arc::new(SqlPool::new(cfg, 1)),
+        "walcast".into(),
+        limits,
+        Arc::new(RwLock::new(Default::default())),
+        Arc::new(AtomicBool::new(true)),
+        TokenRoles::default(),
+    ))
+}
+
+fn token(claims: Value) -> String {
+    let mut c = claims;
+    if c.get("exp").is_none() {
+        c["exp"] = json!(crate::state::now_unix() + 3600);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &c,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+fn anon() -> String {
+    token(json!({"role": "anon", "sub": "u1"}))
+}
+
+struct T {
+    session: Session,
+    reader: OutboxReader,
+    now: Now,
+}
+
+impl T {
+    fn new(state: Arc<AppState>) -> T {
+        T::with_client(state, "sub:u1")
+    }
+
+    fn with_client(state: Arc<AppState>, client: &str) -> T {
+        let now = Now::system();
+        let (outbox, reader) = outbox::bounded(1024, 1 << 20);
+        let session = Session::new(
+            state,
+            Vsn::V2,
+            Arc::from(anon()),
+            Arc::from(client),
+            outbox,
+            now,
+        );
+        T {
+            session,
+            reader,
+            now,
+        }
+    }
+
+    fn send(&mut self, frame: Value) {
+        let f = decode_text(Vsn::V2, &frame.to_string()).expect("test frames decode");
+        self.session.on_frame(self.now, f);
+    }
+
+    fn join(&mut self, jr: &str, topic: &str, config: Value) {
+        self.send(json!([jr, jr, topic, "phx_join", {"config": config}]));
+    }
+
+    fn out(&mut self) -> Vec<Value> {
+        let mut v = Vec::new();
+        while let Some(f) = self.reader.pop() {
+            let OutFrame::Text(b) = f else { continue };
+            v.push(serde_json::from_slice(&b).expect("frames are json"));
+        }
+        v
+    }
+
+    fn work(&mut self) -> Vec<Work> {
+        self.session.take_work()
+    }
+
+    fn done(&mut self, op: u64, outcome: Outcome) {
+        self.session.on_done(self.now, op, outcome);
+    }
+
+    fn ok(&mut self, op: u64) {
+        self.done(op, Outcome::Authorize(Ok(Authorized::default())));
+    }
+
+    fn later(&mut self, d: Duration) {
+        self.now = Now {
+            at: self.now.at + d,
+            unix: self.now.unix + d.as_secs() as i64,
+        };
+    }
+}
+
+fn events(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| {
+            format!(
+                "{}:{}",
+                f[2].as_str().unwrap_or(""),
+                f[3].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+fn reply_status(f: &Value) -> &str {
+    f[4]["status"].as_str().unwrap_or("")
+}
+
+#[test]
+fn a_join_is_answered_after_its_check_and_heartbeats_are_not_held() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:room", json!({}));
+    let work = t.work();
+    assert_eq!(work.len(), 1);
+    assert!(matches!(&work[0].kind, WorkKind::Authorize(r) if &*r.name == "room" && !r.private));
+    assert!(t.out().is_empty(), "no reply before the check");
+    // The check is pending: a heartbeat is answered at once.
+    t.send(json!([null, "2", "phoenix", "heartbeat", {}]));
+    let out = t.out();
+    assert_eq!(events(&out), ["phoenix:phx_reply"]);
+    assert_eq!(out[0][1], "2");
+    t.ok(work[0].op);
+    let out = t.out();
+    assert_eq!(events(&out), ["realtime:room:phx_reply"]);
+    assert_eq!(reply_status(&out[0]), "ok");
+    assert_eq!(out[0][0], "1");
+    assert_eq!(t.session.channel_count(), 1);
+}
+
+#[test]
+fn frames_for_a_pending_topic_wait_for_its_join_and_keep_their_order() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:a", json!({}));
+    t.send(json!(["1", "3", "realtime:a", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]));
+    t.send(json!(["1", "4", "realtime:a", "phx_leave", {}]));
+    // Another topic is not held back by it.
+    t.join("5", "realtime:b", json!({}));
+    let work = t.work();
+    assert_eq!(work.len(), 2);
+    t.ok(work[1].op);
+    assert_eq!(events(&t.out()), ["realtime:b:phx_reply"]);
+    t.ok(work[0].op);
+    let out = t.out();
+    // Join reply, then the leave's reply and close; the broadcast (no ack) has no reply.
+    assert_eq!(
+        events(&out),
+        [
+            "realtime:a:phx_reply",
+            "realtime:a:phx_reply",
+            "realtime:a:phx_close"
+        ]
+    );
+    assert_eq!(out[0][1], "1");
+    assert_eq!(out[1][1], "4");
+    assert_eq!(t.session.channel_count(), 1);
+}
+
+#[test]
+fn a_second_join_closes_the_first_channel_with_its_own_join_ref() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:room", json!({}));
+    let op = t.work()[0].op;
+    t.ok(op);
+    t.out();
+    t.join("7", "realtime:room", json!({}));
+    let out = t.out();
+    assert_eq!(events(&out), ["realtime:room:phx_close"]);
+    assert_eq!(
+        (out[0][0].as_str(), out[0][1].as_str()),
+        (Some("1"), Some("1"))
+    );
+    let op = t.work()[0].op;
+    t.ok(op);
+    let out = t.out();
+    assert_eq!(out[0][0], "7");
+    assert_eq!(t.session.channel_count(), 1);
+}
+
+#[test]
+fn refused_joins_get_their_reason() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:", json!({}));
+    let expired = token(json!({"role": "anon", "exp": crate::state::now_unix() - 30}));
+    t.send(json!(["2", "2", "realtime:x", "phx_join", {"config": {}, "access_token": expired}]));
+    let long = format!("realtime:{}", "x".repeat(300));
+    t.join("3", &long, json!({}));
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"event": "*", "schema": "public", "table": format!("t{i}")}))
+        .collect();
+    t.join("4", "realtime:many", json!({"postgres_changes": many}));
+    let reasons: Vec<String> = t
+        .out()
+        .iter()
+        .map(|f| f[4]["response"]["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        reasons[0],
+        "TopicNameRequired: You must provide a topic name"
+    );
+    assert!(
+        reasons[1].starts_with("InvalidJWTToken: Token has expired"),
+        "{}",
+        reasons[1]
+    );
+    assert_eq!(
+        reasons[2],
+        "TopicNameTooLong: Topic name must be at most 255 bytes"
+    );
+    assert_eq!(
+        reasons[3],
+        "TooManyBindings: A channel may have at most 100 postgres_changes bindings"
+    );
+    assert!(t.work().is_empty());
+    // A refusal from the check itself.
+    t.join("5", "realtime:private", json!({"private": true}));
+    let op = t.work()[0].op;
+    t.done(
+        op,
+        Outcome::Authorize(Err(Refusal::new("unauthorized", "Unauthorized: nope"))),
+    );
+    assert_eq!(t.out()[0][4]["response"]["reason"], "Unauthorized: nope");
+    assert_eq!(t.session.channel_count(), 0);
+}
+
+#[test]
+fn join_errors_wait_out_the_backoff_and_hold_their_topic() {
+    let mut l = limits();
+    l.channel_error_backoff = Duration::from_millis(500);
+    let mut t = T::new(app(l));
+    t.join("1", "realtime:", json!({}));
+    t.send(json!(["1", "2", "realtime:", "phx_leave", {}]));
+    assert!(t.out().is_empty(), "held for the backoff");
+    let deadline = t.session.next_deadline(t.now);
+    assert!(deadline <= t.now.at + Duration::from_millis(500));
+    t.later(Duration::from_millis(500));
+    t.session.on_tick(t.now);
+    let out = t.out();
+    assert_eq!(reply_status(&out[0]), "error");
+    assert_eq!(out[0][1], "1");
+    assert_eq!(out[1][1], "2", "the leave waited behind the join's reply");
+}
+
+#[test]
+fn the_channel_limit_counts_pending_joins() {
+    let mut t = T::new(app(limits()));
+    for i in 0..4 {
+        t.join(&i.to_string(), &format!("realtime:c{i}"), json!({}));
+    }
+    assert_eq!(t.work().len(), 3);
+    let out = t.out();
+    assert_eq!(
+        out[0][4]["response"]["reason"],
+        "ChannelRateLimitReached: Too many channels"
+    );
+}
+
+#[test]
+fn a_socket_over_its_join_rate_is_closed_and_others_are_not_charged() {
+    let state = app(limits());
+    let mut greedy = T::with_client(state.clone(), "ip:10.0.0.9");
+    for i in 0..5 {
+        greedy.join(&i.to_string(), &format!("realtime:g{i}"), json!({}));
+        greedy.send(json!([
+            i.to_string(),
+            "l",
+            format!("realtime:g{i}"),
+            "phx_leave",
+            {}
+        ]));
+    }
+    assert_eq!(greedy.session.exit(), None);
+    greedy.join("9", "realtime:g9", json!({}));
+    let out = greedy.out();
+    assert_eq!(
+        out.last().unwrap()[4]["response"]["reason"],
+        "ClientJoinRateLimitReached: Too many joins per second"
+    );
+    assert_eq!(
+        greedy.session.exit(),
+        Some(Exit::Close(1008, "too many joins per second"))
+    );
+    // Another client's join is unaffected.
+    let mut other = T::with_client(state, "sub:alice");
+    other.join("1", "realtime:room", json!({}));
+    assert_eq!(other.work().len(), 1);
+    assert_eq!(other.session.exit(), None);
+}
+
+#[test]
+fn the_server_wide_join_ceiling_refuses_without_closing() {
+    let mut l = limits();
+    l.max_joins_per_second = 2;
+    let state = app(l);
+    let mut a = T::with_client(state.clone(), "sub:a");
+    let mut b = T::with_client(state, "sub:b");
+    a.join("1", "realtime:x", json!({}));
+    a.join("2", "realtime:y", json!({}));
+    b.join("1", "realtime:x", json!({}));
+    let out = b.out();
+    assert_eq!(
+        out[0][4]["response"]["reason"],
+        "ClientJoinRateLimitReached: Too many joins per second"
+    );
+    assert_eq!(b.session.exit(), None);
+}
+
+#[test]
+fn an_expired_token_closes_its_channel() {
+    let mut t = T::new(app(limits()));
+    let short = token(json!({"role": "anon", "exp": crate::state::now_unix() + 5}));
+    t.send(json!(["1", "1", "realtime:room", "phx_join", {"config": {}, "access_token": short}]));
+    let op = t.work()[0].op;
+    t.ok(op);
+    t.out();
+    assert!(t.session.next_deadline(t.now) <= t.now.at + Duration::from_secs(5));
+    t.later(Duration::from_secs(7));
+    // The socket is not idle (a heartbeat), but the token ran out.
+    t.send(json!([null, "h", "phoenix", "heartbeat", {}]));
+    t.session.on_tick(t.now);
+    let out = t.out();
+    assert_eq!(
+        events(&out),
+        [
+            "phoenix:phx_reply",
+            "realtime:room:system",
+            "realtime:room:phx_close"
+        ]
+    );
+    assert_eq!(out[1][4]["message"], "Token has expired 2 seconds ago");
+    assert_eq!(t.session.channel_count(), 0);
+}
+
+#[test]
+fn an_idle_socket_is_closed() {
+    let mut t = T::new(app(limits()));
+    t.later(Duration::from_secs(61));
+    t.session.on_tick(t.now);
+    assert_eq!(t.session.exit(), Some(Exit::Close(1000, "idle timeout")));
+}
+
+fn private_join(t: &mut T, perms: ChannelPerms) {
+    t.join(
+        "1",
+        "realtime:room",
+        json!({"private": true, "presence": {"enabled": true}}),
+    );
+    let op = t.work()[0].op;
+    t.done(
+        op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(perms),
+            changes: Default::default(),
+        })),
+    );
+}
+
+#[test]
+fn a_new_token_reauthorizes_and_a_lost_read_closes_the_channel() {
+    let state = app(limits());
+    let mut t = T::new(state.clone());
+    private_join(
+        &mut t,
+        ChannelPerms {
+            broadcast_read: true,
+            presence_read: Some(true),
+            ..Default::default()
+        },
+    );
+    let out = t.out();
+    assert_eq!(
+        events(&out),
+        ["realtime:room:phx_reply", "realtime:room:presence_state"]
+    );
+    // A refreshed token for the same user keeps everything it may still read.
+    let refreshed = token(json!({"role": "anon", "sub": "u1", "iat": 1}));
+    t.send(json!(["1", "2", "realtime:room", "access_token", {"access_token": refreshed}]));
+    let work = t.work();
+    let WorkKind::Authorize(req) = &work[0].kind else {
+        panic!("authorize expected")
+    };
+    assert!(
+        req.private && req.presence,
+        "presence read is evaluated again"
+    );
+    t.done(
+        work[0].op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(ChannelPerms {
+                broadcast_read: true,
+                presence_read: Some(true),
+                ..Default::default()
+            }),
+            changes: Default::default(),
+        })),
+    );
+    assert!(t.out().is_empty(), "no reply to access_token");
+    assert_eq!(t.session.channel_count(), 1);
+    // Another user's token without presence read: the channel closes.
+    let other = token(json!({"role": "anon", "sub": "u2"}));
+    t.send(json!(["1", "3", "realtime:room", "access_token", {"access_token": other}]));
+    let op = t.work()[0].op;
+    t.done(
+        op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(ChannelPerms {
+                broadcast_read: true,
+                presence_read: Some(false),
+                ..Default::default()
+            }),
+            changes: Default::default(),
+        })),
+    );
+    let out = t.out();
+    assert_eq!(
+        events(&out),
+        ["realtime:room:system", "realtime:room:phx_close"]
+    );
+    assert_eq!(
+        out[0][4]["message"],
+        "You no longer have permission to read from this Channel topic: room"
+    );
+    assert_eq!(state.topics.member_count(&TopicKey::new("room", true)), 0);
+}
+
+#[test]
+fn a_member_without_presence_read_gets_no_presence() {
+    let state = app(limits());
+    let mut reader = T::with_client(state.clone(), "sub:r");
+    private_join(
+        &mut reader,
+        ChannelPerms {
+            broadcast_read: true,
+            presence_read: Some(false),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        events(&reader.out()),
+        ["realtime:room:phx_reply"],
+        "no presence_state"
+    );
+    let mut tracker = T::with_client(state, "sub:t");
+    private_join(
+        &mut tracker,
+        ChannelPerms {
+            broadcast_read: true,
+            presence_read: Some(true),
+            broadcast_write: Some(true),
+            presence_write: Some(true),
+        },
+    );
+    tracker.send(json!(["1", "5", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": {"secret": 1}}]));
+    tracker.send(json!(["1", "6", "realtime:room", "broadcast", {"type": "broadcast", "event": "fence", "payload": {}}]));
+    assert_eq!(
+        events(&reader.out()),
+        ["realtime:room:broadcast"],
+        "the fence, no diff"
+    );
+}
+
+#[test]
+fn a_first_write_on_a_private_channel_waits_for_its_check() {
+    let state = app(limits());
+    let mut t = T::new(state);
+    private_join(
+        &mut t,
+        ChannelPerms {
+            broadcast_read: true,
+            presence_read: Some(true),
+            ..Default::default()
+        },
+    );
+    t.out();
+    t.send(json!(["1", "5", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": {"a": 1}}]));
+    let work = t.work();
+    assert!(matches!(
+        &work[0].kind,
+        WorkKind::Write {
+            ext: Extension::Presence,
+            presence_read: false,
+            ..
+        }
+    ));
+    t.send(
+        json!(["1", "6", "realtime:room", "presence", {"type": "presence", "event": "untrack"}]),
+    );
+    assert!(t.out().is_empty(), "held behind the check");
+    t.done(
+        work[0].op,
+        Outcome::Write {
+            allowed: false,
+            presence_read: None,
+        },
+    );
+    let out = t.out();
+    assert_eq!(out[0][1], "5");
+    assert_eq!(reply_status(&out[0]), "error");
+    assert_eq!(out[1][1], "6");
+    assert_eq!(reply_status(&out[1]), "ok");
+    // The answer is cached: no second check.
+    t.send(json!(["1", "7", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": {"a": 1}}]));
+    assert!(t.work().is_empty());
+}
+
+#[test]
+fn the_member_cap_refuses_newcomers() {
+    let mut l = limits();
+    l.max_members_per_channel = 1;
+    let state = app(l);
+    let mut a = T::with_client(state.clone(), "sub:a");
+    let mut b = T::with_client(state, "sub:b");
+    a.join("1", "realtime:room", json!({}));
+    let op = a.work()[0].op;
+    a.ok(op);
+    b.join("1", "realtime:room", json!({}));
+    let op = b.work()[0].op;
+    b.ok(op);
+    assert_eq!(
+        b.out()[0][4]["response"]["reason"],
+        "ChannelMemberLimitReached: Too many members in this channel"
+    );
+    assert_eq!(reply_status(&a.out()[0]), "ok");
+}
+
+#[test]
+fn presence_sizes_are_bounded() {
+    let mut l = limits();
+    l.broadcast.max_presence_payload_bytes = 100;
+    l.broadcast.max_presence_state_bytes = 200;
+    let state = app(l);
+    let mut a = T::with_client(state.clone(), "sub:a");
+    let mut b = T::with_client(state, "sub:b");
+    for t in [&mut a, &mut b] {
+        t.join("1", "realtime:room", json!({}));
+        let op = t.work()[0].op;
+        t.ok(op);
+        t.out();
+    }
+    let payload = json!({"x": "y".repeat(60)});
+    a.send(json!(["1", "2", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": payload}]));
+    assert_eq!(reply_status(a.out().last().unwrap()), "ok");
+    b.send(json!(["1", "2", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": payload}]));
+    let out = b.out();
+    let last = out.last().unwrap();
+    assert_eq!(
+        last[4]["response"]["reason"],
+        "PresenceStateTooLarge: This channel's presence state is full"
+    );
+    let big = json!({"x": "y".repeat(200)});
+    b.send(json!(["1", "3", "realtime:room", "presence", {"type": "presence", "event": "track", "payload": big}]));
+    let out = b.out();
+    assert_eq!(
+        events(&out),
+        ["realtime:room:system", "realtime:room:phx_close"]
+    );
+    assert_eq!(out[0][4]["message"], "Track message size exceeded");
+}
+
+#[test]
+fn frames_flooding_a_pending_topic_close_the_socket() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:room", json!({}));
+    for i in 0..300 {
+        t.send(json!(["1", i.to_string(), "realtime:room", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]));
+    }
+    assert_eq!(
+        t.session.exit(),
+        Some(Exit::Close(1008, "too many messages for a pending channel"))
+    );
+}
+
+#[test]
+fn leaving_everything_frees_the_topics() {
+    let state = app(limits());
+    let mut t = T::new(state.clone());
+    t.join("1", "realtime:room", json!({"presence": {"enabled": true}}));
+    let op = t.work()[0].op;
+    t.ok(op);
+    let key = TopicKey::new("room", false);
+    assert_eq!(state.topics.member_count(&key), 1);
+    drop(t);
+    assert_eq!(state.topics.member_count(&key), 0);
+    // A join still pending when the socket ends leaves nothing behind either.
+    let mut t = T::new(state.clone());
+    t.join("1", "realtime:room", json!({}));
+    let op = t.work()[0].op;
+    t.session.leave_all();
+    t.ok(op);
+    assert_eq!(state.topics.member_count(&key), 0);
+    let _ = Instant::now();
+}
