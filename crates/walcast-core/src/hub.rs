@@ -213,6 +213,60 @@ impl Routed {
         &self.identities
     }
 
+    /// Move the routes of the identity at `index` out into their own `Routed` (where that
+    /// identity is index 0). The identity stays listed here with no routes left, so the
+    /// other indexes keep their meaning.
+    pub fn take_identity(&mut self, index: usize) -> Routed {
+        let Some(identity) = self.identities.get(index).cloned() else {
+            return Routed::default();
+        };
+        let mut taken = Routed {
+            routes: Vec::new(),
+            identities: vec![identity],
+        };
+        let mut kept = Vec::with_capacity(self.routes.len());
+        for (m, target, k) in self.routes.drain(..) {
+            if k as usize == index {
+                taken.routes.push((m, target, 0));
+            } else {
+                kept.push((m, target, k));
+            }
+        }
+        self.routes = kept;
+        taken
+    }
+
+    /// Move out, in one pass, the routes of every identity whose index is set in `take`:
+    /// one `Routed` per such identity (where it is index 0), `None` for the others. What is
+    /// left here keeps its indexes.
+    pub fn split_off(&mut self, take: &[bool]) -> Vec<Option<Routed>> {
+        let mut parts: Vec<Option<Routed>> = self
+            .identities
+            .iter()
+            .enumerate()
+            .map(|(k, identity)| {
+                take.get(k).copied().unwrap_or(false).then(|| Routed {
+                    routes: Vec::new(),
+                    identities: vec![identity.clone()],
+                })
+            })
+            .collect();
+        let mut kept = Vec::with_capacity(self.routes.len());
+        for (m, target, k) in self.routes.drain(..) {
+            match parts.get_mut(k as usize).and_then(Option::as_mut) {
+                Some(part) => part.routes.push((m, target, 0)),
+                None => kept.push((m, target, k)),
+            }
+        }
+        self.routes = kept;
+        parts
+    }
+
+    /// Number of channels routed.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
     /// Subscribers routed under the identity at `index` of [`Routed::identities`].
     pub fn subscribers_of(&self, index: usize) -> Vec<SubscriberId> {
         self.routes
@@ -283,6 +337,35 @@ impl Hub {
             &payload,
         )));
         true
+    }
+
+    /// Tell every channel with bindings something about the change stream (it was lost, it
+    /// is back): a `system` push with extension `postgres_changes`. Returns how many.
+    pub fn notify_all(&self, status: outbound::SystemStatus, message: &str) -> usize {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let mut frames: HashMap<(Vsn, Arc<str>), OutFrame> = HashMap::new();
+        for target in inner.channels.values() {
+            let frame = frames
+                .entry((target.vsn, target.topic.clone()))
+                .or_insert_with(|| {
+                    let payload = outbound::system(
+                        outbound::SystemExtension::PostgresChanges,
+                        status,
+                        message,
+                        &target.topic,
+                    );
+                    OutFrame::text(encode_push(
+                        target.vsn,
+                        None,
+                        None,
+                        &target.topic,
+                        "system",
+                        &payload,
+                    ))
+                });
+            target.outbox.push(frame.clone());
+        }
+        inner.channels.len()
     }
 
     /// Number of channels with bindings.
@@ -808,6 +891,48 @@ mod tests {
         assert_eq!(stats.delivered, 0);
         assert!(a.frames.lock().unwrap().is_empty());
         assert!(b.frames.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_identity_can_be_taken_out_of_a_routing() {
+        let hub = Hub::new(HubConfig::default());
+        let a = Arc::new(Sink::default());
+        let b = Arc::new(Sink::default());
+        let mut tb = target(&b, Vsn::V2, "realtime:b");
+        tb.identity = Arc::new(Identity {
+            role: "authenticated".into(),
+            claims: "{}".into(),
+        });
+        hub.subscribe(
+            1,
+            target(&a, Vsn::V2, "realtime:a"),
+            vec![binding(1)],
+            || (),
+        );
+        hub.subscribe(2, tb, vec![binding(1)], || ());
+        let mut scratch = DispatchScratch::default();
+        let change = insert(table(true), "x");
+        let mut routed = hub.route_owned(&change, &mut scratch);
+        let taken = routed.take_identity(1);
+        assert_eq!((routed.len(), taken.len()), (1, 1));
+        assert_eq!(&*taken.identities()[0].role, "authenticated");
+        assert_eq!(routed.identities().len(), 2, "indexes keep their meaning");
+        let stats = hub.deliver_routed(&change, routed, &mut scratch, |_| Access::ALL);
+        assert_eq!(stats.delivered, 1);
+        assert_eq!(a.frames.lock().unwrap().len(), 1);
+        let stats = hub.deliver_routed(&change, taken, &mut scratch, |k| {
+            assert_eq!(k, 0);
+            Access::ALL
+        });
+        assert_eq!(stats.delivered, 1);
+        assert_eq!(b.frames.lock().unwrap().len(), 1);
+        assert!(Routed::default().take_identity(3).is_empty());
+        // The same in one pass over several identities.
+        let mut routed = hub.route_owned(&change, &mut scratch);
+        let parts = routed.split_off(&[false, true]);
+        assert!(parts[0].is_none());
+        assert_eq!(parts[1].as_ref().map(Routed::len), Some(1));
+        assert_eq!(routed.len(), 1);
     }
 
     #[test]

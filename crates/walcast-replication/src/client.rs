@@ -36,6 +36,18 @@ pub enum PublicationStatus {
     Created,
 }
 
+/// What to do when the slot is missing (or invalidated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotPolicy {
+    /// Create a missing slot (a first start).
+    Create,
+    /// A missing slot is an error: it existed before, so changes may have been lost.
+    MustExist,
+    /// Create a missing slot, and drop and create an invalidated one (the operator accepted
+    /// that changes made meanwhile are lost).
+    Recreate,
+}
+
 /// What [`ReplicationClient::ensure_slot`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotStatus {
@@ -192,7 +204,7 @@ impl ReplicationClient {
     /// Makes sure the configured slot exists, is a pgoutput slot of this database, is not
     /// in use and still has its WAL; creates it (`NOEXPORT_SNAPSHOT`) when missing.
     pub async fn ensure_slot(&mut self) -> Result<SlotStatus, ReplicationError> {
-        self.ensure_slot_inner(None).await
+        self.ensure_slot_inner(None, SlotPolicy::Create).await
     }
 
     /// As [`Self::ensure_slot`]; a slot held by `previous_pid` (our own previous walsender,
@@ -200,6 +212,7 @@ impl ReplicationClient {
     pub(crate) async fn ensure_slot_inner(
         &mut self,
         previous_pid: Option<i32>,
+        policy: SlotPolicy,
     ) -> Result<SlotStatus, ReplicationError> {
         let slot = self.cfg.slot.clone();
         // `*` rather than a column list: `wal_status` only exists since PG13, and missing
@@ -211,7 +224,22 @@ impl ReplicationClient {
         for _ in 0..2 {
             let rows = self.simple_query(&query).await?;
             if let Some(row) = rows.first() {
-                return self.check_slot(row, previous_pid);
+                match self.check_slot(row, previous_pid) {
+                    Err(ReplicationError::SlotInvalidated { .. })
+                        if policy == SlotPolicy::Recreate =>
+                    {
+                        tracing::warn!(slot = %slot, "dropping the invalidated replication slot to create it again (--recreate-slot)");
+                        let drop = format!("DROP_REPLICATION_SLOT {}", escape_identifier(&slot));
+                        if let Err(db) = self.conn.simple_query(&drop).await? {
+                            return Err(self.db(db));
+                        }
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
+            if policy == SlotPolicy::MustExist {
+                return Err(ReplicationError::SlotMissing { slot });
             }
             let create = format!(
                 "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput NOEXPORT_SNAPSHOT",

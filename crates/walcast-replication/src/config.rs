@@ -124,6 +124,9 @@ pub struct ReplicationConfig {
     /// Create the slot `TEMPORARY` (dropped when the connection ends: nothing is retained
     /// while walcast is down, so changes made meanwhile are never delivered).
     pub temporary_slot: bool,
+    /// Create the slot again when it was dropped or invalidated while walcast ran (changes
+    /// made meanwhile are lost; the consumer is told with `StreamEvent::SlotRecreated`).
+    pub recreate_slot: bool,
     /// Whether `ensure_publication` may run `CREATE PUBLICATION … FOR ALL TABLES`.
     pub create_publication: bool,
     /// Longest gap between two standby status updates. Lowered automatically to a third of
@@ -234,6 +237,7 @@ impl ReplicationConfig {
             publication: "walcast".into(),
             slot: "walcast".into(),
             temporary_slot: false,
+            recreate_slot: false,
             create_publication: true,
             status_interval: Duration::from_secs(10),
             server_timeout: Duration::from_secs(70),
@@ -318,6 +322,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("publication", &self.publication)
             .field("slot", &self.slot)
             .field("temporary_slot", &self.temporary_slot)
+            .field("recreate_slot", &self.recreate_slot)
             .field("create_publication", &self.create_publication)
             .field("status_interval", &self.status_interval)
             .field("server_timeout", &self.server_timeout)

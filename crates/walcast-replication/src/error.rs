@@ -161,6 +161,14 @@ pub enum ReplicationError {
         message: String,
     },
 
+    /// The slot existed (walcast streamed from it) and is gone: someone dropped it, so the
+    /// changes made since it was last confirmed may be lost. Not recreated silently.
+    #[error("replication slot \"{slot}\" no longer exists: it was dropped, so changes made meanwhile may have been lost; restart walcast with --recreate-slot to create it again")]
+    SlotMissing {
+        /// Slot name.
+        slot: String,
+    },
+
     /// A slot with our name exists but cannot be used by us.
     #[error("replication slot \"{slot}\" is not usable: {problem}: drop it with SELECT pg_drop_replication_slot('{slot}'); or choose another slot name")]
     SlotUnusable {
@@ -208,6 +216,7 @@ impl ReplicationError {
             | ReplicationError::PublicationMissing { .. }
             | ReplicationError::SlotInUse { .. }
             | ReplicationError::SlotInvalidated { .. }
+            | ReplicationError::SlotMissing { .. }
             | ReplicationError::SlotUnusable { .. }
             | ReplicationError::Closed => false,
         }

@@ -34,8 +34,11 @@
 //! * **Dead peers are noticed**: no bytes for `server_timeout` while reading → error (we
 //!   ping with reply-requested when the server has been quiet for a status interval).
 //! * [`Replicator`] reconnects with jittered exponential backoff (100 ms → 30 s) after
-//!   transient errors and resumes at the handed-on position; fatal errors (see
-//!   [`ReplicationError::is_transient`]) are returned once, each with the fix in its message.
+//!   transient errors and resumes at the handed-on position, reporting each loss once
+//!   ([`StreamEvent::Disconnected`]); fatal errors (see [`ReplicationError::is_transient`])
+//!   are returned once, each with the fix in its message. A persistent slot that existed and
+//!   is gone is fatal ([`ReplicationError::SlotMissing`]) unless `recreate_slot` is set: a
+//!   silently recreated slot would hide lost changes.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), walcast_replication::ReplicationError> {
@@ -49,6 +52,8 @@
 //!         StreamEvent::XLogData(x) => { /* decode x.data and dispatch */ }
 //!         StreamEvent::Keepalive { .. } => {}
 //!         StreamEvent::Reconnected { .. } => { /* reset the relation cache */ }
+//!         StreamEvent::Disconnected { reason } => { /* report it; the replicator retries */ }
+//!         StreamEvent::SlotRecreated => { /* changes between the old and new slot are lost */ }
 //!     }
 //! }
 //! # Ok(()) }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::client::{connect, SystemIdentity};
+use crate::client::{connect, SlotPolicy, SlotStatus, SystemIdentity};
 use crate::config::ReplicationConfig;
 use crate::error::ReplicationError;
 use crate::stream::{ReplicationStream, StreamEvent};
@@ -76,6 +76,15 @@ pub struct Replicator {
     done: bool,
     /// True while a stream is established (for health checks).
     streaming: Arc<AtomicBool>,
+    /// The slot was found or created once: from then on a missing slot means lost changes.
+    slot_seen: bool,
+    /// A loss was reported with [`StreamEvent::Disconnected`] and not yet followed by a
+    /// reconnection.
+    lost_reported: bool,
+    /// The last establish created the slot anew after it had been seen.
+    recreated: bool,
+    /// Why the stream is down, while it is.
+    down_reason: Option<String>,
 }
 
 impl Replicator {
@@ -92,6 +101,10 @@ impl Replicator {
             backoff: Backoff::new(),
             done: false,
             streaming: Arc::new(AtomicBool::new(false)),
+            slot_seen: false,
+            lost_reported: false,
+            recreated: false,
+            down_reason: None,
         }
     }
 
@@ -108,12 +121,24 @@ impl Replicator {
             return None;
         }
         loop {
+            if self.recreated {
+                self.recreated = false;
+                return Some(Ok(StreamEvent::SlotRecreated));
+            }
+            if let (Some(reason), false) = (&self.down_reason, self.lost_reported) {
+                self.lost_reported = true;
+                return Some(Ok(StreamEvent::Disconnected {
+                    reason: reason.clone(),
+                }));
+            }
             let Some(stream) = self.stream.as_mut() else {
                 match self.establish().await {
                     Ok(stream) => {
                         self.stream = Some(stream);
                         self.streaming.store(true, Ordering::Release);
                         self.connected_at = Instant::now();
+                        self.down_reason = None;
+                        self.lost_reported = false;
                         if self.connected_once {
                             return Some(Ok(StreamEvent::Reconnected {
                                 resume_from: self.resume,
@@ -125,6 +150,9 @@ impl Replicator {
                     Err(e) if e.is_transient() => {
                         let delay = self.backoff.next_delay();
                         tracing::warn!(error = %e, retry_in = ?delay, "replication connect failed, retrying");
+                        if self.down_reason.is_none() {
+                            self.down_reason = Some(e.to_string());
+                        }
                         tokio::time::sleep(delay).await;
                         continue;
                     }
@@ -143,24 +171,36 @@ impl Replicator {
                 Some(Ok(event)) => return Some(Ok(event)),
                 Some(Err(e)) if e.is_transient() => {
                     tracing::warn!(error = %e, resume = %self.resume, "replication connection lost, reconnecting");
-                    self.drop_stream();
+                    self.drop_stream(e.to_string());
                 }
                 Some(Err(e)) => {
                     tracing::error!(error = %e, "replication cannot continue");
-                    self.drop_stream();
+                    self.drop_stream(e.to_string());
                     self.done = true;
                     return Some(Err(e));
                 }
                 None => {
                     tracing::warn!(resume = %self.resume, "replication stream ended, reconnecting");
-                    self.drop_stream();
+                    self.drop_stream("the replication stream ended".into());
                 }
             }
         }
     }
 
-    fn drop_stream(&mut self) {
+    /// Drop the current stream and connect again from the last handed-on position (the
+    /// consumer found the stream unusable, e.g. a message it cannot decode). The loss is
+    /// reported like any other.
+    pub fn reconnect(&mut self, reason: String) {
+        if self.stream.is_some() {
+            self.drop_stream(reason);
+        }
+    }
+
+    fn drop_stream(&mut self, reason: String) {
         self.streaming.store(false, Ordering::Release);
+        if self.down_reason.is_none() {
+            self.down_reason = Some(reason);
+        }
         if let Some(stream) = self.stream.take() {
             self.previous_pid = Some(stream.backend_pid());
         }
@@ -187,8 +227,29 @@ impl Replicator {
         self.identity = Some(identity);
         client.check_wal_level().await?;
         client.ensure_publication().await?;
-        client.ensure_slot_inner(self.previous_pid).await?;
+        // A temporary slot vanishes with its connection by design; a persistent one that
+        // was there before and is gone now means someone dropped it.
+        let policy = if self.cfg.recreate_slot {
+            SlotPolicy::Recreate
+        } else if self.slot_seen && !self.cfg.temporary_slot {
+            SlotPolicy::MustExist
+        } else {
+            SlotPolicy::Create
+        };
+        let status = client.ensure_slot_inner(self.previous_pid, policy).await?;
+        if self.slot_seen
+            && matches!(status, SlotStatus::Created { .. })
+            && !self.cfg.temporary_slot
+        {
+            self.recreated = true;
+        }
+        self.slot_seen = true;
         client.start(self.resume).await
+    }
+
+    /// While the stream is down: why.
+    pub fn down_reason(&self) -> Option<&str> {
+        self.down_reason.as_deref()
     }
 
     /// A flag that is true while a replication stream is established; readiness probes read
@@ -211,6 +272,15 @@ impl Replicator {
     pub fn hold(&mut self) {
         if let Some(stream) = self.stream.as_mut() {
             stream.hold();
+        }
+    }
+
+    /// Confirm the held commits up to `lsn` (a commit end the consumer finished); the rest
+    /// stays held.
+    pub fn release_to(&mut self, lsn: Lsn) {
+        if let Some(stream) = self.stream.as_mut() {
+            stream.release_to(lsn);
+            self.resume = self.resume.max(stream.handed_on());
         }
     }
 

@@ -68,6 +68,16 @@ pub enum StreamEvent {
         /// Position passed to START_REPLICATION.
         resume_from: Lsn,
     },
+    /// Only from [`crate::Replicator`]: the established stream was lost and the replicator is
+    /// reconnecting (with backoff). Sent once per loss, before the next `Reconnected`.
+    Disconnected {
+        /// Why, for logs and readiness probes.
+        reason: String,
+    },
+    /// Only from [`crate::Replicator`], right after `Reconnected`: the slot was missing or
+    /// invalidated and was created again (`--recreate-slot`); changes committed between the
+    /// old slot's last confirmed position and now were not streamed.
+    SlotRecreated,
 }
 
 type Item = Result<StreamEvent, ReplicationError>;
@@ -213,6 +223,13 @@ impl ReplicationStream {
         self.holding = true;
     }
 
+    /// While holding: the commits up to `lsn` were handed on, confirm them (the rest stays
+    /// held). `lsn` is a commit's end position the consumer finished.
+    pub fn release_to(&mut self, lsn: Lsn) {
+        let to = self.held.min(lsn);
+        self.publish(to);
+    }
+
     /// Everything received so far was handed on: confirm what [`Self::hold`] kept back (the
     /// event returned by the last `recv` is declared by the next one, as usual).
     pub fn release(&mut self) {
@@ -284,7 +301,9 @@ fn classify(event: &StreamEvent) -> Handed {
             _ => Handed::Other,
         },
         StreamEvent::Keepalive { wal_end } => Handed::Keepalive(*wal_end),
-        StreamEvent::Reconnected { .. } => Handed::Other,
+        StreamEvent::Reconnected { .. }
+        | StreamEvent::Disconnected { .. }
+        | StreamEvent::SlotRecreated => Handed::Other,
     }
 }
 

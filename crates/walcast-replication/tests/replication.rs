@@ -459,7 +459,9 @@ async fn reconnects_after_terminate_without_losing_commits() -> TestResult {
     let mut collect = |event: StreamEvent, seen: &mut BTreeSet<u32>| match event {
         StreamEvent::XLogData(x) => markers(&x, seen),
         StreamEvent::Reconnected { .. } => reconnected += 1,
-        StreamEvent::Keepalive { .. } => {}
+        StreamEvent::Keepalive { .. }
+        | StreamEvent::Disconnected { .. }
+        | StreamEvent::SlotRecreated => {}
     };
     // Connects and starts streaming.
     let first = tokio::time::timeout(PATIENCE, replicator.recv()).await?;

@@ -54,6 +54,12 @@ pub struct SourceArgs {
     /// Never create the publication; fail with the SQL to run instead.
     #[arg(long, env = "NO_CREATE_PUBLICATION")]
     pub no_create_publication: bool,
+
+    /// When the slot was dropped or invalidated while walcast streamed from it, create it
+    /// again (changes made meanwhile are lost; postgres_changes channels are told to refetch).
+    /// Without it walcast stops streaming and says why.
+    #[arg(long, env = "RECREATE_SLOT")]
+    pub recreate_slot: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +92,11 @@ pub struct ServeArgs {
     /// Listen address.
     #[arg(long, env = "BIND", default_value = "0.0.0.0")]
     pub bind: String,
+
+    /// On SIGTERM: longest the shutdown (closing sockets, the last confirmation to Postgres)
+    /// may take before the process exits anyway.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
 
     /// Database broadcasts (`realtime.messages` rows) older than this are deleted.
     #[arg(long, env = "MESSAGES_RETENTION_SECS", default_value_t = 3 * 24 * 3600)]

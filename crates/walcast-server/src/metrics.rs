@@ -33,8 +33,106 @@ pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
 pub const PENDING_EVICTED: &str = "walcast_pending_connections_closed_total";
 
-/// Register descriptions (shown as `# HELP` lines).
+/// Label values of the labelled series, so each exists (at 0) from start-up: dashboards
+/// and `absent()` alerts then work on an idle server.
+const JWT_LABELS: [&str; 6] = [
+    "missing",
+    "malformed",
+    "signer",
+    "signature",
+    "expired",
+    "claims",
+];
+const JOIN_ERROR_REASONS: [&str; 11] = [
+    "restarting",
+    "topic",
+    "too_many_channels",
+    "too_many_bindings",
+    "join_rate",
+    "member_limit",
+    "unauthorized",
+    "unavailable",
+    "privileged_role",
+    "internal",
+    "unknown",
+];
+const UPGRADE_REFUSALS: [&str; 4] = ["vsn", "origin", "max_connections", "privileged_role"];
+const CHANNEL_CLOSE_REASONS: [&str; 7] = [
+    "events_rate",
+    "token_expired",
+    "presence_rate",
+    "presence_size",
+    "token",
+    "revoked",
+    "authz",
+];
+const CHANGE_KINDS: [&str; 4] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
+const ORIGINS: [&str; 3] = ["client", "http", "database"];
+
+/// Create every series at 0 (see [`JOIN_ERROR_REASONS`] and friends).
+fn zero_every_series() {
+    for name in [
+        SOCKETS_CONNECTED,
+        REPLICATION_LAG_BYTES,
+        REPLICATION_LAG_SECONDS,
+        SLOT_RETAINED_BYTES,
+        SLOT_USABLE,
+        REPLICATION_STREAMING,
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for kind in ["postgres_changes", "plain"] {
+        gauge!(CHANNELS_JOINED, "kind" => kind).set(0.0);
+    }
+    for name in [
+        JOINS,
+        BYTES_IN,
+        BYTES_OUT,
+        CHANGES_DELIVERED,
+        SLOW_CLIENT_DISCONNECTS,
+        REPLICATION_RECONNECTS,
+        AUTHZ_STOPPED,
+        PENDING_EVICTED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    for reason in JOIN_ERROR_REASONS.iter().chain(&JWT_LABELS) {
+        counter!(JOIN_ERRORS, "reason" => *reason).absolute(0);
+    }
+    for reason in UPGRADE_REFUSALS.iter().chain(&JWT_LABELS) {
+        counter!(UPGRADE_REFUSED, "reason" => *reason).absolute(0);
+    }
+    for reason in CHANNEL_CLOSE_REASONS {
+        counter!(CHANNELS_CLOSED, "reason" => reason).absolute(0);
+    }
+    for kind in ["text", "binary"] {
+        counter!(FRAMES_IN, "kind" => kind).absolute(0);
+        counter!(FRAMES_OUT, "kind" => kind).absolute(0);
+    }
+    for kind in CHANGE_KINDS {
+        counter!(CHANGES_DECODED, "kind" => kind).absolute(0);
+    }
+    for reason in ["unauthorized", "slow_client"] {
+        counter!(DELIVERIES_DROPPED, "reason" => reason).absolute(0);
+    }
+    for outcome in ["ok", "failed", "unavailable"] {
+        counter!(AUTHZ_CHECKS, "outcome" => outcome).absolute(0);
+    }
+    for origin in ORIGINS {
+        counter!(BROADCASTS, "origin" => origin).absolute(0);
+        counter!(BROADCAST_DELIVERIES, "origin" => origin).absolute(0);
+    }
+    for event in ["track", "untrack"] {
+        counter!(PRESENCE_EVENTS, "event" => event).absolute(0);
+    }
+    // Registering the histograms makes them render (with no samples) before the first one.
+    let _ = histogram!(COMMIT_TO_SEND);
+    let _ = histogram!(AUTHZ_CHECK_SECONDS);
+}
+
+/// Register descriptions (shown as `# HELP` lines) and create every series at 0.
 pub fn describe() {
+    zero_every_series();
     describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
     describe_gauge!(CHANNELS_JOINED, "Channels currently joined, by kind");
     describe_counter!(JOINS, "Successful channel joins");

@@ -57,6 +57,8 @@ pub struct AppState {
     pub types: Arc<RwLock<TypeRegistry>>,
     /// True while the replication stream is established.
     pub streaming: Arc<AtomicBool>,
+    /// Why the stream is (not) running, for `/readyz`.
+    pub health: Arc<Health>,
     /// Set once shutdown began: new joins are refused.
     pub shutting_down: AtomicBool,
     /// Connections for authorization checks (RLS on changes, private channels): each check
@@ -108,6 +110,7 @@ impl AppState {
             limits,
             types,
             streaming,
+            health: Arc::new(Health::default()),
             shutting_down: AtomicBool::new(false),
             topics: Arc::new(Topics::new(ref_salt())),
             next_subscriber: AtomicU64::new(1),
@@ -134,6 +137,41 @@ impl AppState {
 
     pub fn is_streaming(&self) -> bool {
         self.streaming.load(Ordering::Acquire)
+    }
+}
+
+/// Where the replication stream stands, for `/readyz` and for channels told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Never streamed yet.
+    Starting(String),
+    Streaming,
+    /// Lost; reconnecting with backoff.
+    Lost(String),
+    /// A definite condition (slot dropped or invalidated, wal_level, authentication): no
+    /// more streaming until an operator acts.
+    Stopped(String),
+}
+
+/// The shared readiness state.
+#[derive(Debug)]
+pub struct Health(std::sync::Mutex<Readiness>);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health(std::sync::Mutex::new(Readiness::Starting(
+            "connecting to the database".into(),
+        )))
+    }
+}
+
+impl Health {
+    pub fn get(&self) -> Readiness {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, r: Readiness) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = r;
     }
 }
 

@@ -154,8 +154,8 @@ async fn in_rolled_back_tx<T>(
         .await
         .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
     let result = f(lease.client()).await;
-    if lease.client().batch_execute("ROLLBACK").await.is_err() {
-        lease.discard();
+    if lease.client().batch_execute("ROLLBACK").await.is_ok() {
+        lease.done();
     }
     result
 }

@@ -302,6 +302,7 @@ pub async fn compile(
         lease.discard();
         return Err(err);
     }
+    lease.done();
     let row = a.map_err(|e| AuthzError::from_pg(&e))?;
     let Some(row) = row else {
         // The role or the table no longer exists.
@@ -498,49 +499,33 @@ pub struct GroupCheck {
     pub images: ImageBatch,
 }
 
-/// Check several claims groups that share one role in ONE transaction and one round trip:
-/// `BEGIN; SET LOCAL ROLE …;` then, per group, its claims (`set_config(…, true)`) and its
-/// check statement, then `ROLLBACK`. This is the batching that makes row-level security cheap
-/// with many distinct users: the transaction, the role switch and the network round trip are
-/// paid once per role, not once per group.
-///
-/// A group whose check raises makes the rest of the transaction fail (25P02); those later
-/// groups are then checked again one by one, so one failing identity never decides for
-/// another. Results are in the order of `groups`.
-pub async fn check_role_groups(
-    pool: &ExclusivePool,
-    groups: Vec<GroupCheck>,
-) -> Vec<Result<Vec<bool>, AuthzError>> {
-    let first = one_transaction(pool, &groups).await;
-    let mut finished = Vec::with_capacity(groups.len());
-    for (g, r) in groups.iter().zip(first) {
-        finished.push(match r {
-            Some(r) => r,
-            // Aborted by an earlier group's failure: decided again, on its own.
-            None => match one_transaction(pool, std::slice::from_ref(g)).await.pop() {
-                Some(Some(r)) => r,
-                // A lone group is never aborted by another; nothing ran.
-                _ => Err(AuthzError::Unavailable(
-                    "the authorization check did not run".into(),
-                )),
-            },
-        });
-    }
-    finished
-}
+/// The answer for one group: which images are visible (by ordinal), and how long the
+/// group's statements took on the server (for spotting slow policies).
+pub type GroupResult = (Result<Vec<bool>, AuthzError>, Duration);
 
-/// `groups` (all of one role) in one transaction and one pipelined round trip. `None` for a
-/// group whose statements came after a failing one (they fail with 25P02 whatever their
-/// policies say) and must be decided again.
-async fn one_transaction(
-    pool: &ExclusivePool,
-    groups: &[GroupCheck],
-) -> Vec<Option<Result<Vec<bool>, AuthzError>>> {
+/// Check claims groups that share one role in ONE transaction and one pipelined round trip:
+/// `BEGIN; SET LOCAL ROLE …; SET LOCAL statement_timeout`, then per group
+/// `SAVEPOINT; set claims; check; ROLLBACK TO SAVEPOINT`, then `ROLLBACK`.
+///
+/// The savepoints isolate the groups: whatever a policy function leaves behind while one
+/// group is judged (a `set_config`, local or not, a temporary table, a changed role) is rolled
+/// back before the next group, and a group whose check raises fails alone, the others go on.
+/// The transaction, the role switch and the round trip are still paid once per batch, which
+/// is what makes row-level security cheap with many distinct users.
+///
+/// A single group runs without a savepoint (its transaction is its isolation). Results are
+/// in the order of `groups`.
+pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<GroupResult> {
     let Some(role) = groups.first().map(|g| g.identity.role.clone()) else {
         return Vec::new();
     };
     debug_assert!(groups.iter().all(|g| g.identity.role == role));
-    let all_fail = |err: AuthzError| groups.iter().map(|_| Some(Err(err.clone()))).collect();
+    let all_fail = |err: AuthzError| {
+        groups
+            .iter()
+            .map(|_| (Err(err.clone()), Duration::ZERO))
+            .collect()
+    };
     let mut lease = match pool.acquire().await {
         Ok(l) => l,
         Err(e) => return all_fail(AuthzError::Unavailable(format!("{e:#}"))),
@@ -549,8 +534,11 @@ async fn one_transaction(
     let (set_claims, check_statements) = match prepare_checks(&mut lease, &checks).await {
         Ok(p) => p,
         Err(err) => {
+            // Preparing opens no transaction: only a connection problem makes it unusable.
             if matches!(err, AuthzError::Unavailable(_)) {
                 lease.discard();
+            } else {
+                lease.done();
             }
             return all_fail(err);
         }
@@ -561,6 +549,7 @@ async fn one_transaction(
         quote_ident(&role),
         CHECK_TIMEOUT.as_millis()
     );
+    let isolated = groups.len() > 1;
     struct Prepared<'a> {
         claims: &'a str,
         sub: String,
@@ -582,7 +571,7 @@ async fn one_transaction(
     let role_text: &str = &role;
     let begin = client.batch_execute(&setup);
     // Pipelined: every statement is sent (in order) before any reply is awaited; join! polls
-    // each pair's claims statement before its check.
+    // each group's statements in order, and join_all polls the groups in order.
     let mut statements = Vec::with_capacity(groups.len());
     let set_claims = &set_claims;
     for (p, check) in prepared.iter().zip(&check_statements) {
@@ -592,13 +581,33 @@ async fn one_transaction(
             let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
                 [&claims_text, &sub_text, &role_text];
             let check_params = param_refs(&p.ords, &p.columns);
-            tokio::join!(
+            let savepoint = async {
+                if isolated {
+                    client.batch_execute("SAVEPOINT walcast_group").await
+                } else {
+                    Ok(())
+                }
+            };
+            let restore = async {
+                if isolated {
+                    client
+                        .batch_execute("ROLLBACK TO SAVEPOINT walcast_group")
+                        .await
+                } else {
+                    Ok(())
+                }
+            };
+            let (s, c, rows, r) = tokio::join!(
+                savepoint,
                 client.query(set_claims, &claim_params),
-                client.query(check, &check_params)
-            )
+                client.query(check, &check_params),
+                restore
+            );
+            (s.and(c).and(r), rows, Instant::now())
         });
     }
     let end = client.batch_execute("ROLLBACK");
+    let started = Instant::now();
     let (b, results, e) = tokio::join!(begin, futures_util::future::join_all(statements), end);
     if let Err(err) = &e {
         // The session may still carry the role: never lend it again.
@@ -606,27 +615,25 @@ async fn one_transaction(
         lease.discard();
         return all_fail(err);
     }
-    drop(lease);
+    lease.done();
     if let Err(err) = b {
         return all_fail(AuthzError::from_pg(&err));
     }
-    let mut out: Vec<Option<Result<Vec<bool>, AuthzError>>> = Vec::with_capacity(groups.len());
-    let mut aborted = false;
-    for ((claims, rows), p) in results.into_iter().zip(&prepared) {
-        if aborted {
-            // check_role_groups decides it again, on its own.
-            out.push(None);
-            continue;
-        }
-        let result = claims
-            .map_err(|e| AuthzError::from_pg(&e))
-            .and_then(|_| rows.map_err(|e| AuthzError::from_pg(&e)))
-            .and_then(|rows| visible_ordinals(rows, p.ords.len()));
-        if result.is_err() {
-            // Everything after this statement failed with 25P02, whatever its policy.
-            aborted = true;
-        }
-        out.push(Some(result));
+    let mut out = Vec::with_capacity(groups.len());
+    let mut previous = started;
+    for ((setup, rows, done), p) in results.into_iter().zip(&prepared) {
+        let took = done.saturating_duration_since(previous);
+        previous = done;
+        // The check's own error says most about the policy; a failing savepoint or claims
+        // statement (which makes the check fail with 25P02) comes next.
+        let result = match (rows, setup) {
+            (Ok(rows), Ok(())) => visible_ordinals(rows, p.ords.len()),
+            (Err(e), _) if e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                Err(AuthzError::from_pg(&e))
+            }
+            (_, Err(e)) | (Err(e), Ok(())) => Err(AuthzError::from_pg(&e)),
+        };
+        out.push((result, took));
     }
     out
 }
@@ -702,20 +709,28 @@ pub fn images(change: &Change) -> Images<'_> {
     }
 }
 
-/// Cached [`TablePolicy`] per (role, relation).
+/// Cached [`TablePolicy`] per (role, relation), each for the table shape it was compiled
+/// against: a change decoded with another shape (before or after DDL) misses and gets its
+/// own compilation, so a column index never refers to the wrong column.
 #[derive(Default)]
 pub struct PolicyCache {
-    entries: HashMap<(Arc<str>, u32), (Arc<TablePolicy>, Instant)>,
+    entries: HashMap<(Arc<str>, u32), CachedPolicy>,
 }
 
+/// A compiled policy, the table shape it was compiled for, and when.
+type CachedPolicy = (Arc<Table>, Arc<TablePolicy>, Instant);
+
 impl PolicyCache {
-    pub fn get(&self, role: &Arc<str>, relid: u32) -> Option<Arc<TablePolicy>> {
-        let (p, at) = self.entries.get(&(role.clone(), relid))?;
-        (at.elapsed() < POLICY_TTL).then(|| p.clone())
+    pub fn get(&self, role: &Arc<str>, table: &Arc<Table>) -> Option<Arc<TablePolicy>> {
+        let (shape, p, at) = self.entries.get(&(role.clone(), table.relation_id))?;
+        (Arc::ptr_eq(shape, table) && at.elapsed() < POLICY_TTL).then(|| p.clone())
     }
 
-    pub fn insert(&mut self, role: Arc<str>, relid: u32, policy: Arc<TablePolicy>) {
-        self.entries.insert((role, relid), (policy, Instant::now()));
+    pub fn insert(&mut self, role: Arc<str>, table: &Arc<Table>, policy: Arc<TablePolicy>) {
+        self.entries.insert(
+            (role, table.relation_id),
+            (table.clone(), policy, Instant::now()),
+        );
     }
 
     /// The table changed (its Relation message arrived): recompile on next use.

@@ -56,6 +56,18 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     crate::metrics::describe();
+    // The recorder keeps histogram samples until a scrape or an upkeep drains them: run the
+    // upkeep on a timer, so a server nobody scrapes does not grow without bound.
+    {
+        let handle = prometheus.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
 
     let sql = Arc::new(SqlPool::new(cfg.clone(), 4));
     // The realtime schema (private channels); a server without the privileges to create
@@ -74,8 +86,10 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             tracing::warn!(error = ?format!("{e:#}"), "cannot connect to apply the realtime schema")
         }
     }
-    // Fail fast on an unreachable database or bad credentials.
-    sql.get().await?;
+    // A database that is away at start is waited for, like one that goes away later.
+    if let Err(e) = sql.get().await {
+        tracing::warn!(error = ?format!("{e:#}"), "the database is not reachable yet; serving broadcast and presence meanwhile");
+    }
 
     let limits = Limits {
         max_channels_per_client: args.limits.max_channels_per_client,
@@ -163,9 +177,10 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             let _ = retention_shutdown.changed().await;
         },
     ));
-    let pump = tokio::spawn(
+    let mut pump = tokio::spawn(
         Pump::new(replicator, types, hub, sql, state.authz.clone())
             .with_topics(state.topics.clone())
+            .with_health(state.health.clone())
             .run(async move {
                 let _ = pump_shutdown.changed().await;
             }),
@@ -195,27 +210,45 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         .await
     });
 
-    let pump_result = tokio::select! {
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            None
+    // Serve until told to stop. A pump that ends on its own stopped streaming for a definite
+    // reason (it said so on /readyz and to the channels): broadcast and presence go on.
+    let mut pump_done = false;
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            res = &mut pump, if !pump_done => {
+                pump_done = true;
+                match res {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = ?format!("{e:#}"), "streaming stopped; serving broadcast and presence"),
+                    Err(e) => tracing::error!(error = ?e.to_string(), "the replication task failed; serving broadcast and presence"),
+                }
+            }
         }
-        res = pump => Some(res),
-    };
+    }
+    tracing::info!("shutting down");
+    let limit = Duration::from_secs(args.shutdown_timeout_secs.max(1));
+    let deadline = tokio::time::Instant::now() + limit;
     state.shutting_down.store(true, Ordering::Release);
     let _ = shutdown_tx.send(true);
-    // Give sockets a moment to send their 1012 close frames.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    // Sockets send their 1012 close frames; the pump sends its last confirmation.
     while state.open_sockets() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    match pump_result {
-        None => Ok(()),
-        Some(Ok(Ok(()))) => anyhow::bail!("replication stopped unexpectedly"),
-        Some(Ok(Err(e))) => Err(e),
-        Some(Err(e)) => Err(anyhow::anyhow!("replication task failed: {e}")),
+    if !pump_done {
+        match tokio::time::timeout_at(deadline, &mut pump).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = ?format!("{e:#}"), "replication ended with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(error = ?e.to_string(), "the replication task failed"),
+            Err(_) => tracing::warn!("replication did not stop within --shutdown-timeout-secs"),
+        }
     }
+    let _ = tokio::time::timeout_at(deadline, server).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

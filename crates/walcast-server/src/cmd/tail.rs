@@ -99,6 +99,10 @@ pub async fn run(args: TailArgs) -> Result<()> {
                 tracing::warn!(%resume_from, "replication reconnected; resuming");
                 decoder.reset();
             }
+            StreamEvent::Disconnected { .. } => {}
+            StreamEvent::SlotRecreated => {
+                tracing::warn!("the replication slot was created again: changes made meanwhile were not streamed");
+            }
         }
     }
     out.flush()?;

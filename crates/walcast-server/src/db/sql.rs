@@ -155,9 +155,23 @@ struct PooledConnection {
     statements: std::collections::HashMap<String, tokio_postgres::Statement>,
 }
 
-/// A connection on loan from an [`ExclusivePool`]; returned when dropped.
+/// A connection on loan from an [`ExclusivePool`].
+///
+/// Returned to the pool by [`Lease::done`] once the borrower left the session clean (its
+/// transaction ended). A lease dropped any other way, e.g. because the future using it was
+/// cancelled between `BEGIN` and `ROLLBACK`, discards the connection: a session that may
+/// still carry another identity's role and claims is never lent again.
 pub struct Lease<'a> {
     guard: tokio::sync::MutexGuard<'a, Option<PooledConnection>>,
+    clean: bool,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.clean {
+            *self.guard = None;
+        }
+    }
 }
 
 impl Lease<'_> {
@@ -191,8 +205,13 @@ impl Lease<'_> {
     }
 
     /// Drop the connection (after an error that may have left the session dirty).
-    pub fn discard(mut self) {
-        *self.guard = None;
+    pub fn discard(self) {
+        // Not marked clean: dropping discards it.
+    }
+
+    /// Give the connection back: the borrower's transaction is over.
+    pub fn done(mut self) {
+        self.clean = true;
     }
 }
 
@@ -233,6 +252,9 @@ impl ExclusivePool {
                 statements: std::collections::HashMap::new(),
             });
         }
-        Ok(Lease { guard })
+        Ok(Lease {
+            guard,
+            clean: false,
+        })
     }
 }

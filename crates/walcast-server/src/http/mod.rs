@@ -70,6 +70,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(s): State<HttpState>) -> Response {
+    use crate::state::Readiness;
     if s.app
         .shutting_down
         .load(std::sync::atomic::Ordering::Acquire)
@@ -80,15 +81,20 @@ async fn readyz(State(s): State<HttpState>) -> Response {
         )
             .into_response();
     }
-    if s.app.is_streaming() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the replication stream is not running\n",
-        )
-            .into_response()
-    }
+    let reason = match s.app.health.get() {
+        Readiness::Streaming if s.app.is_streaming() => {
+            return (StatusCode::OK, "ready\n").into_response()
+        }
+        Readiness::Streaming => "replication stream lost: reconnecting".to_owned(),
+        Readiness::Starting(why) => format!("starting: {why}"),
+        Readiness::Lost(why) => format!("replication stream lost: {why}; reconnecting"),
+        Readiness::Stopped(why) => format!("replication stopped: {why}"),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {reason}\n"),
+    )
+        .into_response()
 }
 
 /// Do two secrets match? Compared as SHA-256 digests, without an early exit: neither the

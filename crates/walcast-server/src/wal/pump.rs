@@ -1,57 +1,71 @@
-//! The replication pump: WAL → changes → authorization → hub, in commit order, never
-//! blocking on clients.
+//! The replication pump: WAL → changes → authorization → hub, in commit order per
+//! subscriber, never blocking on clients, and never ending because the database went away.
 //!
 //! ```text
-//! Replicator.recv() ─▶ ChangeDecoder ─▶ hub.route_owned ─▶ pending (this transaction, or
-//!      ▲                   │                                  several when behind)
-//!      │                   │ Relation: flush, resolve types, forget the table's policies
-//!      │                   │ Commit (nothing buffered behind it), or BATCH_MAX pending:
-//!      │                   │   flush ─▶ rls (one statement per table × identity group)
-//!      │                   │   ─▶ hub.deliver_routed, change by change ─▶ release held commits
-//!      └── the next recv() confirms what was handed on (held commits wait for the flush)
+//!  Replicator.recv ─▶ ChangeDecoder ─▶ hub.route_owned ─▶ per routed identity:
+//!     ▲   (Disconnected / Reconnected:          ├─ decided now (no RLS check), lane empty ─▶ hub.deliver_routed
+//!     │    readiness, channels told)            └─ else ─▶ its lane (wal::lanes), FIFO
+//!     │                                   lanes ready ─▶ check batches (wal::checks), beside the loop
+//!     │                                   verdicts ─▶ each lane delivers its decided prefix
+//!     └── confirmed position = end of the newest transaction with every earlier one delivered
 //! ```
 //!
 //! Invariants:
-//! - Every routed change is handed to the hub (queued on every authorized socket, or dropped
-//!   for a full one) before the position of its Commit is confirmed, and before any `recv`
-//!   once [`BATCH_MAX`] are pending: the position confirmed to Postgres never passes a change
-//!   that was not handed on, and memory stays bounded whatever the transaction size.
-//! - When the pump is behind (more events already buffered at a Commit), it gathers the
-//!   following transactions into the same batch, holding their confirmations
-//!   ([`Replicator::hold`]) until the batch is delivered, for at most [`GATHER_MAX`] and
-//!   [`BATCH_MAX`] changes: one authorization statement per group then covers several
-//!   transactions. When it is caught up, every Commit flushes at
-//!   once, so gathering never adds latency.
-//! - Changes are delivered in the order they were decoded, so each subscriber sees commit
-//!   order.
-//! - Default deny and isolation as documented in [`crate::authz::rls`]: a failed check for one
-//!   identity stops only that identity's channels ([`Hub::fail`]), with a `system` error.
+//! - Per subscriber, changes are delivered in commit order (see [`crate::wal::lanes`]).
+//! - A slow, failing or unavailable check delays only the identities it decides for; the
+//!   pump keeps reading, routing and delivering for everyone else meanwhile. Only when lanes
+//!   hold more than [`MAX_QUEUED`] items does it stop reading (TCP pushes back on the
+//!   walsender; the reader task keeps the connection alive).
+//! - The position confirmed to Postgres never passes a transaction with an undelivered
+//!   change; after a reconnection the unconfirmed transactions are streamed again and routed
+//!   afresh (at-least-once into the hub).
+//! - Default deny: no verdict, no delivery. A check that cannot run is retried (with
+//!   backoff); a check that raises stops that identity's bindings with a `system` error.
+//! - Transient trouble (connection lost, server restarting, a message we cannot decode, types
+//!   we cannot resolve yet) never ends the pump; readiness says what is wrong and channels
+//!   with postgres_changes are told when the stream goes and comes back. Only a definite
+//!   condition (slot dropped or invalidated, wal_level, authentication) stops streaming, and
+//!   then broadcast and presence keep working.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 use walcast_core::broadcast::Topics;
-use walcast_core::change::{Change, ChangeDecoder, ChangeKind, Decoded};
-use walcast_core::hub::{Access, DispatchScratch, Hub, Identity, Routed};
+use walcast_core::change::{Change, ChangeDecoder, Decoded};
+use walcast_core::hub::{Access, DispatchScratch, Hub};
 use walcast_core::pg_type::TypeRegistry;
-use walcast_replication::{Replicator, StreamEvent};
+use walcast_protocol::outbound::SystemStatus;
+use walcast_replication::{Lsn, Replicator, StreamEvent};
 
-use crate::authz::rls::{self, AuthzError, ImageBatch, PolicyCache, RowRule, TablePolicy};
+use crate::authz::rls::{self, PolicyCache, RowRule};
 use crate::db::catalog::resolve_types;
 use crate::db::sql::{ExclusivePool, SqlPool};
 use crate::metrics;
+use crate::realtime::changes::STREAM_DOWN;
+use crate::state::{Health, Readiness};
+use crate::wal::checks::{self, BatchResult, ItemOutcome, LaneWork};
+use crate::wal::lanes::{lane_key, Lanes, Txns, Verdict};
 
-/// Most routed changes held before they are authorized and delivered, inside one
-/// transaction.
+/// Most items one lane puts into one check batch.
 pub const BATCH_MAX: usize = 1_000;
-/// Longest the pump keeps gathering buffered transactions into one batch. While it catches
-/// up on a backlog something is always buffered; this bounds the delay of the first
-/// gathered change and how long its commit stays unconfirmed.
+/// Items waiting in lanes past which the pump stops reading the stream until checks catch up.
+pub const MAX_QUEUED: usize = 100_000;
+/// Longest pending items wait for more to gather while the pump is behind the stream.
 const GATHER_MAX: Duration = Duration::from_millis(25);
-/// Authorization transactions run side by side (the size of the authorization pool).
+/// Check batches of one role run side by side (the size of the authorization pool).
 const AUTHZ_PARALLEL: usize = 4;
+/// Type resolution retries after a database error, up to this delay between tries.
+const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What `postgres_changes` channels are told when the slot was created anew.
+pub const RESYNC_REQUIRED: &str = "ResyncRequired: the replication slot was recreated; changes committed meanwhile were lost, refetch your data";
+/// What they are told when the stream is back.
+pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
+
+type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
 pub struct Pump {
     replicator: Replicator,
@@ -60,36 +74,20 @@ pub struct Pump {
     hub: Arc<Hub>,
     sql: Arc<SqlPool>,
     authz: Arc<ExclusivePool>,
-    policies: PolicyCache,
-    pending: Vec<(Change, Routed)>,
-    /// Committed transactions are pending, gathered while more events were buffered: they
-    /// are flushed as soon as nothing more is buffered.
-    gathering: bool,
-    /// When the first gathered transaction's commit arrived.
-    gathering_since: Option<Instant>,
+    policies: Arc<Mutex<PolicyCache>>,
     scratch: DispatchScratch,
     /// Broadcast topics, for `realtime.messages` rows (`realtime.send`) from the database.
     topics: Option<Arc<Topics>>,
-}
-
-/// The images of one (table, identity) group and where their verdicts go.
-struct Group {
-    identity: Arc<Identity>,
-    relid: u32,
-    check: Arc<rls::RowCheck>,
-    images: ImageBatch,
-    members: Vec<Member>,
-}
-
-/// One change's share of a [`Group`].
-struct Member {
-    /// Index in the pending changes.
-    pending: usize,
-    /// Index of the identity in that change's [`Routed::identities`].
-    identity: usize,
-    /// Ordinals of its primary and old images in the group's batch (`None`: not judgeable).
-    primary: Option<usize>,
-    old: Option<usize>,
+    health: Arc<Health>,
+    lanes: Lanes,
+    txns: Txns,
+    /// Confirmations are held (lanes have items): released up to what was delivered.
+    holding: bool,
+    checks: FuturesUnordered<Batch>,
+    /// When the oldest pending item not yet in a batch was queued.
+    gathering_since: Option<Instant>,
+    /// The stream ran at least once (a loss is then "lost", not "starting").
+    streamed: bool,
 }
 
 impl Pump {
@@ -107,350 +105,482 @@ impl Pump {
             hub,
             sql,
             authz,
-            policies: PolicyCache::default(),
-            pending: Vec::new(),
-            gathering: false,
-            gathering_since: None,
+            policies: Arc::default(),
             scratch: DispatchScratch::default(),
             topics: None,
+            health: Arc::default(),
+            lanes: Lanes::default(),
+            txns: Txns::default(),
+            holding: false,
+            checks: FuturesUnordered::new(),
+            gathering_since: None,
+            streamed: false,
         }
     }
 
-    /// Deliver `realtime.broadcast` logical messages to these broadcast topics.
+    /// Deliver `realtime.messages` rows (database broadcasts) to these topics.
     pub fn with_topics(mut self, topics: Arc<Topics>) -> Pump {
         self.topics = Some(topics);
         self
     }
 
-    /// Run until `shutdown` resolves or replication fails for good.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        tokio::pin!(shutdown);
-        loop {
-            if self.gathering && !self.replicator.has_buffered() {
-                // Gathered transactions must not wait for events that may never come.
-                self.flush().await;
-            }
-            let event = tokio::select! {
-                ev = self.replicator.recv() => ev,
-                _ = &mut shutdown => break,
-            };
-            let Some(event) = event else { break };
-            match event? {
-                StreamEvent::XLogData(x) => {
-                    let decoded = {
-                        let types = self.types.read().unwrap_or_else(|p| p.into_inner());
-                        self.decoder.decode(&types, &x.data)?
-                    };
-                    self.handle(decoded).await?;
-                }
-                StreamEvent::Keepalive { wal_end } => {
-                    // Nothing left to send: caught up, whatever the last commit's age.
-                    if wal_end <= self.replicator.handed_on() {
-                        metrics::replication_lag_seconds(0.0);
-                    }
-                }
-                StreamEvent::Reconnected { resume_from } => {
-                    tracing::warn!(%resume_from, "replication reconnected; resuming");
-                    metrics::replication_reconnected();
-                    self.decoder.reset();
-                    // The unconfirmed transactions are sent again from their start.
-                    self.pending.clear();
-                    self.gathering = false;
-                    self.gathering_since = None;
-                    self.policies.clear();
-                }
-            }
-        }
-        // Pending changes belong to a transaction whose commit was not received, so its
-        // position is not confirmed: it is streamed again after a restart.
-        self.replicator.mark_handed_on();
-        match self.replicator.shutdown().await {
-            Ok(lsn) => tracing::info!(confirmed = %lsn, "replication stopped"),
-            Err(e) => tracing::warn!(error = ?e.to_string(), "replication did not stop cleanly"),
-        }
-        Ok(())
+    /// Report readiness here.
+    pub fn with_health(mut self, health: Arc<Health>) -> Pump {
+        self.health = health;
+        self
     }
 
-    async fn handle(&mut self, decoded: Decoded) -> Result<()> {
+    /// Run until `shutdown` resolves. Returns early only after a definite condition stopped
+    /// streaming (the error says which); the server keeps serving meanwhile.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        let mut outcome = Ok(());
+        loop {
+            self.launch_checks();
+            let wake = self.next_wake();
+            let reading = self.lanes.items() < MAX_QUEUED;
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                Some(result) = self.checks.next(), if !self.checks.is_empty() => {
+                    self.apply(result);
+                }
+                event = self.replicator.recv(), if reading => {
+                    match event {
+                        None => break,
+                        Some(Ok(event)) => self.on_event(event).await,
+                        Some(Err(e)) => {
+                            self.stopped(&e.to_string());
+                            outcome = Err(anyhow::Error::new(e));
+                            break;
+                        }
+                    }
+                }
+                _ = sleep_until(wake), if wake.is_some() => {}
+            }
+            self.confirm();
+        }
+        // Whatever is still in lanes belongs to transactions that are not confirmed: they
+        // are streamed again after a restart.
+        self.confirm();
+        self.replicator.mark_handed_on();
+        if outcome.is_ok() {
+            match self.replicator.shutdown().await {
+                Ok(lsn) => tracing::info!(confirmed = %lsn, "replication stopped"),
+                Err(e) => {
+                    tracing::warn!(error = ?e.to_string(), "replication did not stop cleanly")
+                }
+            }
+        }
+        outcome
+    }
+
+    fn stopped(&mut self, why: &str) {
+        tracing::error!(reason = ?why, "replication stopped; broadcast and presence keep working");
+        self.health.set(Readiness::Stopped(why.to_owned()));
+        self.hub
+            .notify_all(SystemStatus::Error, &format!("Replication stopped: {why}"));
+    }
+
+    async fn on_event(&mut self, event: StreamEvent) {
+        match event {
+            StreamEvent::XLogData(x) => {
+                let decoded = {
+                    let types = self.types.read().unwrap_or_else(|p| p.into_inner());
+                    self.decoder.decode(&types, &x.data)
+                };
+                match decoded {
+                    Ok(d) => self.handle(d).await,
+                    Err(e) => {
+                        // Never skip what we cannot read: reconnect and read it again.
+                        tracing::error!(error = ?e.to_string(), wal_start = %x.wal_start, "cannot decode a replication message; reconnecting");
+                        self.replicator
+                            .reconnect(format!("cannot decode a replication message: {e}"));
+                    }
+                }
+            }
+            StreamEvent::Keepalive { wal_end } => {
+                // Nothing left to send: caught up, whatever the last commit's age.
+                if wal_end <= self.replicator.handed_on() {
+                    metrics::replication_lag_seconds(0.0);
+                }
+            }
+            StreamEvent::Disconnected { reason } => {
+                metrics::replication_streaming(false);
+                let readiness = if self.streamed {
+                    Readiness::Lost(reason)
+                } else {
+                    Readiness::Starting(reason)
+                };
+                self.health.set(readiness);
+                if self.streamed {
+                    self.hub.notify_all(SystemStatus::Error, STREAM_DOWN);
+                }
+            }
+            StreamEvent::Reconnected { resume_from } => {
+                tracing::warn!(%resume_from, "replication reconnected; resuming");
+                metrics::replication_reconnected();
+                self.reset_stream();
+                self.up();
+            }
+            StreamEvent::SlotRecreated => {
+                tracing::warn!("the replication slot was created again; telling every postgres_changes channel to refetch");
+                self.hub.notify_all(SystemStatus::Error, RESYNC_REQUIRED);
+            }
+        }
+        if !self.streamed && self.replicator.backend_pid().is_some() {
+            // The first connection: no Reconnected event for it.
+            self.up();
+        }
+    }
+
+    fn up(&mut self) {
+        let was = self.streamed;
+        self.streamed = true;
+        self.health.set(Readiness::Streaming);
+        metrics::replication_streaming(true);
+        if was {
+            self.hub.notify_all(SystemStatus::Ok, SUBSCRIBED);
+        }
+    }
+
+    /// A new connection: per-connection state goes; the unconfirmed transactions come again.
+    fn reset_stream(&mut self) {
+        self.decoder.reset();
+        let dropped = self.lanes.reset();
+        if dropped > 0 {
+            tracing::info!(dropped, "undelivered changes will be streamed again");
+        }
+        self.txns.reset();
+        self.holding = false;
+        self.gathering_since = None;
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    async fn handle(&mut self, decoded: Decoded) {
         match decoded {
+            Decoded::Begin { .. } => {
+                self.txns.begin();
+            }
             Decoded::Relation {
                 table,
                 unresolved_types,
             } => {
-                // Changes before it were decoded against the old shape: authorize them with
-                // the policies compiled for that shape.
-                self.flush().await;
-                self.policies.forget_table(table.relation_id);
+                self.policies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .forget_table(table.relation_id);
                 if !unresolved_types.is_empty() {
-                    let client = self.sql.get().await?;
-                    let mut types = self.types.read().unwrap_or_else(|p| p.into_inner()).clone();
-                    resolve_types(&client, &mut types, &unresolved_types).await?;
-                    self.decoder.refresh_type_names(&types);
-                    *self.types.write().unwrap_or_else(|p| p.into_inner()) = types;
+                    self.resolve(&unresolved_types).await;
                 }
             }
-            Decoded::Change(change) => {
-                metrics::change_decoded(change.kind.as_str());
-                if let Some(topics) = self.topics.clone() {
-                    if crate::realtime::broadcast::is_message_row(&change) {
-                        // Changes decoded before the broadcast go out before it.
-                        self.flush().await;
-                        crate::realtime::broadcast::deliver_message_row(&topics, &change);
-                    }
-                }
-                let routed = self.hub.route_owned(&change, &mut self.scratch);
-                if !routed.is_empty() {
-                    self.pending.push((change, routed));
-                    if self.pending.len() >= BATCH_MAX {
-                        self.flush().await;
-                    }
-                }
-            }
+            Decoded::Change(change) => self.on_change(change),
             Decoded::Changes(changes) => {
                 for c in changes {
                     metrics::change_decoded(c.kind.as_str());
                 }
             }
-            Decoded::Commit { commit_time_us, .. } => {
+            Decoded::Commit {
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
                 metrics::replication_lag_seconds(seconds_since(commit_time_us));
-                let gathered_for = self.gathering_since.map_or(Duration::ZERO, |t| t.elapsed());
-                if !self.pending.is_empty()
-                    && self.pending.len() < BATCH_MAX
-                    && gathered_for < GATHER_MAX
-                    && self.replicator.has_buffered()
-                {
-                    // Behind the stream: gather the next transactions into this batch, so
-                    // one authorization statement per group covers all of them. Nothing is
-                    // delayed (the next events are already here) and the commit stays
-                    // unconfirmed until its changes are handed on.
-                    self.replicator.hold();
-                    self.gathering = true;
-                    self.gathering_since.get_or_insert_with(Instant::now);
-                } else {
-                    self.flush().await;
-                }
+                self.txns.commit(end_lsn);
             }
             // Logical messages are never delivered: any role can emit them, so nothing
             // about their author can be trusted (database broadcasts are rows instead).
-            Decoded::Message(_) => {}
-            _ => {}
+            Decoded::Message(_) | Decoded::Ignored => {}
         }
-        Ok(())
     }
 
-    /// Authorize and deliver every pending change, in order; then confirm the transactions
-    /// held back while they were gathered.
-    async fn flush(&mut self) {
-        self.deliver_pending().await;
-        self.replicator.release();
-        self.gathering = false;
-        self.gathering_since = None;
+    /// Resolve user types before decoding on; a database that is away is waited for (the
+    /// reader task keeps the replication connection alive meanwhile).
+    async fn resolve(&mut self, oids: &[walcast_core::pg_type::Oid]) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let client = self.sql.get().await?;
+                let mut types = self.types.read().unwrap_or_else(|p| p.into_inner()).clone();
+                resolve_types(&client, &mut types, oids).await?;
+                anyhow::Ok(types)
+            };
+            match attempt.await {
+                Ok(types) => {
+                    self.decoder.refresh_type_names(&types);
+                    *self.types.write().unwrap_or_else(|p| p.into_inner()) = types;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?format!("{e:#}"), retry_in = ?delay, "cannot resolve column types yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RESOLVE_RETRY_MAX);
+                }
+            }
+        }
     }
 
-    async fn deliver_pending(&mut self) {
-        if self.pending.is_empty() {
+    fn on_change(&mut self, change: Change) {
+        metrics::change_decoded(change.kind.as_str());
+        if let Some(topics) = &self.topics {
+            if crate::realtime::broadcast::is_message_row(&change) {
+                crate::realtime::broadcast::deliver_message_row(topics, &change);
+            }
+        }
+        let mut routed = self.hub.route_owned(&change, &mut self.scratch);
+        if routed.is_empty() {
             return;
         }
-        let pending = std::mem::take(&mut self.pending);
-
-        // 1. Table policy per (role, table) among the routed identities, looked up (or
-        //    compiled) once per pair, then kept per change and identity index for steps 2 and 4.
-        let mut table_policy: HashMap<(Arc<str>, u32), Arc<TablePolicy>> = HashMap::new();
-        let mut policy_of: Vec<Vec<Arc<TablePolicy>>> = Vec::with_capacity(pending.len());
-        for (change, routed) in &pending {
-            let relid = change.table.relation_id;
-            let mut per_identity = Vec::with_capacity(routed.identities().len());
-            for identity in routed.identities() {
-                let key = (identity.role.clone(), relid);
-                if let Some(p) = table_policy.get(&key) {
-                    per_identity.push(p.clone());
-                    continue;
-                }
-                let policy = match self.policies.get(&identity.role, relid) {
-                    Some(p) => p,
-                    None => match rls::compile(&self.authz, &identity.role, &change.table).await {
-                        Ok(p) => {
-                            let p = Arc::new(p);
-                            self.policies
-                                .insert(identity.role.clone(), relid, p.clone());
-                            p
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = ?e.to_string(), role = ?identity.role, relid, "compiling table policies failed; delivering nothing");
-                            metrics::authz_check("unavailable");
-                            Arc::new(TablePolicy::DENY)
-                        }
-                    },
-                };
-                table_policy.insert(key, policy.clone());
-                per_identity.push(policy);
-            }
-            policy_of.push(per_identity);
-        }
-
-        // 2. Group the images to check per (table, identity). Identities are interned by the
-        //    hub, so a group is keyed by the identity's pointer, never by its claims text.
-        let mut groups: Vec<Group> = Vec::new();
-        let mut group_of: HashMap<(u32, usize), usize> = HashMap::new();
-        for (idx, (change, routed)) in pending.iter().enumerate() {
-            let relid = change.table.relation_id;
-            for (k, identity) in routed.identities().iter().enumerate() {
-                let policy = &policy_of[idx][k];
-                let RowRule::Check(check) = &policy.rows else {
-                    continue;
-                };
-                if !policy.select {
-                    continue;
-                }
-                let key = (relid, Arc::as_ptr(identity) as usize);
-                let g = *group_of.entry(key).or_insert_with(|| {
-                    groups.push(Group {
-                        identity: identity.clone(),
-                        relid,
-                        check: check.clone(),
-                        images: ImageBatch::default(),
-                        members: Vec::new(),
-                    });
-                    groups.len() - 1
-                });
-                let group = &mut groups[g];
-                let images = rls::images(change);
-                let primary = images
-                    .primary
-                    .as_deref()
-                    .and_then(|row| group.images.push(row, &check.reads));
-                let old = match (primary, images.old) {
-                    // A DELETE's old row is the image that was judged.
-                    _ if change.kind == ChangeKind::Delete => primary,
-                    (Some(_), Some(row)) => group.images.push(row, &check.reads),
-                    _ => None,
-                };
-                group.members.push(Member {
-                    pending: idx,
-                    identity: k,
-                    primary,
-                    old,
-                });
-            }
-        }
-
-        // 3. One transaction and round trip per role (claims switched between groups), split
-        //    in up to AUTHZ_PARALLEL chunks run side by side on the authorization pool.
-        let mut by_role: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
-        for (i, g) in groups.iter().enumerate() {
-            if !g.images.is_empty() {
-                by_role.entry(g.identity.role.clone()).or_default().push(i);
-            }
-        }
-        let mut groups_images: Vec<ImageBatch> = groups
-            .iter_mut()
-            .map(|g| std::mem::take(&mut g.images))
-            .collect();
-        let mut chunks: Vec<Vec<usize>> = Vec::new();
-        for (_, idxs) in by_role {
-            let n = idxs.len().clamp(1, AUTHZ_PARALLEL);
-            let mut parts: Vec<Vec<usize>> = vec![Vec::new(); n];
-            for (k, i) in idxs.into_iter().enumerate() {
-                parts[k % n].push(i);
-            }
-            chunks.extend(parts.into_iter().filter(|p| !p.is_empty()));
-        }
-        let authz = self.authz.clone();
-        let chunk_results = futures_util::future::join_all(chunks.iter().map(|chunk| {
-            let work: Vec<rls::GroupCheck> = chunk
-                .iter()
-                .map(|&i| rls::GroupCheck {
-                    identity: groups[i].identity.clone(),
-                    check: groups[i].check.clone(),
-                    images: std::mem::take(&mut groups_images[i]),
-                })
-                .collect();
-            let authz = authz.clone();
-            async move {
-                let started = std::time::Instant::now();
-                let r = rls::check_role_groups(&authz, work).await;
-                metrics::authz_check_seconds(started.elapsed().as_secs_f64());
-                r
-            }
-        }))
-        .await;
-        let mut results: Vec<Result<Vec<bool>, AuthzError>> =
-            (0..groups.len()).map(|_| Ok(Vec::new())).collect();
-        for (chunk, rs) in chunks.iter().zip(chunk_results) {
-            for (&i, r) in chunk.iter().zip(rs) {
-                results[i] = r;
-            }
-        }
-
-        // Verdicts per pending change, per identity index: (primary visible, old visible);
-        // `None` (no verdict) denies.
-        let mut verdicts: Vec<Vec<Option<(bool, bool)>>> = pending
-            .iter()
-            .map(|(_, routed)| vec![None; routed.identities().len()])
-            .collect();
-        for (group, result) in groups.iter().zip(results) {
-            match result {
-                Ok(visible) => {
-                    metrics::authz_check("ok");
-                    let seen = |o: Option<usize>| o.is_some_and(|o| visible.get(o) == Some(&true));
-                    for m in &group.members {
-                        verdicts[m.pending][m.identity] = Some((seen(m.primary), seen(m.old)));
+        // Decide now where possible: a cached policy without a row check, for an identity
+        // with nothing waiting in its lane.
+        let identities = routed.identities().to_vec();
+        let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
+        {
+            let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            for identity in &identities {
+                let decided = if self.lanes.busy(lane_key(identity)) {
+                    None
+                } else {
+                    match policies.get(&identity.role, &change.table) {
+                        Some(p) => match (&p.rows, p.select) {
+                            (_, false) | (RowRule::Nothing, _) => Some(Access::Deny),
+                            (RowRule::All, true) => Some(rls::access(&p, true, true)),
+                            (RowRule::Check(_), true) => None,
+                        },
+                        None => None,
                     }
+                };
+                now_decided.push(decided);
+            }
+        }
+        if now_decided.iter().all(Option::is_some) {
+            self.deliver_now(&change, routed, &now_decided);
+            return;
+        }
+        let change = Arc::new(change);
+        let txn = self.txns.current();
+        let laned: Vec<bool> = now_decided.iter().map(Option::is_none).collect();
+        let parts = routed.split_off(&laned);
+        for (identity, part) in identities.iter().zip(parts) {
+            let Some(mine) = part else { continue };
+            self.lanes
+                .push(identity, txn, change.clone(), mine, Verdict::Pending);
+            self.txns.queued(txn);
+            self.gathering_since.get_or_insert_with(Instant::now);
+        }
+        if !self.holding {
+            self.replicator.hold();
+            self.holding = true;
+        }
+        self.deliver_now(&change, routed, &now_decided);
+    }
+
+    fn deliver_now(
+        &mut self,
+        change: &Change,
+        routed: walcast_core::hub::Routed,
+        decided: &[Option<Access>],
+    ) {
+        let denied = decided
+            .iter()
+            .filter(|d| matches!(d, Some(Access::Deny)))
+            .count();
+        if denied > 0 {
+            metrics::delivery_dropped_n("unauthorized", denied as u64);
+        }
+        let stats = self
+            .hub
+            .deliver_routed(change, routed, &mut self.scratch, |k| {
+                decided.get(k).cloned().flatten().unwrap_or(Access::Deny)
+            });
+        record(&stats, change);
+    }
+
+    /// Start check batches for the lanes that are ready, when the pump is caught up with the
+    /// stream (or items have gathered long enough).
+    fn launch_checks(&mut self) {
+        let now = Instant::now();
+        let gathered = self
+            .gathering_since
+            .is_some_and(|t| now.duration_since(t) >= GATHER_MAX);
+        if self.replicator.has_buffered() && !gathered {
+            return;
+        }
+        let ready = self.lanes.ready(now);
+        if ready.is_empty() {
+            return;
+        }
+        self.gathering_since = None;
+        let generation = self.lanes.generation();
+        // Lanes proven fast share a transaction per role; the others run alone.
+        let mut shared: std::collections::BTreeMap<Arc<str>, Vec<LaneWork>> = Default::default();
+        let mut solo: Vec<LaneWork> = Vec::new();
+        for key in ready {
+            let Some(lane) = self.lanes.get_mut(key) else {
+                continue;
+            };
+            let mut items = Vec::new();
+            for item in lane.items.iter_mut() {
+                if item.verdict == Verdict::Pending && items.len() < BATCH_MAX {
+                    item.verdict = Verdict::Checking;
+                    items.push((item.seq, item.change.clone()));
                 }
-                Err(AuthzError::Unavailable(e)) => {
-                    metrics::authz_check("unavailable");
-                    tracing::warn!(error = ?e.to_string(), role = ?group.identity.role, relid = group.relid, "authorization unavailable; delivering nothing");
-                }
-                Err(AuthzError::Failed { code, message }) => {
-                    metrics::authz_check("failed");
-                    tracing::warn!(%code, error = ?message, role = ?group.identity.role, relid = group.relid, "authorization failed; stopping this identity's changes");
-                    let message = format!(
-                        "Unable to authorize changes for this channel's token: a row-level security check failed (SQLSTATE {code}); the subscription was stopped"
-                    );
-                    let mut stopped = Vec::new();
-                    for m in &group.members {
-                        for id in pending[m.pending].1.subscribers_of(m.identity) {
-                            if !stopped.contains(&id) && self.hub.fail(id, &message) {
-                                stopped.push(id);
+            }
+            lane.checking = true;
+            let work = LaneWork {
+                key,
+                identity: lane.identity.clone(),
+                items,
+            };
+            if lane.shares(now) {
+                shared
+                    .entry(lane.identity.role.clone())
+                    .or_default()
+                    .push(work);
+            } else {
+                solo.push(work);
+            }
+        }
+        let mut batches: Vec<Vec<LaneWork>> = solo.into_iter().map(|w| vec![w]).collect();
+        for (_, works) in shared {
+            let n = works.len().clamp(1, AUTHZ_PARALLEL);
+            let mut parts: Vec<Vec<LaneWork>> = (0..n).map(|_| Vec::new()).collect();
+            for (i, w) in works.into_iter().enumerate() {
+                parts[i % n].push(w);
+            }
+            batches.extend(parts.into_iter().filter(|p| !p.is_empty()));
+        }
+        for batch in batches {
+            let pool = self.authz.clone();
+            let cache = self.policies.clone();
+            self.checks
+                .push(Box::pin(checks::run(pool, cache, batch, generation)));
+        }
+    }
+
+    /// The verdicts of a batch: decide items, deliver each lane's decided prefix, stop the
+    /// identities whose check failed.
+    fn apply(&mut self, result: BatchResult) {
+        if result.generation != self.lanes.generation() {
+            return;
+        }
+        let now = Instant::now();
+        let mut stop: Vec<(u64, String)> = Vec::new();
+        for (key, outcomes, slowest) in result.lanes {
+            let Some(lane) = self.lanes.get_mut(key) else {
+                continue;
+            };
+            lane.checking = false;
+            let mut unavailable = false;
+            let mut outcomes: std::collections::HashMap<u64, ItemOutcome> =
+                outcomes.into_iter().collect();
+            for item in lane.items.iter_mut() {
+                let Some(outcome) = outcomes.remove(&item.seq) else {
+                    continue;
+                };
+                item.verdict = match outcome {
+                    ItemOutcome::Decided(access) => Verdict::Known(access),
+                    ItemOutcome::Unavailable => {
+                        unavailable = true;
+                        Verdict::Pending
+                    }
+                    ItemOutcome::Failed { code, message } => {
+                        tracing::warn!(%code, error = ?message, role = ?lane.identity.role,
+                            "authorization failed; stopping this identity's changes");
+                        let text = format!(
+                            "Unable to authorize changes for this channel's token: a row-level security check failed (SQLSTATE {code}); the subscription was stopped"
+                        );
+                        for id in item.routed.subscribers_of(0) {
+                            if !stop.iter().any(|(s, _)| *s == id) {
+                                stop.push((id, text.clone()));
                             }
                         }
+                        Verdict::Known(Access::Deny)
                     }
-                    metrics::authz_stopped(stopped.len() as u64);
+                };
+            }
+            if unavailable {
+                lane.unavailable(now);
+                tracing::warn!(role = ?lane.identity.role, retry_at = ?lane.retry_at,
+                    "authorization unavailable; this identity's changes wait for it");
+            } else {
+                lane.available();
+                lane.record_speed(slowest, now);
+            }
+            let ready = lane.decided_prefix();
+            for item in ready {
+                let Verdict::Known(access) = item.verdict else {
+                    continue;
+                };
+                if access == Access::Deny {
+                    metrics::delivery_dropped("unauthorized");
                 }
+                let stats =
+                    self.hub
+                        .deliver_routed(&item.change, item.routed, &mut self.scratch, |_| {
+                            access.clone()
+                        });
+                record(&stats, &item.change);
+                self.txns.finished(item.txn);
             }
         }
+        self.lanes.prune();
+        let mut stopped = 0;
+        for (id, text) in stop {
+            if self.hub.fail(id, &text) {
+                stopped += 1;
+            }
+        }
+        if stopped > 0 {
+            metrics::authz_stopped(stopped);
+        }
+    }
 
-        // 4. Deliver in order.
-        for (idx, (change, routed)) in pending.into_iter().enumerate() {
-            let decisions: Vec<Access> = policy_of[idx]
-                .iter()
-                .enumerate()
-                .map(|(k, policy)| match &policy.rows {
-                    RowRule::All => rls::access(policy, true, true),
-                    RowRule::Nothing => Access::Deny,
-                    RowRule::Check(_) => match verdicts[idx][k] {
-                        Some((primary, old)) => rls::access(policy, primary, old),
-                        None => Access::Deny,
-                    },
-                })
-                .collect();
-            let denied = decisions.iter().filter(|d| **d == Access::Deny).count();
-            if denied > 0 {
-                metrics::delivery_dropped_n("unauthorized", denied as u64);
-            }
-            let stats = self
-                .hub
-                .deliver_routed(&change, routed, &mut self.scratch, |k| {
-                    decisions.get(k).cloned().unwrap_or(Access::Deny)
-                });
-            metrics::changes_delivered(stats.delivered);
-            if stats.delivered > 0 {
-                metrics::commit_to_send(seconds_since(change.commit_time_us));
-            }
-            if stats.dropped > 0 {
-                metrics::delivery_dropped_n("slow_client", stats.dropped);
-            }
+    /// Confirm what has been delivered.
+    fn confirm(&mut self) {
+        if !self.holding {
+            return;
         }
+        match self.txns.confirmable() {
+            None => {
+                self.replicator.release();
+                self.holding = false;
+            }
+            Some(Lsn(0)) => {}
+            Some(lsn) => self.replicator.release_to(lsn),
+        }
+    }
+
+    /// The next moment the loop must look again without an event: a lane's retry, or the
+    /// end of gathering.
+    fn next_wake(&self) -> Option<tokio::time::Instant> {
+        let gather = self.gathering_since.map(|t| t + GATHER_MAX);
+        let retry = self.lanes.next_retry();
+        let at = match (gather, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(tokio::time::Instant::from_std(at))
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn record(stats: &walcast_core::hub::DispatchStats, change: &Change) {
+    metrics::changes_delivered(stats.delivered);
+    if stats.delivered > 0 {
+        metrics::commit_to_send(seconds_since(change.commit_time_us));
+    }
+    if stats.dropped > 0 {
+        metrics::delivery_dropped_n("slow_client", stats.dropped);
     }
 }
 

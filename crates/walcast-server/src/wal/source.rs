@@ -15,5 +15,6 @@ pub fn replication_config(args: &SourceArgs, application_name: &str) -> Result<R
         .with_temporary_slot(args.temporary_slot)
         .with_create_publication(!args.no_create_publication);
     cfg.application_name = application_name.to_string();
+    cfg.recreate_slot = args.recreate_slot;
     Ok(cfg)
 }

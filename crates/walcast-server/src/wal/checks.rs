@@ -1,0 +1,218 @@
+//! One authorization batch: the pending items of some lanes (all of one role, or one lane
+//! alone) judged against their tables' policies, in one database round trip.
+//!
+//! ```text
+//!  LaneWork × n ─▶ per (lane, table): policy (cache, or compile under the role) ─┬─ no RLS check ─▶ verdict
+//!                                                                                └─ RowCheck ─▶ images ─┐
+//!  rls::check_groups: BEGIN; SET LOCAL ROLE; [SAVEPOINT; claims; check; ROLLBACK TO]×groups; ROLLBACK
+//!                                                                           ─▶ visible ordinals ─▶ verdicts
+//! ```
+//!
+//! Runs as a future beside the pump (nothing here touches the hub or the lanes): its result
+//! is applied by the pump, in order, when it arrives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use walcast_core::change::{Change, ChangeKind, Table};
+use walcast_core::hub::{Access, Identity};
+
+use crate::authz::rls::{
+    self, AuthzError, GroupCheck, ImageBatch, PolicyCache, RowRule, TablePolicy,
+};
+use crate::db::sql::ExclusivePool;
+use crate::metrics;
+use crate::wal::lanes::LaneKey;
+
+/// One lane's share of a batch: its pending items.
+pub struct LaneWork {
+    pub key: LaneKey,
+    pub identity: Arc<Identity>,
+    pub items: Vec<(u64, Arc<Change>)>,
+}
+
+/// What became of one item.
+#[derive(Debug, Clone)]
+pub enum ItemOutcome {
+    Decided(Access),
+    /// The check could not run (connection, server): try again later.
+    Unavailable,
+    /// The check ran and raised for this identity: deny and stop its bindings.
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
+/// A finished batch.
+pub struct BatchResult {
+    pub generation: u64,
+    pub lanes: Vec<LaneResult>,
+}
+
+/// One lane's share of a batch: item outcomes by sequence number, and the slowest of its
+/// checks.
+pub type LaneResult = (LaneKey, Vec<(u64, ItemOutcome)>, Duration);
+
+/// A table policy, from the cache or compiled now (and cached).
+async fn policy(
+    pool: &ExclusivePool,
+    cache: &Mutex<PolicyCache>,
+    role: &Arc<str>,
+    table: &Arc<Table>,
+) -> Result<Arc<TablePolicy>, AuthzError> {
+    if let Some(p) = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(role, table)
+    {
+        return Ok(p);
+    }
+    let compiled = Arc::new(rls::compile(pool, role, table).await?);
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(role.clone(), table, compiled.clone());
+    Ok(compiled)
+}
+
+/// One change's share of a check group.
+struct Member {
+    lane: usize,
+    seq: u64,
+    policy: Arc<TablePolicy>,
+    /// Ordinals of its primary and old images in the group's batch (`None`: not judgeable).
+    primary: Option<usize>,
+    old: Option<usize>,
+}
+
+/// Judge the batch. `lanes` are all of one role.
+pub async fn run(
+    pool: Arc<ExclusivePool>,
+    cache: Arc<Mutex<PolicyCache>>,
+    lanes: Vec<LaneWork>,
+    generation: u64,
+) -> BatchResult {
+    let mut outcomes: Vec<Vec<(u64, ItemOutcome)>> = lanes.iter().map(|_| Vec::new()).collect();
+    let mut slowest: Vec<Duration> = vec![Duration::ZERO; lanes.len()];
+    // Per (lane, table shape): the group of images to check.
+    let mut groups: Vec<(GroupCheck, Vec<Member>)> = Vec::new();
+    let mut group_of: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut compiled: HashMap<(Arc<str>, usize), Result<Arc<TablePolicy>, AuthzError>> =
+        HashMap::new();
+    for (li, lane) in lanes.iter().enumerate() {
+        let role = &lane.identity.role;
+        for (seq, change) in &lane.items {
+            let shape = Arc::as_ptr(&change.table) as usize;
+            let p = match compiled.get(&(role.clone(), shape)) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = policy(&pool, &cache, role, &change.table).await;
+                    if let Err(e) = &p {
+                        tracing::warn!(error = ?e.to_string(), role = ?role, relid = change.table.relation_id, "compiling table policies failed");
+                    }
+                    compiled.insert((role.clone(), shape), p.clone());
+                    p
+                }
+            };
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    outcomes[li].push((*seq, failure(e)));
+                    continue;
+                }
+            };
+            let check = match (&p.rows, p.select) {
+                (RowRule::Check(c), true) => c.clone(),
+                (RowRule::All, _) => {
+                    outcomes[li].push((*seq, ItemOutcome::Decided(rls::access(&p, true, true))));
+                    continue;
+                }
+                _ => {
+                    outcomes[li].push((*seq, ItemOutcome::Decided(Access::Deny)));
+                    continue;
+                }
+            };
+            let g = *group_of.entry((li, shape)).or_insert_with(|| {
+                groups.push((
+                    GroupCheck {
+                        identity: lane.identity.clone(),
+                        check: check.clone(),
+                        images: ImageBatch::default(),
+                    },
+                    Vec::new(),
+                ));
+                groups.len() - 1
+            });
+            let (group, members) = &mut groups[g];
+            let images = rls::images(change);
+            let primary = images
+                .primary
+                .as_deref()
+                .and_then(|row| group.images.push(row, &check.reads));
+            let old = match (primary, images.old) {
+                // A DELETE's old row is the image that was judged.
+                _ if change.kind == ChangeKind::Delete => primary,
+                (Some(_), Some(row)) => group.images.push(row, &check.reads),
+                _ => None,
+            };
+            members.push(Member {
+                lane: li,
+                seq: *seq,
+                policy: p.clone(),
+                primary,
+                old,
+            });
+        }
+    }
+    // Groups without a judgeable image decide without a round trip.
+    let (to_check, empty): (Vec<_>, Vec<_>) =
+        groups.into_iter().partition(|(g, _)| !g.images.is_empty());
+    for (_, members) in empty {
+        for m in members {
+            outcomes[m.lane].push((m.seq, ItemOutcome::Decided(Access::Deny)));
+        }
+    }
+    if !to_check.is_empty() {
+        let (checks, members): (Vec<GroupCheck>, Vec<Vec<Member>>) = to_check.into_iter().unzip();
+        let started = std::time::Instant::now();
+        let results = rls::check_groups(&pool, checks).await;
+        metrics::authz_check_seconds(started.elapsed().as_secs_f64());
+        for ((result, took), members) in results.into_iter().zip(members) {
+            match &result {
+                Ok(_) => metrics::authz_check("ok"),
+                Err(AuthzError::Unavailable(_)) => metrics::authz_check("unavailable"),
+                Err(AuthzError::Failed { .. }) => metrics::authz_check("failed"),
+            }
+            for m in members {
+                slowest[m.lane] = slowest[m.lane].max(took);
+                let outcome = match &result {
+                    Ok(visible) => {
+                        let seen =
+                            |o: Option<usize>| o.is_some_and(|o| visible.get(o) == Some(&true));
+                        ItemOutcome::Decided(rls::access(&m.policy, seen(m.primary), seen(m.old)))
+                    }
+                    Err(e) => failure(e.clone()),
+                };
+                outcomes[m.lane].push((m.seq, outcome));
+            }
+        }
+    }
+    BatchResult {
+        generation,
+        lanes: lanes
+            .iter()
+            .zip(outcomes)
+            .zip(slowest)
+            .map(|((l, o), s)| (l.key, o, s))
+            .collect(),
+    }
+}
+
+fn failure(e: AuthzError) -> ItemOutcome {
+    match e {
+        AuthzError::Unavailable(_) => ItemOutcome::Unavailable,
+        AuthzError::Failed { code, message } => ItemOutcome::Failed { code, message },
+    }
+}
