@@ -153,9 +153,9 @@ pub struct DispatchScratch {
     identity_index: HashMap<usize, u32>,
     data: HashMap<RenderKey, Arc<str>>,
     frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
-    /// Subscribers whose bindings read a column their identity may no longer read, with
-    /// that column: stopped once the dispatch is done.
-    revoked: Vec<(SubscriberId, String)>,
+    /// Bindings that read a column their identity may no longer read (subscriber, binding
+    /// id, column): stopped once the dispatch is done.
+    revoked: Vec<(SubscriberId, u32, String)>,
 }
 
 /// What one identity may see of one change: nothing, or the change trimmed to its columns.
@@ -421,13 +421,22 @@ impl Hub {
             let Access::Allow(vis) = decide(k as usize) else {
                 continue;
             };
+            let mut m = m;
             if let Some(mask) = &vis.columns {
                 // The column mask narrowed since the binding was checked (a REVOKE): a filter
                 // or selection on a column the identity cannot read would reveal it through
-                // what matches, so nothing is delivered and the binding is stopped.
-                if let Some(col) = Self::hidden_column_read(&inner.index, &m, change, mask) {
-                    scratch.revoked.push((m.subscriber, col));
-                    continue;
+                // what matches, so such a binding is stopped and delivers nothing; the
+                // channel's other bindings go on.
+                let hidden = Self::hidden_columns_read(&inner.index, &m, change, mask);
+                if !hidden.is_empty() {
+                    for (id, col) in hidden {
+                        m.binding_ids.retain(|b| *b != id);
+                        scratch.revoked.push((m.subscriber, id, col));
+                    }
+                    if m.binding_ids.is_empty() {
+                        continue;
+                    }
+                    m.select = Self::selection_of(&inner.index, &m, change);
                 }
             }
             let key = (
@@ -474,24 +483,25 @@ impl Hub {
             }
         }
         drop(inner);
-        for (subscriber, column) in std::mem::take(&mut scratch.revoked) {
-            self.fail(
+        for (subscriber, binding, column) in std::mem::take(&mut scratch.revoked) {
+            self.stop_binding(
                 subscriber,
+                binding,
                 &format!(
-                    "permission denied for column {column}: this channel's token may no longer read it, so its subscription was stopped"
+                    "permission denied for column {column}: this channel's token may no longer read it, so the binding that reads it was stopped"
                 ),
             );
         }
         stats
     }
 
-    /// The first column one of `m`'s bindings reads that `mask` hides, if any.
-    fn hidden_column_read(
+    /// `m`'s bindings that read a column `mask` hides, each with the first such column.
+    fn hidden_columns_read(
         index: &SubscriptionIndex,
         m: &Match,
         change: &Change,
         mask: &[bool],
-    ) -> Option<String> {
+    ) -> Vec<(u32, String)> {
         let table = &change.table;
         let visible = |name: &str| {
             table
@@ -500,11 +510,63 @@ impl Hub {
                 .position(|c| &*c.name == name)
                 .is_some_and(|i| mask.get(i).copied().unwrap_or(false))
         };
-        index
+        let mut out: Vec<(u32, String)> = Vec::new();
+        for b in index.bindings_of(m.subscriber, &m.binding_ids, &table.schema, &table.name) {
+            if let Some(c) = b.columns_read().find(|c| !visible(c)) {
+                if !out.iter().any(|(id, _)| *id == b.id) {
+                    out.push((b.id, c.to_owned()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The column selection of `m`'s (remaining) bindings: all columns when any of them
+    /// selects all, else their union in ascending binding id order.
+    fn selection_of(index: &SubscriptionIndex, m: &Match, change: &Change) -> Option<Vec<String>> {
+        let table = &change.table;
+        let mut bindings: Vec<&Binding> = index
             .bindings_of(m.subscriber, &m.binding_ids, &table.schema, &table.name)
-            .flat_map(|b| b.columns_read())
-            .find(|c| !visible(c))
-            .map(str::to_owned)
+            .collect();
+        bindings.sort_by_key(|b| b.id);
+        let mut out: Vec<String> = Vec::new();
+        for b in bindings {
+            let sel = b.select.as_ref()?;
+            for c in sel {
+                if !out.contains(c) {
+                    out.push(c.clone());
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Stop one binding of a channel (its identity lost access to a column it reads): it is
+    /// removed and the channel gets a `postgres_changes` system error. The channel's other
+    /// bindings stay live.
+    pub fn stop_binding(&self, id: SubscriberId, binding: u32, message: &str) -> bool {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.index.remove_binding(id, binding) == 0 {
+            return false;
+        }
+        let Some(target) = inner.channels.get(&id) else {
+            return false;
+        };
+        let payload = outbound::system(
+            outbound::SystemExtension::PostgresChanges,
+            outbound::SystemStatus::Error,
+            message,
+            &target.topic,
+        );
+        target.outbox.push(OutFrame::text(encode_push(
+            target.vsn,
+            None,
+            None,
+            &target.topic,
+            "system",
+            &payload,
+        )));
+        true
     }
 
     /// Route and deliver to every matching channel, without authorization (tests, tools).

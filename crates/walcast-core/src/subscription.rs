@@ -192,6 +192,43 @@ impl SubscriptionIndex {
         self.len += 1;
     }
 
+    /// Remove one binding (by id) of a channel, keeping its others. Returns how many entries
+    /// went (identical bindings share an id).
+    pub fn remove_binding(&mut self, subscriber: SubscriberId, binding_id: u32) -> usize {
+        let mut kept: Vec<Binding> = Vec::new();
+        let mut removed = 0;
+        let Some(slots) = self.by_subscriber.get(&subscriber).cloned() else {
+            return 0;
+        };
+        for slot in &slots {
+            let list = match slot {
+                Slot::Exact { schema, table } => {
+                    self.exact.get(schema).and_then(|tables| tables.get(table))
+                }
+                Slot::SchemaWide { schema } => self.schema_wide.get(schema),
+                Slot::TableWide { table } => self.table_wide.get(table),
+                Slot::Everything => Some(&self.everything),
+            };
+            for e in list.into_iter().flatten() {
+                if e.subscriber != subscriber {
+                    continue;
+                }
+                if e.binding.id == binding_id {
+                    removed += 1;
+                } else {
+                    kept.push(e.binding.clone());
+                }
+            }
+        }
+        if removed > 0 {
+            self.remove_subscriber(subscriber);
+            for b in kept {
+                self.insert(subscriber, b);
+            }
+        }
+        removed
+    }
+
     /// Remove every binding of a channel (leave, close, socket gone). Unknown ids are a no-op.
     pub fn remove_subscriber(&mut self, subscriber: SubscriberId) {
         let Some(slots) = self.by_subscriber.remove(&subscriber) else {

@@ -171,11 +171,11 @@ pub struct LimitArgs {
 
     /// Channel joins per second one client (token `sub`, else address) may make over all
     /// its sockets; past it the socket is disconnected.
-    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_CLIENT", default_value_t = 500)]
+    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_CLIENT", default_value_t = 250)]
     pub max_joins_per_second_per_client: u32,
 
     /// Channel joins per second one socket may make; past it the socket is disconnected.
-    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_SOCKET", default_value_t = 200)]
+    #[arg(long, env = "MAX_JOINS_PER_SECOND_PER_SOCKET", default_value_t = 100)]
     pub max_joins_per_second_per_socket: u32,
 
     /// Channels (sockets) one topic may hold; 0 = no cap. Joins past it are refused.

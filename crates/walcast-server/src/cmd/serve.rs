@@ -91,6 +91,10 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         tracing::warn!(error = ?format!("{e:#}"), "the database is not reachable yet; serving broadcast and presence meanwhile");
     }
 
+    let fd_budget = crate::http::listener::fd_budget(
+        args.limits.max_connections,
+        args.limits.max_pending_connections.max(1),
+    );
     let limits = Limits {
         max_channels_per_client: args.limits.max_channels_per_client,
         socket_send_queue: args.limits.socket_send_queue,
@@ -101,10 +105,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         channel_error_backoff: Duration::from_millis(args.limits.channel_error_backoff_ms),
         connect_error_backoff: Duration::from_millis(args.limits.connect_error_backoff_ms),
         broadcast: args.limits.broadcast_limits(),
-        max_connections: crate::http::listener::fd_budget(
-            args.limits.max_connections,
-            args.limits.max_pending_connections.max(1),
-        ),
+        max_connections: fd_budget.max_connections,
         max_joins_per_second: args.limits.max_joins_per_second.max(1),
         max_joins_per_second_per_client: args.limits.max_joins_per_second_per_client.max(1),
         max_joins_per_second_per_socket: args.limits.max_joins_per_second_per_socket.max(1),
@@ -201,7 +202,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let mut http_shutdown = shutdown_rx.clone();
     let listener_config = crate::http::listener::ListenerConfig {
         handshake_timeout: Duration::from_secs(args.limits.handshake_timeout_secs.max(1)),
-        max_pending: args.limits.max_pending_connections.max(1),
+        max_pending: fd_budget.max_pending,
     };
     let server = tokio::spawn(async move {
         crate::http::listener::serve(listener, app, listener_config, async move {

@@ -357,14 +357,26 @@ impl Reserve {
     }
 }
 
-/// File descriptors held apart from sockets: database connections, the listener, pending
-/// health and metrics requests, the runtime's own.
-pub const FD_RESERVE: u64 = 256;
+/// Descriptors held apart from WebSockets and pending connections: database connections,
+/// the listener, the runtime's own, health and metrics requests. An eighth of the limit,
+/// between 32 and 256.
+pub fn fd_reserve(nofile: u64) -> u64 {
+    (nofile / 8).clamp(32, 256)
+}
+
+/// How many WebSockets and pending connections the process can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdBudget {
+    pub max_connections: u64,
+    pub max_pending: usize,
+}
 
 /// Fit `max_connections` WebSockets and `max_pending` pending connections under the open-file
-/// limit (raising the soft limit to the hard one first). Returns the WebSocket limit to use,
-/// lowered (with a warning) when the limit cannot hold them all.
-pub fn fd_budget(max_connections: u64, max_pending: usize) -> u64 {
+/// limit (raising the soft limit to the hard one first), keeping [`fd_reserve`] free. When
+/// they do not fit, pending connections get what the sockets leave (sockets keep at most three
+/// quarters of what is available), with a warning: the process then never runs out of
+/// descriptors, so `/healthz` keeps answering whatever a flood of idle connections does.
+pub fn fd_budget(max_connections: u64, max_pending: usize) -> FdBudget {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
     if let (Some(cur), Some(max)) = (limit.current, limit.maximum) {
@@ -376,23 +388,39 @@ pub fn fd_budget(max_connections: u64, max_pending: usize) -> u64 {
         }
     }
     // `None` is "unlimited": nothing to fit under.
-    let Some(nofile) = limit.current else {
-        return max_connections;
-    };
-    let fits = nofile
-        .saturating_sub(FD_RESERVE)
-        .saturating_sub(max_pending as u64);
-    if max_connections > fits {
-        tracing::warn!(
-            open_files_limit = nofile,
+    match limit.current {
+        Some(nofile) => fit(nofile, max_connections, max_pending),
+        None => FdBudget {
             max_connections,
-            max_pending_connections = max_pending,
-            lowered_to = fits,
-            "the open-file limit cannot hold --max-connections sockets plus pending connections and a reserve; raise `ulimit -n` or lower --max-connections"
-        );
-        return fits.max(1);
+            max_pending,
+        },
     }
-    max_connections
+}
+
+fn fit(nofile: u64, max_connections: u64, max_pending: usize) -> FdBudget {
+    let available = nofile.saturating_sub(fd_reserve(nofile));
+    if max_connections.saturating_add(max_pending as u64) <= available {
+        return FdBudget {
+            max_connections,
+            max_pending,
+        };
+    }
+    let sockets = max_connections.min(available * 3 / 4).max(1);
+    let pending = (max_pending as u64)
+        .min(available - sockets.min(available))
+        .max(1) as usize;
+    tracing::warn!(
+        open_files_limit = nofile,
+        max_connections,
+        max_pending_connections = max_pending,
+        using_max_connections = sockets,
+        using_max_pending_connections = pending,
+        "the open-file limit cannot hold --max-connections sockets plus --max-pending-connections and a reserve; raise `ulimit -n` to use them all"
+    );
+    FdBudget {
+        max_connections: sockets,
+        max_pending: pending,
+    }
 }
 
 #[cfg(test)]
@@ -429,13 +457,26 @@ mod tests {
 
     #[test]
     fn the_budget_fits_under_the_open_file_limit() {
-        let n = fd_budget(u64::MAX / 2, 1024);
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
-        match limit {
-            Some(limit) => assert!(n + 1024 + FD_RESERVE <= limit.max(1024 + FD_RESERVE + 1)),
-            None => assert_eq!(n, u64::MAX / 2),
+        // Enough room: asked for, given.
+        assert_eq!(
+            fit(100_000, 16_384, 1024),
+            FdBudget {
+                max_connections: 16_384,
+                max_pending: 1024
+            }
+        );
+        // `ulimit -n 256`: reserve 32, sockets as asked, pending get the rest.
+        let b = fit(256, 16, 1024);
+        assert_eq!((b.max_connections, b.max_pending), (16, 208));
+        // Too many sockets asked for: three quarters of what is left.
+        let b = fit(1024, 16_384, 1024);
+        assert_eq!(b.max_connections, 672);
+        assert!(b.max_connections + b.max_pending as u64 + fd_reserve(1024) <= 1024);
+        assert_eq!(fd_reserve(1_000_000), 256);
+        // The real process limit: whatever it is, the budget fits under it.
+        let real = fd_budget(u64::MAX / 2, 1024);
+        if let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            assert!(real.max_connections + real.max_pending as u64 + fd_reserve(limit) <= limit);
         }
-        // A small request is left as it is.
-        assert_eq!(fd_budget(1, 1), 1);
     }
 }

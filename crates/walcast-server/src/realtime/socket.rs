@@ -44,6 +44,9 @@ use crate::state::AppState;
 pub const CLOSE_SLOW_CLIENT: u16 = 4008;
 /// Longest a socket waits for its close frame to be written before it just drops.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing socket lingers after its close frame when the client's input cannot be
+/// read any more, so the client can read the close before the connection is reset.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 512;
 
@@ -176,12 +179,30 @@ pub async fn run(
                     return;
                 }
             }
-            let _ = ws
+            if ws
                 .send(Message::Close(Some(CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason),
                 })))
-                .await;
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // Let the client read the close frame before the socket goes: closing a socket
+            // that still holds unread input (say, the rest of an oversized message) resets
+            // the connection, and a reset makes the peer drop what it had not read yet.
+            // Wait for its close (or anything final), reading what it still sends.
+            loop {
+                match ws.recv().await {
+                    Some(Ok(Message::Close(_))) | None => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => {
+                        tokio::time::sleep(CLOSE_LINGER).await;
+                        return;
+                    }
+                }
+            }
         };
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
     }
