@@ -621,3 +621,185 @@ async fn a_policy_change_applies_from_its_commit() {
         sub.events
     );
 }
+
+/// Claims groups are judged in one transaction (one round trip for many users), but nothing
+/// one group's evaluation leaves behind is visible to the next. The policy function reads a
+/// setting, then sets it to the caller's `sub`, and lets the row through only when it found
+/// another user's value there: in a shared transaction without isolation, whichever group is
+/// judged second would see the first one's setting and get the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_one_claims_group_sets_reaches_another() {
+    let (db, sql, role) = tenant_table("true").await;
+    support::exec_each(
+        &sql,
+        &[
+            "CREATE FUNCTION peek_and_set() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+             DECLARE
+               me text := current_setting('request.jwt.claims', true)::jsonb ->> 'sub';
+               found text := current_setting('walcast_test.leak', true);
+             BEGIN
+               PERFORM set_config('walcast_test.leak', me, false);
+               CREATE TEMP TABLE IF NOT EXISTS leak_marker (who text);
+               IF EXISTS (SELECT 1 FROM leak_marker WHERE who <> me) THEN
+                 RETURN true;
+               END IF;
+               INSERT INTO leak_marker VALUES (me);
+               RETURN coalesce(found, '') NOT IN ('', me);
+             END $$",
+            "GRANT EXECUTE ON FUNCTION peek_and_set() TO PUBLIC",
+            "DROP POLICY p ON t",
+            "CREATE POLICY p ON t FOR SELECT USING (peek_and_set())",
+        ],
+    )
+    .await;
+    sql.batch_execute(&format!(
+        "GRANT CREATE, TEMP ON DATABASE \"{}\" TO {role}",
+        db.name()
+    ))
+    .await
+    .expect("grant temp");
+    let server = serve(db.url(), &format!("{}_leak", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut subs = Vec::new();
+    // More identities than the authorization pool runs side by side, so batches hold
+    // several groups each.
+    for name in [
+        "ann", "bob", "cid", "dee", "eve", "fay", "gus", "hal", "ida", "jon",
+    ] {
+        subs.push(
+            Subscriber::join(
+                server.port,
+                name,
+                &json!({"role": role, "sub": name}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    // Several rounds: the first checks run each identity alone, later ones share one
+    // transaction per batch.
+    for round in 1..=6i64 {
+        sql.batch_execute(&format!(
+            "INSERT INTO t VALUES ({round}, 1); INSERT INTO fence VALUES ({round})"
+        ))
+        .await
+        .expect("insert");
+        for s in subs.iter_mut() {
+            s.until_fence("fence", round).await;
+        }
+    }
+    for s in &subs {
+        let leaked: Vec<&Value> = s
+            .events
+            .iter()
+            .filter(|e| e["table"] == "t")
+            .map(|e| &e["record"]["id"])
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "another group's setting or temp table reached this one: rows {leaked:?}"
+        );
+    }
+}
+
+/// A new token arriving while changes flow re-scopes the channel without losing its
+/// bindings: rows after the switch keep coming, now as the new user sees them. Several
+/// subscribers switch at once, repeatedly, to catch races between the switch and the
+/// pump's deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_switch_under_load_keeps_every_binding_live() {
+    let policy = "owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')";
+    let (db, sql, role) = tenant_table("true").await;
+    support::exec_each(
+        &sql,
+        &[
+            "ALTER TABLE t ADD COLUMN owner text",
+            "DROP POLICY p ON t",
+            &format!("CREATE POLICY p ON t FOR SELECT USING ({policy})"),
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_switch", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut subs = Vec::new();
+    for i in 0..6 {
+        let name = format!("s{i}");
+        subs.push(
+            Subscriber::join(
+                server.port,
+                &name,
+                &json!({"role": role, "sub": format!("{name}-a")}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    let mut id = 0i64;
+    let users = ["a", "b", "c", "d", "e"];
+    for round in 1..users.len() {
+        let user = |i: usize, r: usize| format!("s{i}-{}", users[r]);
+        for (i, s) in subs.iter_mut().enumerate() {
+            s.events.clear();
+            let tok = token(&json!({"role": role, "sub": user(i, round)}));
+            let frame = json!({"topic": s.topic, "event": "access_token", "ref": "t",
+                "join_ref": "1", "payload": {"access_token": tok}});
+            s.ws
+                .send(Message::text(frame.to_string()))
+                .await
+                .expect("send token");
+        }
+        // Rows for the old and the new user keep coming while the switch travels; every
+        // fence must arrive, and each channel must see its old user's rows, then only its
+        // new user's, never mixed.
+        for attempt in 0.. {
+            assert!(attempt < 200, "round {round}: the switch never took effect");
+            id += 1;
+            let mut sql_text = String::new();
+            for i in 0..subs.len() {
+                for (k, r) in [round - 1, round].into_iter().enumerate() {
+                    sql_text.push_str(&format!(
+                        "INSERT INTO t (id, tenant, owner) VALUES ({}, 1, '{}');",
+                        id * 100 + i as i64 * 2 + k as i64,
+                        user(i, r)
+                    ));
+                }
+            }
+            sql_text.push_str(&format!("INSERT INTO fence VALUES ({id})"));
+            sql.batch_execute(&sql_text).await.expect("insert");
+            for s in subs.iter_mut() {
+                s.until_fence("fence", id).await;
+            }
+            let switched = subs.iter().enumerate().all(|(i, s)| {
+                s.events
+                    .iter()
+                    .any(|e| e["record"]["owner"].as_str() == Some(&user(i, round)))
+            });
+            if switched {
+                break;
+            }
+        }
+        for (i, s) in subs.iter().enumerate() {
+            let owners: Vec<&str> = s
+                .events
+                .iter()
+                .filter(|e| e["table"] == "t")
+                .filter_map(|e| e["record"]["owner"].as_str())
+                .collect();
+            let first_new = owners
+                .iter()
+                .position(|o| *o == user(i, round))
+                .unwrap_or(owners.len());
+            assert!(
+                owners[..first_new].iter().all(|o| *o == user(i, round - 1))
+                    && owners[first_new..].iter().all(|o| *o == user(i, round)),
+                "round {round}: {} got {owners:?}",
+                s.topic
+            );
+            assert!(
+                s.system.iter().all(|m| m["status"] != "error"),
+                "{:?}",
+                s.system
+            );
+        }
+    }
+}

@@ -244,7 +244,14 @@ impl ExclusivePool {
         }
         let mut guard = match guard {
             Some(g) => g,
-            None => self.slots[start % n].lock().await,
+            None => {
+                let waited = std::time::Instant::now();
+                let g = self.slots[start % n].lock().await;
+                if waited.elapsed() > std::time::Duration::from_millis(500) {
+                    tracing::debug!(waited = ?waited.elapsed(), pool = self.application_name, "waited long for a pooled connection");
+                }
+                g
+            }
         };
         if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
             *guard = Some(PooledConnection {

@@ -463,6 +463,7 @@ impl Session {
 
     /// A decoded frame from the client.
     pub fn on_frame(&mut self, now: Now, frame: InboundFrame) {
+        tracing::trace!(topic = ?frame.topic, event = ?frame.event, "frame");
         self.last_inbound = now.at;
         if self.exit.is_some() {
             return;
@@ -877,7 +878,7 @@ impl Session {
         if !self.channels.contains(topic) {
             return;
         }
-        tracing::debug!(topic = ?topic, ok = result.is_ok(), "token re-authorized");
+        tracing::debug!(topic = ?topic, ok = result.is_ok(), bindings = result.as_ref().map(|a| a.changes.bindings.len()).unwrap_or(0), errors = result.as_ref().map(|a| a.changes.errors.len()).unwrap_or(0), "token re-authorized");
         let auth = match result {
             Ok(a) => a,
             Err(r) => {

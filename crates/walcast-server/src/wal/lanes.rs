@@ -11,9 +11,12 @@
 //! ```
 //!
 //! Invariants:
-//! - Per identity (so per subscriber) deliveries keep commit order: a change is delivered
+//! - Per subscriber, deliveries keep commit order. Within an identity: a change is delivered
 //!   directly only when its identity's lane is empty; otherwise it queues behind the lane's
-//!   items, decided or not, and a lane delivers only its decided prefix.
+//!   items, decided or not, and a lane delivers only its decided prefix. Across identities (a
+//!   channel whose token changed while its earlier changes still wait in the old identity's
+//!   lane): the new item carries a gate, "after that lane delivered that item", and its lane
+//!   holds at it until the gate opens.
 //! - A lane waits only for its own checks: a slow or failing policy holds back the identities
 //!   it decides for, nobody else.
 //! - The position confirmed to Postgres never passes a transaction with an undelivered item.
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use walcast_core::change::Change;
 use walcast_core::hub::{Access, Identity, Routed};
+use walcast_core::subscription::SubscriberId;
 use walcast_pgoutput::Lsn;
 
 /// A lane's key: its interned identity's address (the hub interns identities, so equal role
@@ -54,6 +58,9 @@ pub struct Item {
     /// This identity's routes only (identity index 0).
     pub routed: Routed,
     pub verdict: Verdict,
+    /// Deliver only once these lanes delivered these items: a subscriber of this item had
+    /// earlier changes waiting in another identity's lane (its token changed).
+    pub after: Vec<(LaneKey, u64)>,
 }
 
 /// One identity's queue of changes.
@@ -69,6 +76,10 @@ pub struct Lane {
     pub proven_fast: bool,
     /// After a slow check: runs alone until then.
     pub solo_until: Option<Instant>,
+    /// When it last had an item (an idle lane is kept a while, remembering its speed).
+    last_used: Instant,
+    /// The sequence number of the last item delivered from it (items leave in order).
+    delivered_through: u64,
 }
 
 /// The first retry delay after an unavailable check, and the longest.
@@ -77,6 +88,8 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A check slower than this sends its lane to run alone for [`SOLO_FOR`].
 pub const SLOW_CHECK: Duration = Duration::from_millis(200);
 const SOLO_FOR: Duration = Duration::from_secs(60);
+/// An empty lane is forgotten after this long without items.
+const IDLE_FOR: Duration = Duration::from_secs(60);
 
 impl Lane {
     fn new(identity: Arc<Identity>) -> Lane {
@@ -88,6 +101,8 @@ impl Lane {
             backoff: RETRY_MIN,
             proven_fast: false,
             solo_until: None,
+            last_used: Instant::now(),
+            delivered_through: 0,
         }
     }
 
@@ -124,17 +139,6 @@ impl Lane {
         self.retry_at = None;
         self.backoff = RETRY_MIN;
     }
-
-    /// Take the decided items at the front (the ones that can be delivered, in order).
-    pub fn decided_prefix(&mut self) -> Vec<Item> {
-        let mut out = Vec::new();
-        while matches!(self.items.front(), Some(i) if matches!(i.verdict, Verdict::Known(_))) {
-            if let Some(item) = self.items.pop_front() {
-                out.push(item);
-            }
-        }
-        out
-    }
 }
 
 /// Every identity with items waiting.
@@ -143,6 +147,8 @@ pub struct Lanes {
     lanes: HashMap<LaneKey, Lane>,
     next_seq: u64,
     generation: u64,
+    /// Each subscriber with a change waiting: the lane and item of its latest one.
+    last_of: HashMap<SubscriberId, (LaneKey, u64)>,
 }
 
 impl Lanes {
@@ -157,6 +163,24 @@ impl Lanes {
             .is_some_and(|l| !l.items.is_empty() || l.checking)
     }
 
+    /// Whether `lane` delivered its item `seq` (a lane that is gone delivered everything).
+    fn delivered(&self, lane: LaneKey, seq: u64) -> bool {
+        self.lanes
+            .get(&lane)
+            .is_none_or(|l| l.delivered_through >= seq)
+    }
+
+    /// Whether one of `subscribers` still waits for a change in a lane other than `key`'s:
+    /// a change for them under identity `key` must then queue (behind a gate), not go now.
+    pub fn waiting_elsewhere(&self, key: LaneKey, subscribers: &[SubscriberId]) -> bool {
+        !self.last_of.is_empty()
+            && subscribers.iter().any(|x| {
+                self.last_of
+                    .get(x)
+                    .is_some_and(|&(k, s)| k != key && !self.delivered(k, s))
+            })
+    }
+
     /// Queue an item; its sequence number.
     pub fn push(
         &mut self,
@@ -168,18 +192,74 @@ impl Lanes {
     ) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
-        self.lanes
-            .entry(lane_key(identity))
-            .or_insert_with(|| Lane::new(identity.clone()))
-            .items
-            .push_back(Item {
-                seq,
-                txn,
-                change,
-                routed,
-                verdict,
-            });
+        let key = lane_key(identity);
+        let mut after = Vec::new();
+        for x in routed.subscribers_of(0) {
+            if let Some(&(k, s)) = self.last_of.get(&x) {
+                if k != key && !self.delivered(k, s) && !after.contains(&(k, s)) {
+                    after.push((k, s));
+                }
+            }
+            self.last_of.insert(x, (key, seq));
+        }
+        let lane = self
+            .lanes
+            .entry(key)
+            .or_insert_with(|| Lane::new(identity.clone()));
+        lane.last_used = Instant::now();
+        lane.items.push_back(Item {
+            seq,
+            txn,
+            change,
+            routed,
+            verdict,
+            after,
+        });
         seq
+    }
+
+    /// Take the items at the front of `key`'s lane that may be delivered now, in order:
+    /// decided, with every gate open.
+    pub fn deliverable(&mut self, key: LaneKey) -> Vec<Item> {
+        let mut out = Vec::new();
+        loop {
+            let Some(front) = self.lanes.get(&key).and_then(|l| l.items.front()) else {
+                break;
+            };
+            if !matches!(front.verdict, Verdict::Known(_))
+                || !front.after.iter().all(|&(k, s)| self.delivered(k, s))
+            {
+                break;
+            }
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                break;
+            };
+            let Some(item) = lane.items.pop_front() else {
+                break;
+            };
+            lane.delivered_through = item.seq;
+            for x in item.routed.subscribers_of(0) {
+                if self.last_of.get(&x) == Some(&(key, item.seq)) {
+                    self.last_of.remove(&x);
+                }
+            }
+            out.push(item);
+        }
+        out
+    }
+
+    /// Lanes whose front item is decided (it may be held only by a gate): after another lane
+    /// delivered, these are worth a look.
+    pub fn decided_fronts(&self) -> Vec<LaneKey> {
+        self.lanes
+            .iter()
+            .filter(|(_, l)| {
+                l.items
+                    .front()
+                    .is_some_and(|i| matches!(i.verdict, Verdict::Known(_)))
+            })
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     pub fn get_mut(&mut self, key: LaneKey) -> Option<&mut Lane> {
@@ -207,9 +287,14 @@ impl Lanes {
             .min()
     }
 
-    /// Drop lanes with nothing left.
-    pub fn prune(&mut self) {
-        self.lanes.retain(|_, l| !l.items.is_empty() || l.checking);
+    /// Forget lanes that have been empty for a while (a lane holds its identity, so its key
+    /// cannot be reused by another identity while it exists).
+    pub fn prune(&mut self, now: Instant) {
+        self.lanes.retain(|_, l| {
+            !l.items.is_empty()
+                || l.checking
+                || now.saturating_duration_since(l.last_used) < IDLE_FOR
+        });
     }
 
     /// Everything is dropped and verdicts still running are void (a reconnection: the
@@ -218,6 +303,7 @@ impl Lanes {
         self.generation += 1;
         let dropped = self.lanes.values().map(|l| l.items.len()).sum();
         self.lanes.clear();
+        self.last_of.clear();
         dropped
     }
 
@@ -363,15 +449,98 @@ mod tests {
         assert!(lanes.busy(key));
         let now = Instant::now();
         assert_eq!(lanes.ready(now), vec![key]);
-        let lane = lanes.get_mut(key).unwrap();
         // The decided second item waits behind the undecided first one.
-        assert!(lane.decided_prefix().is_empty());
-        lane.items[0].verdict = Verdict::Known(Access::Deny);
-        let out: Vec<u64> = lane.decided_prefix().iter().map(|i| i.seq).collect();
+        assert!(lanes.deliverable(key).is_empty());
+        lanes.get_mut(key).unwrap().items[0].verdict = Verdict::Known(Access::Deny);
+        let out: Vec<u64> = lanes.deliverable(key).iter().map(|i| i.seq).collect();
         assert_eq!(out, vec![s1, s2]);
-        lanes.prune();
+        lanes.prune(now);
         assert!(!lanes.busy(key));
+        assert_eq!(
+            lanes.len(),
+            1,
+            "an idle lane remembers its speed for a while"
+        );
+        lanes.prune(now + IDLE_FOR + Duration::from_secs(1));
         assert!(lanes.is_empty());
+    }
+
+    fn routed_to(
+        hub: &walcast_core::hub::Hub,
+        identity: &Arc<Identity>,
+        subscriber: u64,
+    ) -> Routed {
+        let change = change();
+        // A channel of `identity` subscribed to the change's table.
+        #[derive(Default)]
+        struct Null;
+        impl walcast_core::hub::Outbox for Null {
+            fn push(&self, _: walcast_core::hub::OutFrame) -> bool {
+                true
+            }
+        }
+        hub.subscribe(
+            subscriber,
+            walcast_core::hub::ChannelTarget {
+                outbox: Arc::new(Null),
+                vsn: walcast_protocol::Vsn::V2,
+                topic: "realtime:x".into(),
+                identity: identity.clone(),
+            },
+            vec![walcast_core::subscription::Binding {
+                id: 1,
+                event: walcast_core::subscription::EventFilter::All,
+                schema: "public".into(),
+                table: "t".into(),
+                filter: None,
+                select: None,
+            }],
+            || (),
+        );
+        hub.route_owned(&change, &mut Default::default())
+    }
+
+    #[test]
+    fn a_channel_whose_token_changed_gets_its_old_changes_first() {
+        let hub = walcast_core::hub::Hub::new(Default::default());
+        let (a, b) = (identity("a"), identity("b"));
+        let mut lanes = Lanes::default();
+        // Channel 7 under identity a: one change waits for a's check.
+        let routed = routed_to(&hub, &a, 7);
+        let ka = lane_key(&routed.identities()[0]);
+        let sa = lanes.push(
+            &routed.identities()[0].clone(),
+            1,
+            change(),
+            routed,
+            Verdict::Pending,
+        );
+        // Its token changes to b; the next change for it must not overtake.
+        let routed = routed_to(&hub, &b, 7);
+        let ib = routed.identities()[0].clone();
+        let kb = lane_key(&ib);
+        assert!(lanes.waiting_elsewhere(kb, &routed.subscribers_of(0)));
+        let sb = lanes.push(&ib, 2, change(), routed, Verdict::Known(Access::ALL));
+        assert!(lanes.deliverable(kb).is_empty(), "held by the gate");
+        lanes.get_mut(ka).unwrap().items[0].verdict = Verdict::Known(Access::ALL);
+        assert_eq!(lanes.decided_fronts().len(), 2);
+        assert_eq!(
+            lanes
+                .deliverable(ka)
+                .iter()
+                .map(|i| i.seq)
+                .collect::<Vec<_>>(),
+            [sa]
+        );
+        assert_eq!(
+            lanes
+                .deliverable(kb)
+                .iter()
+                .map(|i| i.seq)
+                .collect::<Vec<_>>(),
+            [sb]
+        );
+        assert!(!lanes.waiting_elsewhere(ka, &[7]));
     }
 
     #[test]

@@ -340,8 +340,12 @@ impl Pump {
         let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
-            for identity in &identities {
-                let decided = if self.lanes.busy(lane_key(identity)) {
+            for (k, identity) in identities.iter().enumerate() {
+                let key = lane_key(identity);
+                let queued = self.lanes.busy(key)
+                    || (!self.lanes.is_empty()
+                        && self.lanes.waiting_elsewhere(key, &routed.subscribers_of(k)));
+                let decided = if queued {
                     None
                 } else {
                     match policies.get(&identity.role, &change.table) {
@@ -360,6 +364,7 @@ impl Pump {
             self.deliver_now(&change, routed, &now_decided);
             return;
         }
+        tracing::trace!(table = ?change.table.name, routes = routed.len(), identities = identities.len(), decided = now_decided.iter().filter(|d| d.is_some()).count(), "routed");
         let change = Arc::new(change);
         let txn = self.txns.current();
         let laned: Vec<bool> = now_decided.iter().map(Option::is_none).collect();
@@ -453,6 +458,7 @@ impl Pump {
             }
             batches.extend(parts.into_iter().filter(|p| !p.is_empty()));
         }
+        tracing::debug!(batches = batches.len(), "authorization batches started");
         for batch in batches {
             let pool = self.authz.clone();
             let cache = self.policies.clone();
@@ -467,6 +473,7 @@ impl Pump {
         if result.generation != self.lanes.generation() {
             return;
         }
+        tracing::debug!(lanes = result.lanes.len(), "authorization batch finished");
         let now = Instant::now();
         let mut stop: Vec<(u64, String)> = Vec::new();
         for (key, outcomes, slowest) in result.lanes {
@@ -510,24 +517,20 @@ impl Pump {
                 lane.available();
                 lane.record_speed(slowest, now);
             }
-            let ready = lane.decided_prefix();
-            for item in ready {
-                let Verdict::Known(access) = item.verdict else {
-                    continue;
-                };
-                if access == Access::Deny {
-                    metrics::delivery_dropped("unauthorized");
-                }
-                let stats =
-                    self.hub
-                        .deliver_routed(&item.change, item.routed, &mut self.scratch, |_| {
-                            access.clone()
-                        });
-                record(&stats, &item.change);
-                self.txns.finished(item.txn);
+            self.deliver_lane(key);
+        }
+        // A lane that delivered may have opened another's gate (a channel whose token
+        // changed): look at every lane whose front is decided until nothing moves.
+        loop {
+            let mut moved = false;
+            for key in self.lanes.decided_fronts() {
+                moved |= self.deliver_lane(key);
+            }
+            if !moved {
+                break;
             }
         }
-        self.lanes.prune();
+        self.lanes.prune(now);
         let mut stopped = 0;
         for (id, text) in stop {
             if self.hub.fail(id, &text) {
@@ -537,6 +540,28 @@ impl Pump {
         if stopped > 0 {
             metrics::authz_stopped(stopped);
         }
+    }
+
+    /// Deliver what `key`'s lane may deliver now; whether anything went.
+    fn deliver_lane(&mut self, key: crate::wal::lanes::LaneKey) -> bool {
+        let ready = self.lanes.deliverable(key);
+        let moved = !ready.is_empty();
+        for item in ready {
+            let Verdict::Known(access) = item.verdict else {
+                continue;
+            };
+            if access == Access::Deny {
+                metrics::delivery_dropped("unauthorized");
+            }
+            let stats =
+                self.hub
+                    .deliver_routed(&item.change, item.routed, &mut self.scratch, |_| {
+                        access.clone()
+                    });
+            record(&stats, &item.change);
+            self.txns.finished(item.txn);
+        }
+        moved
     }
 
     /// Confirm what has been delivered.
