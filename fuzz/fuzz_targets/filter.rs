@@ -13,16 +13,23 @@ fn registry() -> &'static TypeRegistry {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let Ok(filter) = parse(text) else { return };
     let types = registry();
     // A spread of column types, each column name the filter might use.
-    let oids = [16u32, 20, 23, 25, 700, 701, 1042, 1082, 1114, 1184, 1700, 2950, 3802, 1007];
+    let oids = [
+        16u32, 20, 23, 25, 700, 701, 1042, 1082, 1114, 1184, 1700, 2950, 3802, 1007,
+    ];
     for oid in oids {
         let columns: Vec<ColumnInfo> = filter
             .conditions
             .iter()
-            .map(|c| ColumnInfo { name: c.column.clone(), type_oid: oid })
+            .map(|c| ColumnInfo {
+                name: c.column.clone(),
+                type_oid: oid,
+            })
             .collect();
         let _ = filter.compile(&columns, types);
     }
