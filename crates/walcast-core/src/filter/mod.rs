@@ -86,8 +86,9 @@
 //! unchecked; exact types never go through floating point; `like`/`ilike` matching is linear
 //! in the value whatever the pattern: O(pattern + value × ⌈c / 64⌉), c being the length of
 //! the longest `%`-delimited run with a `_` between two literals (so the factor is 1 for runs
-//! up to 64 characters), since the runs are searched left to right, each from where the
-//! previous one ended, and never again from the start (see `like`).
+//! up to 64 characters, and c is never searched beyond the value's length), since the runs
+//! are searched left to right, each from where the previous one ended, and never again from
+//! the start (see `like`).
 //!
 //! # Modules
 //!

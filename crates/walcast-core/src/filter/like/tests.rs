@@ -318,6 +318,10 @@ fn adversarial_patterns_take_linear_work() {
     let almost = format!("%{}b%", "a_".repeat(200));
     assert!(!assert_linear(&almost, &a_text));
 
+    // A run longer than the value is never searched: the value is too short for it.
+    let too_long = format!("%a{}b%", "_".repeat(2 * N));
+    assert_eq!(steps(&too_long, &a_text), (false, N));
+
     // The shape that made the backtracking matcher quadratic.
     let (_, old_steps) = backtracking_steps(&format!("%{}Z", "_".repeat(100)), &a_text);
     assert!(old_steps > 50 * N, "the old matcher took only {old_steps}");
