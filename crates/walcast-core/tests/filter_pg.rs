@@ -655,3 +655,203 @@ async fn invalid_values_are_refused_like_sql() -> TestResult {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }
+
+/// A small deterministic generator (xorshift64*), so a failure names a reproducible case.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+        usize::try_from(x).unwrap_or(0) % n
+    }
+
+    fn string(&mut self, alphabet: &[char], max_len: usize) -> String {
+        let len = self.below(max_len + 1);
+        (0..len)
+            .map(|_| alphabet[self.below(alphabet.len())])
+            .collect()
+    }
+}
+
+/// The filter's pattern in SQL: an unescaped `*` is `%`; escapes carry over as they are
+/// (`\` escapes any character in SQL LIKE too).
+fn sql_like_pattern(pattern: &str) -> String {
+    let mut out = String::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => out.push('%'),
+            '\\' => {
+                out.push('\\');
+                out.extend(chars.next());
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Random `like`/`ilike` patterns over a tiny alphabet against random values: the rows the
+/// filter accepts are the rows SQL returns, and a pattern ending with a lone escape, which no
+/// value can match in SQL (Postgres raises an error when a value reaches it), is refused at
+/// compile time. The alphabets avoid characters whose lower case differs between
+/// Rust's full Unicode mapping and libc's one-to-one `towlower` (`İ`, final `Σ`): there the
+/// filter follows Rust, as documented in `filter`.
+#[tokio::test]
+async fn random_like_patterns_agree_with_sql() -> TestResult {
+    const VALUES: usize = 60;
+    const PATTERNS: usize = 300;
+    let db = walcast_testkit::PgCluster::shared()
+        .fresh_database()
+        .await?;
+    let client = db.connect().await?;
+    client
+        .batch_execute("CREATE TABLE lk (id int4 PRIMARY KEY, t text)")
+        .await?;
+    let mut rng = Rng(0x5eed_1ce0_fc0f_fee0);
+    let text_chars = [
+        'a', 'b', 'A', 'B', 'é', 'É', 'ß', 'ẞ', '%', '_', '*', '\\', ' ',
+    ];
+    let pattern_chars = ['a', 'b', 'A', 'É', 'ẞ', '%', '%', '*', '_', '_', '\\', ' '];
+    let table = Arc::new(Table {
+        relation_id: 1,
+        schema: "public".into(),
+        name: "lk".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            Column {
+                name: "id".into(),
+                type_name: "int4".into(),
+                type_oid: 23,
+                is_key: true,
+            },
+            Column {
+                name: "t".into(),
+                type_name: "text".into(),
+                type_oid: 25,
+                is_key: false,
+            },
+        ]
+        .into(),
+    });
+    let mut changes = Vec::new();
+    for id in 0..i32::try_from(VALUES)? {
+        // Every tenth value NULL, and some long enough for runs past one 64-position block.
+        let text = match id % 10 {
+            0 => None,
+            9 => Some(rng.string(&text_chars[..4], 150)),
+            _ => Some(rng.string(&text_chars, 8)),
+        };
+        client
+            .execute("INSERT INTO lk VALUES ($1, $2)", &[&id, &text])
+            .await?;
+        let value = |t: Option<&str>| match t {
+            None => Value::Null,
+            Some(t) => Value::Present {
+                text: t.into(),
+                json: "null".into(),
+            },
+        };
+        changes.push((
+            id,
+            Change {
+                table: table.clone(),
+                kind: ChangeKind::Insert,
+                commit_lsn: Lsn(1),
+                index_in_txn: 0,
+                commit_time_us: 0,
+                record: Some(vec![value(Some(&id.to_string())), value(text.as_deref())]),
+                old_record: None,
+            },
+        ));
+    }
+    let columns = [
+        ColumnInfo {
+            name: "id".into(),
+            type_oid: 23,
+        },
+        ColumnInfo {
+            name: "t".into(),
+            type_oid: 25,
+        },
+    ];
+    let types = TypeRegistry::new();
+    let utf8_collation: Option<String> = client
+        .query_opt(
+            "SELECT collname::text FROM pg_collation
+             WHERE collname IN ('C.utf8', 'C.UTF-8', 'en_US.utf8', 'en_US.UTF-8')
+             ORDER BY collname LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+
+    let mut failures = Vec::new();
+    let (mut checked, mut nonempty, mut refused) = (0usize, 0usize, 0usize);
+    for i in 0..PATTERNS {
+        // Some patterns are long runs of `a`/`b`/`_` (several 64-position blocks).
+        let pattern = if i % 10 == 9 {
+            format!("%{}%", rng.string(&['a', 'b', '_'], 140))
+        } else {
+            rng.string(&pattern_chars, 7)
+        };
+        for op in ["like", "ilike"] {
+            let lhs = match (&utf8_collation, op) {
+                (Some(c), "ilike") => format!("(t COLLATE \"{c}\")"),
+                (None, "ilike") if !pattern.is_ascii() => continue,
+                _ => "t".to_owned(),
+            };
+            let sql = format!(
+                "SELECT id FROM lk WHERE {lhs} {} $1 ORDER BY id",
+                op.to_uppercase()
+            );
+            let want: Result<Vec<i32>, _> = client
+                .query(&sql, &[&sql_like_pattern(&pattern)])
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect());
+            let filter = format!("t={op}.{}", filter_constant(&pattern));
+            let got: Result<Vec<i32>, _> = filter::parse(&filter)
+                .and_then(|f| f.compile(&columns, &types))
+                .map(|compiled| {
+                    changes
+                        .iter()
+                        .filter(|(_, c)| compiled.matches(c))
+                        .map(|(id, _)| *id)
+                        .collect()
+                });
+            match (&want, &got) {
+                (Ok(w), Ok(g)) if w == g => nonempty += usize::from(!w.is_empty()),
+                // A trailing escape: Postgres raises an error only when a value gets that far
+                // in the pattern, so no value can ever match; the filter refuses it up front.
+                (Err(_) | Ok(_), Err(filter::FilterError::PatternEndsWithEscape { .. }))
+                    if want.as_ref().map_or(true, Vec::is_empty) =>
+                {
+                    refused += 1
+                }
+                _ => failures.push(format!(
+                    "{filter} (sql {:?}): sql {want:?}, filter {got:?}",
+                    sql_like_pattern(&pattern)
+                )),
+            }
+            checked += 1;
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} patterns disagree with SQL:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{checked} random patterns agree with SQL ({nonempty} non-empty, {refused} ending with \
+         an escape; ilike under collation {utf8_collation:?})"
+    );
+    assert!(
+        nonempty * 4 > checked,
+        "only {nonempty} of {checked} matched a row"
+    );
+    Ok(())
+}

@@ -4,7 +4,7 @@
 use std::cmp::Ordering;
 
 use super::grammar::*;
-use super::like::{compile_like, like_match, LikeTok};
+use super::like::{compile_like, like_match, LikePattern};
 use super::scalar::*;
 use crate::change::{Change, ChangeKind, Value};
 use crate::pg_type::{Oid, TypeKind, TypeRegistry};
@@ -175,7 +175,7 @@ enum Test {
     IsBool(bool),
     IsDistinct(Scalar),
     Like {
-        pattern: Vec<LikeTok>,
+        pattern: LikePattern,
         fold: bool,
     },
 }

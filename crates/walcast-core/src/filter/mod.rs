@@ -83,8 +83,12 @@
 //!
 //! Invariants: parsing and evaluation never panic on any input (everything here is external
 //! input: the filter comes from a client, the values from the WAL); nothing is indexed
-//! unchecked; exact types never go through floating point; pattern matching is
-//! O(pattern × value), never exponential.
+//! unchecked; exact types never go through floating point; `like`/`ilike` matching is linear
+//! in the value whatever the pattern: O(pattern + value × ⌈c / 64⌉), c being the length of
+//! the longest `%`-delimited run with a `_` between two literals (so the factor is 1 for runs
+//! up to 64 characters, and c is never searched beyond the value's length), since the runs
+//! are searched left to right, each from where the previous one ended, and never again from
+//! the start (see `like`).
 //!
 //! # Modules
 //!

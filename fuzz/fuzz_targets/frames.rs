@@ -51,8 +51,12 @@ fn exercise(frame: &InboundFrame) {
     }
 }
 
+/// JSON syntax, checked as the decoder checks it. Not `serde_json::Value`: that one also
+/// refuses escapes of lone surrogates (`"\uDB8a"`), which the JSON grammar allows, the
+/// decoder lets through in nested values, clients' `JSON.parse` accepts, and the join
+/// reply rightly echoes verbatim.
 fn serde_json_valid(s: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(s).is_ok()
+    serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -19,11 +19,13 @@ fuzz_target!(|data: &[u8]| {
     let types = registry();
     // First byte picks the type, the rest is the text.
     let oids = [
-        16u32, 17, 20, 21, 23, 25, 114, 700, 701, 1000, 1007, 1009, 1020, 1082, 1114, 1184,
-        1186, 1231, 1700, 2950, 3802, 3807, 3904, 1115, 1185,
+        16u32, 17, 20, 21, 23, 25, 114, 700, 701, 1000, 1007, 1009, 1020, 1082, 1114, 1184, 1186,
+        1231, 1700, 2950, 3802, 3807, 3904, 1115, 1185,
     ];
     let oid = oids[data[0] as usize % oids.len()];
-    let Ok(text) = std::str::from_utf8(&data[1..]) else { return };
+    let Ok(text) = std::str::from_utf8(&data[1..]) else {
+        return;
+    };
     let mut out = String::new();
     if write_json(types, oid, text, &mut out).is_ok() {
         assert!(
