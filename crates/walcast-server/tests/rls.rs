@@ -743,8 +743,7 @@ async fn a_token_switch_under_load_keeps_every_binding_live() {
             let tok = token(&json!({"role": role, "sub": user(i, round)}));
             let frame = json!({"topic": s.topic, "event": "access_token", "ref": "t",
                 "join_ref": "1", "payload": {"access_token": tok}});
-            s.ws
-                .send(Message::text(frame.to_string()))
+            s.ws.send(Message::text(frame.to_string()))
                 .await
                 .expect("send token");
         }

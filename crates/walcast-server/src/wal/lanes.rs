@@ -222,10 +222,7 @@ impl Lanes {
     /// decided, with every gate open.
     pub fn deliverable(&mut self, key: LaneKey) -> Vec<Item> {
         let mut out = Vec::new();
-        loop {
-            let Some(front) = self.lanes.get(&key).and_then(|l| l.items.front()) else {
-                break;
-            };
+        while let Some(front) = self.lanes.get(&key).and_then(|l| l.items.front()) {
             if !matches!(front.verdict, Verdict::Known(_))
                 || !front.after.iter().all(|&(k, s)| self.delivered(k, s))
             {
