@@ -229,9 +229,14 @@ impl PgCluster {
     /// kept; [`PgCluster::pg_start`] brings the cluster back on the same port.
     pub fn pg_stop(&self, mode: StopMode) -> Result<()> {
         let mut ctl = pg_command(&self.bin_dir, "pg_ctl", running_as_root());
-        ctl.arg("-D")
-            .arg(self.root.join("data"))
-            .args(["-w", "-t", "60", "-m", mode.as_arg(), "stop"]);
+        ctl.arg("-D").arg(self.root.join("data")).args([
+            "-w",
+            "-t",
+            "60",
+            "-m",
+            mode.as_arg(),
+            "stop",
+        ]);
         run(&mut ctl).context("pg_ctl stop failed")
     }
 

@@ -51,7 +51,10 @@ fn cluster_stops_starts_and_restarts_on_its_port() {
     };
     assert!(psql("SELECT 1").status.success());
     cluster.pg_stop(StopMode::Fast).unwrap();
-    assert!(!psql("SELECT 1").status.success(), "stopped cluster answered");
+    assert!(
+        !psql("SELECT 1").status.success(),
+        "stopped cluster answered"
+    );
     cluster.pg_start().unwrap();
     assert!(psql("SELECT 1").status.success());
     cluster.pg_restart(StopMode::Immediate).unwrap();
