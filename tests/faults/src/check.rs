@@ -28,6 +28,9 @@ pub enum Loss {
     MaybeTransient,
     /// Stopped for good (slot gone or invalidated).
     Definite,
+    /// The slot was lost and walcast (`--recreate-slot`) made a new one: channels are told
+    /// `ResyncRequired`, then streaming resumes.
+    Recreated,
 }
 
 /// Which committed rows must have been delivered.
@@ -105,6 +108,16 @@ impl Expect {
     pub fn definite() -> Expect {
         Expect::base(Loss::Definite, Completeness::BeforeFault, 0)
     }
+
+    /// The slot was recreated: rows from before the fault and those committed after
+    /// `after_ms` (when the resync was announced) must arrive.
+    pub fn recreated(after_ms: i64) -> Expect {
+        Expect::base(
+            Loss::Recreated,
+            Completeness::BeforeFaultAndAfter(after_ms),
+            DUP_WINDOW,
+        )
+    }
 }
 
 /// Per subscriber figures.
@@ -133,10 +146,7 @@ pub fn run(s: &mut Scenario, attempts: &[Attempt], expect: &Expect) -> Vec<SubRe
     let fault_end = s.marks.fault_end.unwrap_or(i64::MAX);
 
     // The server is alive.
-    if let Some(status) = s.server.exited() {
-        let tail = s.server.log_tail(4);
-        s.fail(format!("walcast exited ({status}); log tail: {tail}"));
-    }
+    s.server_gone("by the end");
 
     // Sockets stayed up.
     for sub in &s.subs {
@@ -402,7 +412,7 @@ fn check_system(s: &mut Scenario, expect: &Expect, fault_start: i64) {
         .iter()
         .any(|t| t.t_ms >= fault_start && t.code != 200);
     for aud in s.audience.clone() {
-        if aud.tables.is_empty() || expect.may_disconnect.contains(&aud.name) {
+        if aud.tables.is_empty() {
             continue;
         }
         let sys: Vec<(String, String, i64)> = s
@@ -420,6 +430,9 @@ fn check_system(s: &mut Scenario, expect: &Expect, fault_start: i64) {
                     aud.name, sys
                 ));
             }
+            continue;
+        }
+        if expect.may_disconnect.contains(&aud.name) {
             continue;
         }
         let down = sys
@@ -458,6 +471,20 @@ fn check_system(s: &mut Scenario, expect: &Expect, fault_start: i64) {
                     _ => {}
                 }
             }
+            Loss::Recreated => match sys
+                .iter()
+                .position(|(st, m, _)| st == "error" && m == RESYNC)
+            {
+                None => failures.push(format!(
+                    "{}: no system error {RESYNC:?} after the slot was recreated (got {:?})",
+                    aud.name, sys
+                )),
+                Some(i) if !back_after(i) => failures.push(format!(
+                    "{}: no system ok {SUBSCRIBED:?} after the resync message (got {:?})",
+                    aud.name, sys
+                )),
+                _ => {}
+            },
             Loss::Definite => {
                 if !errors
                     .iter()

@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod http;
+pub mod rawws;
 pub mod readyz;
 pub mod report;
 pub mod scenario;

@@ -315,6 +315,9 @@ impl Scenario {
     /// Wait until every subscriber has received every row it may see up to the writer's last
     /// committed id now; that id, or None (and a failure) at the deadline.
     pub async fn sync(&mut self, when: &str, timeout: Duration) -> Option<i64> {
+        if self.server_gone(when) {
+            return None;
+        }
         let Some(last) = self.writer.last_committed() else {
             self.fail(format!("{when}: the writer has committed nothing"));
             return None;
@@ -466,6 +469,81 @@ impl Scenario {
         Ok(())
     }
 
+    /// True (and a failure noted, once) when the server process has exited: waiting for it
+    /// to deliver would only burn the deadline.
+    pub fn server_gone(&mut self, when: &str) -> bool {
+        let Some(status) = self.server.exited() else {
+            return false;
+        };
+        if !self.failures.iter().any(|f| f.starts_with("walcast exited")) {
+            let tail = self.server.log_tail(3);
+            self.fail(format!("walcast exited ({status}) {when}; log tail: {tail}"));
+        }
+        true
+    }
+
+    /// Drop the scenario's slot while walcast uses it: terminate the walsender holding it,
+    /// then `pg_drop_replication_slot`, again until the drop wins the race against walcast's
+    /// reconnection. Whether it was dropped.
+    pub async fn drop_slot(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut last_err = String::new();
+        while tokio::time::Instant::now() < deadline {
+            let _ = self
+                .admin
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                    &[&self.slot],
+                )
+                .await;
+            match self
+                .admin
+                .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                .await
+            {
+                Ok(_) => return true,
+                Err(e) => {
+                    last_err = e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string())
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.fail(format!("could not drop the slot within 20 s: {last_err}"));
+        false
+    }
+
+    /// Names and `wal_status` of every replication slot of the cluster.
+    pub async fn slots(&self) -> Vec<(String, Option<String>)> {
+        match self
+            .admin
+            .query("SELECT slot_name::text, wal_status FROM pg_replication_slots ORDER BY 1", &[])
+            .await
+        {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// `/metrics` sample `name` (summed over labels).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (code, page) = crate::http::get(self.server.port, "/metrics", Duration::from_secs(2))
+            .await
+            .ok()?;
+        if code != 200 {
+            return None;
+        }
+        crate::http::metric(&page, name)
+    }
+
+    /// Send a command to subscriber `name`.
+    pub async fn command(&mut self, name: &str, cmd: serde_json::Value) -> Result<()> {
+        self.sub_mut(name).command(cmd).await
+    }
+
     pub fn fault_begin(&mut self, what: &str) {
         self.marks.fault_start = Some(now_ms());
         self.note(format!("fault: {what}"));
@@ -479,6 +557,9 @@ impl Scenario {
     /// After the fault: wait for `/readyz` 200 and for carol's first change received after the
     /// fault ended (the recovery time).
     pub async fn recover(&mut self, timeout: Duration) {
+        if self.server_gone("after the fault") {
+            return;
+        }
         let end = self.marks.fault_end.unwrap_or_else(now_ms);
         if !self.readyz.wait_for(timeout, |t| t.code == 200).await {
             self.fail(format!(
@@ -524,6 +605,18 @@ impl Scenario {
                 .await;
         }
         let results = check::run(&mut self, &attempts, &expect);
+        if self.opts.keep_shape {
+            let (checked, bad) = check::shapes(&self, "carol", &attempts);
+            if bad.is_empty() {
+                self.note(format!("row shapes: {checked} rows checked, all right"));
+            } else {
+                self.fail(format!(
+                    "row shapes: {} of {checked} rows delivered with the wrong shape (first: {})",
+                    bad.len(),
+                    bad[..bad.len().min(3)].join("; ")
+                ));
+            }
+        }
         let report = Report::build(&self, &attempts, &expect, &results);
         report::write(&report);
         println!("{}", report.human());

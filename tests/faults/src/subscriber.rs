@@ -325,37 +325,50 @@ impl Subscriber {
         })
     }
 
-    /// Socket closes and errors seen (the client reconnects by itself after them).
+    /// Socket closes and errors seen (the client reconnects by itself after them), counted
+    /// by kind: `close 1012 x1`, `error x30`.
     pub fn socket_drops(&self) -> Vec<String> {
         self.with_lines(|lines| {
-            lines
-                .iter()
-                .filter_map(|l| match l {
-                    Line::Socket { event, code, .. } if event != "open" => Some(format!(
-                        "{event}{}",
-                        code.map(|c| format!(" {c}")).unwrap_or_default()
-                    )),
-                    _ => None,
-                })
-                .collect()
+            let kinds = lines.iter().filter_map(|l| match l {
+                Line::Socket { event, code, .. } if event != "open" => Some(format!(
+                    "{event}{}",
+                    code.map(|c| format!(" {c}")).unwrap_or_default()
+                )),
+                _ => None,
+            });
+            count_kinds(kinds)
         })
     }
 
-    /// Channel statuses other than SUBSCRIBED (CHANNEL_ERROR, TIMED_OUT, CLOSED).
+    /// Channel statuses other than SUBSCRIBED (CHANNEL_ERROR, TIMED_OUT, CLOSED), counted by
+    /// kind.
     pub fn bad_statuses(&self) -> Vec<String> {
         self.with_lines(|lines| {
-            lines
-                .iter()
-                .filter_map(|l| match l {
-                    Line::Status {
-                        ch, status, err, ..
-                    } if status != "SUBSCRIBED" => Some(format!(
-                        "{ch}: {status}{}",
-                        err.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
-                    )),
-                    _ => None,
-                })
-                .collect()
+            let kinds = lines.iter().filter_map(|l| match l {
+                Line::Status {
+                    ch, status, err, ..
+                } if status != "SUBSCRIBED" => Some(format!(
+                    "{ch}: {status}{}",
+                    err.as_ref().map(|e| format!(" ({e})")).unwrap_or_default()
+                )),
+                _ => None,
+            });
+            count_kinds(kinds)
         })
     }
+}
+
+/// `["a", "a", "b"]` → `["a x2", "b x1"]`, in first-seen order.
+fn count_kinds(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for item in items {
+        match counts.iter_mut().find(|(k, _)| *k == item) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((item, 1)),
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(k, n)| format!("{k} x{n}"))
+        .collect()
 }
