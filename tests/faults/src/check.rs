@@ -77,7 +77,7 @@ impl Expect {
             complete,
             dup_budget,
             final_wait_secs: 30,
-            rss_limit_kb: crate::util::knob("FAULTS_RSS_LIMIT_MB", 256) * 1024,
+            rss_limit_kb: crate::knobs::knob("FAULTS_RSS_LIMIT_MB", 256) * 1024,
             rss_growth_limit_kb: None,
             may_disconnect: Vec::new(),
             system_error_for: Vec::new(),
@@ -375,28 +375,34 @@ fn check_readyz(s: &mut Scenario, expect: &Expect, fault_start: i64) {
         .filter(|t| t.t_ms >= fault_start)
         .collect();
     let last = transitions.last().map(|t| t.label()).unwrap_or_default();
-    match expect.loss {
-        Loss::Transient {
+    let saw_lost = after
+        .iter()
+        .any(|t| t.code == 503 && t.body.starts_with("not ready: replication stream lost"));
+    if expect.loss
+        == (Loss::Transient {
             readyz_must_show: true,
-        } => {
-            if !after
-                .iter()
-                .any(|t| t.code == 503 && t.body.starts_with("not ready: replication stream lost"))
-            {
-                failures.push(format!(
-                    "/readyz never said `not ready: replication stream lost` during the outage (saw {:?})",
-                    after.iter().map(|t| t.label()).collect::<Vec<_>>()
-                ));
-            }
+        })
+        && !saw_lost
+    {
+        failures.push(format!(
+            "/readyz never said `not ready: replication stream lost` during the outage (saw {:?})",
+            after.iter().map(|t| t.label()).collect::<Vec<_>>()
+        ));
+    }
+    if expect.loss == Loss::Definite && !last.starts_with("503 not ready: replication stopped") {
+        failures.push(format!(
+            "/readyz ends with {last:?}, not `503 not ready: replication stopped`"
+        ));
+    }
+    // The metric agrees with readiness (1 exactly while streaming).
+    let metric = s.marks.streaming_metric_end;
+    if s.server.exited().is_none() {
+        let want = if last == "200 ready" { 1.0 } else { 0.0 };
+        if metric != Some(want) {
+            failures.push(format!(
+                "walcast_replication_streaming is {metric:?} while /readyz says {last:?}"
+            ));
         }
-        Loss::Definite => {
-            if !last.starts_with("503 not ready: replication stopped") {
-                failures.push(format!(
-                    "/readyz ends with {last:?}, not `503 not ready: replication stopped`"
-                ));
-            }
-        }
-        _ => {}
     }
     if expect.loss != Loss::Definite && last != "200 ready" {
         failures.push(format!("/readyz ends with {last:?}, not `200 ready`"));

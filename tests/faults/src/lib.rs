@@ -6,7 +6,10 @@
 //! See tests/faults/README.md for what each scenario does and the knobs.
 
 pub mod check;
+pub mod clock;
 pub mod http;
+pub mod knobs;
+pub mod paths;
 pub mod rawws;
 pub mod readyz;
 pub mod report;
@@ -14,7 +17,7 @@ pub mod scenario;
 pub mod schema;
 pub mod server;
 pub mod subscriber;
-pub mod util;
+pub mod token;
 pub mod writer;
 
 pub use check::{Completeness, Expect, Loss};

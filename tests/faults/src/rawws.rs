@@ -28,8 +28,7 @@ pub enum Ended {
 impl RawSocket {
     /// Connect (vsn 1.0.0) and join `realtime:<topic>` for broadcast and presence.
     pub async fn join(port: u16, token: &str, topic: &str) -> Result<RawSocket> {
-        let url =
-            format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={token}&vsn=1.0.0");
+        let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={token}&vsn=1.0.0");
         let (mut ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .context("raw WebSocket connect")?;

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::util::now_ms;
+use crate::clock::now_ms;
 
 /// One answer, kept when it differs from the previous one.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,8 +13,9 @@ use std::io::Write;
 use serde_json::{json, Value};
 
 use crate::check::{Expect, SubResult};
+use crate::clock::now_ms;
+use crate::paths::target_dir;
 use crate::scenario::{Options, Scenario};
-use crate::util::{now_ms, target_dir};
 use crate::writer::{Attempt, Outcome};
 
 #[derive(Debug, Clone)]

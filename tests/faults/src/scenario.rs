@@ -29,11 +29,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use walcast_testkit::{ClusterOptions, FaultProxy, PgCluster, TestDb};
 
 use crate::check::{self, Expect};
+use crate::clock::now_ms;
+use crate::knobs::{knob, knob_secs, let_run};
 use crate::readyz::Readyz;
 use crate::report::{self, Report};
 use crate::server::{ServerConfig, Walcast};
 use crate::subscriber::{Line, SubSpec, Subscriber};
-use crate::util::{knob, knob_secs, let_run, now_ms, token};
+use crate::token::token;
 use crate::writer::{Writer, WriterConfig};
 
 /// The `room` channel's topic.
@@ -133,6 +135,8 @@ pub struct Marks {
     pub synced_before_fault: Option<i64>,
     pub recovery_ms: Option<i64>,
     pub rss_before_fault_kb: Option<u64>,
+    /// `walcast_replication_streaming` when the checks start.
+    pub streaming_metric_end: Option<f64>,
 }
 
 /// A running scenario. Fields are public so a test can reach every piece.
@@ -180,7 +184,7 @@ impl Scenario {
     }
 
     async fn setup(opts: Options, turn: OwnedSemaphorePermit) -> Result<Scenario> {
-        let dir = crate::util::target_dir().join("faults").join(&opts.name);
+        let dir = crate::paths::target_dir().join("faults").join(&opts.name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut settings = vec![
@@ -371,6 +375,9 @@ impl Scenario {
 
     /// A broadcast from `watcher` must reach carol and alice.
     pub async fn probe_broadcast(&mut self, when: &str, required: bool) -> bool {
+        if self.server_gone(when) {
+            return false;
+        }
         self.next_probe += 1;
         let n = self.next_probe;
         let sent = self
@@ -407,6 +414,9 @@ impl Scenario {
     /// A new client joining `room` must show up as a presence join at carol, alice and the
     /// watcher, and as a leave once it is gone.
     pub async fn probe_presence(&mut self, when: &str, required: bool) -> bool {
+        if self.server_gone(when) {
+            return false;
+        }
         self.next_probe += 1;
         let key = format!("visitor-{}", self.next_probe);
         let ok = match self.presence_round(&key).await {
@@ -475,9 +485,15 @@ impl Scenario {
         let Some(status) = self.server.exited() else {
             return false;
         };
-        if !self.failures.iter().any(|f| f.starts_with("walcast exited")) {
+        if !self
+            .failures
+            .iter()
+            .any(|f| f.starts_with("walcast exited"))
+        {
             let tail = self.server.log_tail(3);
-            self.fail(format!("walcast exited ({status}) {when}; log tail: {tail}"));
+            self.fail(format!(
+                "walcast exited ({status}) {when}; log tail: {tail}"
+            ));
         }
         true
     }
@@ -520,7 +536,10 @@ impl Scenario {
     pub async fn slots(&self) -> Vec<(String, Option<String>)> {
         match self
             .admin
-            .query("SELECT slot_name::text, wal_status FROM pg_replication_slots ORDER BY 1", &[])
+            .query(
+                "SELECT slot_name::text, wal_status FROM pg_replication_slots ORDER BY 1",
+                &[],
+            )
             .await
         {
             Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
@@ -604,6 +623,7 @@ impl Scenario {
             self.sync("at the end", Duration::from_secs(expect.final_wait_secs))
                 .await;
         }
+        self.marks.streaming_metric_end = self.metric("walcast_replication_streaming").await;
         let results = check::run(&mut self, &attempts, &expect);
         if self.opts.keep_shape {
             let (checked, bad) = check::shapes(&self, "carol", &attempts);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::process::{Child, Command};
 
-use crate::util::{free_port, target_dir};
+use crate::paths::target_dir;
 
 /// `target/debug/walcast` (or `FAULTS_WALCAST_BIN`). Never built from a test: `scripts/test`
 /// builds it before `cargo test`.
@@ -205,4 +205,10 @@ fn read_rss(pid: u32) -> Option<Rss> {
         rss_kb: field("VmRSS:")?,
         hwm_kb: field("VmHWM:")?,
     })
+}
+
+/// A free TCP port on 127.0.0.1 (bind :0, read, close).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(l.local_addr()?.port())
 }

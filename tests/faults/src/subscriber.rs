@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
-use crate::util::repo_root;
+use crate::paths::repo_root;
 
 /// What one subscriber process joins.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use walcast_faults::knobs::{knob_secs, let_run};
 use walcast_faults::schema::policy_fault;
-use walcast_faults::util::{knob_secs, let_run};
 use walcast_faults::{Expect, Options, Scenario};
 
 /// 6. The authorization pool's connections are terminated again and again while alice and
@@ -55,7 +55,11 @@ async fn policy(name: &str, action: &str, what: &str) {
     let mut s = Scenario::start(opts).await;
     s.before_fault().await;
     s.fault_begin(&fault);
-    if let Err(e) = s.admin.batch_execute(&policy_fault("mallory", action)).await {
+    if let Err(e) = s
+        .admin
+        .batch_execute(&policy_fault("mallory", action))
+        .await
+    {
         s.fail(format!("installing the faulty policy: {e}"));
     }
     let_run(secs).await;

@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use walcast_faults::check::BULK_BASE;
+use walcast_faults::knobs::{knob, let_run};
 use walcast_faults::rawws::{Ended, RawSocket};
 use walcast_faults::subscriber::Line;
-use walcast_faults::util::{knob, let_run, token};
+use walcast_faults::token::token;
 use walcast_faults::{Expect, Options, Scenario};
 
 /// 10. Add, retype and drop a column of `events` while rows are written: every row arrives
@@ -45,9 +46,8 @@ async fn large_transaction() {
     let mb = knob("FAULTS_BIG_TX_MB", 100);
     let row_bytes = knob("FAULTS_BIG_TX_ROW_BYTES", 1000).max(10);
     let rows = (mb * 1_000_000 / row_bytes) as i64;
-    let fault = format!(
-        "one transaction inserting {rows} rows of {row_bytes} B into events ({mb} MB)"
-    );
+    let fault =
+        format!("one transaction inserting {rows} rows of {row_bytes} B into events ({mb} MB)");
     let mut s = Scenario::start(Options::new("large-transaction", &fault)).await;
     s.before_fault().await;
     s.fault_begin(&fault);
@@ -90,12 +90,17 @@ async fn large_transaction() {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            s.fail(format!("carol did not get the last bulk row within {wait:?}"));
+            s.fail(format!(
+                "carol did not get the last bulk row within {wait:?}"
+            ));
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    s.note(format!("walcast RSS peak seen while delivering: {} MB", peak_kb / 1024));
+    s.note(format!(
+        "walcast RSS peak seen while delivering: {} MB",
+        peak_kb / 1024
+    ));
     s.recover(Duration::from_secs(60)).await;
     s.after_fault().await;
     let mut expect = Expect::no_loss();

@@ -6,11 +6,15 @@
 use std::time::Duration;
 
 use walcast_faults::check::RESYNC;
+use walcast_faults::clock::now_ms;
+use walcast_faults::knobs::let_run;
 use walcast_faults::subscriber::Line;
-use walcast_faults::util::{let_run, now_ms};
 use walcast_faults::{Expect, Options, Scenario};
 
 async fn stopped_for_good(s: &mut Scenario) {
+    if s.server_gone("after the slot was lost") {
+        return;
+    }
     let stopped = s
         .readyz
         .wait_for(Duration::from_secs(30), |t| {

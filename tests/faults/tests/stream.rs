@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use walcast_faults::util::{knob, knob_secs, let_run};
+use walcast_faults::knobs::{knob, knob_secs, let_run};
 use walcast_faults::{Expect, Options, Scenario};
 use walcast_testkit::StopMode;
 
