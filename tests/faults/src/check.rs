@@ -575,3 +575,16 @@ fn json_type(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Object(_) => "object",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::percentiles;
+
+    #[test]
+    fn percentiles_of_a_sample() {
+        assert_eq!(percentiles(&mut []), None);
+        let mut v: Vec<i64> = (1..=100).rev().collect();
+        assert_eq!(percentiles(&mut v), Some((51, 99, 100)));
+        assert_eq!(percentiles(&mut [7]), Some((7, 7, 7)));
+    }
+}

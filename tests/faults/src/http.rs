@@ -82,3 +82,27 @@ pub fn metric(page: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{metric, parse};
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 11\r\n\r\nnot ready\n";
+        assert_eq!(parse(plain).unwrap(), (503, "not ready\n".to_string()));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nrea\r\n3\r\ndy\n\r\n0\r\n\r\n";
+        assert_eq!(parse(chunked).unwrap(), (200, "ready\n".to_string()));
+        assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn metric_sums_labelled_series_and_skips_comments() {
+        let page = "# HELP walcast_x x\n# TYPE walcast_x counter\nwalcast_x{kind=\"a\"} 2\n\
+                    walcast_x{kind=\"b\"} 3\nwalcast_xy 7\nwalcast_streaming 1\n";
+        assert_eq!(metric(page, "walcast_x"), Some(5.0));
+        assert_eq!(metric(page, "walcast_streaming"), Some(1.0));
+        assert_eq!(metric(page, "walcast_missing"), None);
+    }
+}

@@ -149,6 +149,14 @@ pub fn write(r: &Report) {
         let _ = writeln!(f, "{}", r.0);
     }
     if r.0["status"] == "setup-error" {
-        println!("{}", r.human());
+        announce(r);
     }
+}
+
+/// Print the summary line where `cargo test` shows it for passing tests too: libtest captures
+/// the `print!` macros only, not writes to the stdout handle.
+pub fn announce(r: &Report) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", r.human());
+    let _ = out.flush();
 }

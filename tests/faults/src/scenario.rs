@@ -639,7 +639,7 @@ impl Scenario {
         }
         let report = Report::build(&self, &attempts, &expect, &results);
         report::write(&report);
-        println!("{}", report.human());
+        report::announce(&report);
         if !self.failures.is_empty() {
             panic!(
                 "{} failed ({} problem(s)); logs in {}:\n  - {}",

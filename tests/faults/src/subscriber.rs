@@ -372,3 +372,31 @@ fn count_kinds(items: impl Iterator<Item = String>) -> Vec<String> {
         .map(|(k, n)| format!("{k} x{n}"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{count_kinds, Line};
+    use serde_json::json;
+
+    #[test]
+    fn kinds_are_counted_in_first_seen_order() {
+        let items = ["close 1006", "error", "close 1006"].map(String::from);
+        assert_eq!(
+            count_kinds(items.into_iter()),
+            vec!["close 1006 x2".to_string(), "error x1".to_string()]
+        );
+    }
+
+    #[test]
+    fn lines_parse_by_kind() {
+        let change =
+            Line::parse(json!({"k":"change","table":"events","type":"INSERT","id":7,"t":5}));
+        assert!(matches!(change, Line::Change { ref table, id: 7, t: 5, .. } if table == "events"));
+        // A change without a numeric id is kept, not mistaken for one.
+        let odd = Line::parse(json!({"k":"change","table":"events","id":"7"}));
+        assert!(matches!(odd, Line::Other(_)));
+        let sys =
+            Line::parse(json!({"k":"system","ch":"changes","status":"error","message":"m","t":1}));
+        assert!(matches!(sys, Line::System { ref status, .. } if status == "error"));
+    }
+}
