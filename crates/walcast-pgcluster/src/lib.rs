@@ -34,6 +34,27 @@ pub struct ClusterOptions {
     pub ssl: bool,
 }
 
+/// How `pg_ctl` stops a cluster (its `-m` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// `-m smart`: wait for every session to end.
+    Smart,
+    /// `-m fast`: terminate sessions, checkpoint, exit.
+    Fast,
+    /// `-m immediate`: quit at once; the next start runs crash recovery.
+    Immediate,
+}
+
+impl StopMode {
+    fn as_arg(self) -> &'static str {
+        match self {
+            StopMode::Smart => "smart",
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        }
+    }
+}
+
 /// A running throwaway Postgres cluster, stopped and removed when dropped.
 #[derive(Debug)]
 pub struct PgCluster {
@@ -201,6 +222,50 @@ impl PgCluster {
     /// Stop the cluster now (immediate shutdown), keeping its directory.
     pub fn stop(&self) {
         kill_postmaster(&self.root.join("data"));
+    }
+
+    /// `pg_ctl stop -m MODE` and wait for it: `Fast` disconnects every session and checkpoints,
+    /// `Immediate` quits without one (the next start runs crash recovery). The directory is
+    /// kept; [`PgCluster::pg_start`] brings the cluster back on the same port.
+    pub fn pg_stop(&self, mode: StopMode) -> Result<()> {
+        let mut ctl = pg_command(&self.bin_dir, "pg_ctl", running_as_root());
+        ctl.arg("-D").arg(self.root.join("data")).args([
+            "-w",
+            "-t",
+            "60",
+            "-m",
+            mode.as_arg(),
+            "stop",
+        ]);
+        run(&mut ctl).context("pg_ctl stop failed")
+    }
+
+    /// `pg_ctl start` on the cluster's port after [`PgCluster::pg_stop`]; returns once it
+    /// accepts connections (after crash recovery, if any).
+    pub fn pg_start(&self) -> Result<()> {
+        let mut ctl = pg_command(&self.bin_dir, "pg_ctl", running_as_root());
+        ctl.arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(self.log_path())
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!("-p {}", self.port))
+            .arg("start");
+        run(&mut ctl).context("pg_ctl start failed")
+    }
+
+    /// `pg_ctl restart -m MODE`: stop, then start on the same port; returns once the
+    /// cluster accepts connections again.
+    pub fn pg_restart(&self, mode: StopMode) -> Result<()> {
+        let mut ctl = pg_command(&self.bin_dir, "pg_ctl", running_as_root());
+        ctl.arg("-D")
+            .arg(self.root.join("data"))
+            .arg("-l")
+            .arg(self.log_path())
+            .args(["-w", "-t", "60", "-m", mode.as_arg(), "-o"])
+            .arg(format!("-p {}", self.port))
+            .arg("restart");
+        run(&mut ctl).context("pg_ctl restart failed")
     }
 }
 

@@ -37,3 +37,31 @@ fn explicit_bin_dir_without_binaries_is_refused() {
         "/nonexistent/walcast-pg-bin holds no initdb and pg_ctl"
     );
 }
+
+#[test]
+fn cluster_stops_starts_and_restarts_on_its_port() {
+    use walcast_pgcluster::StopMode;
+    let cluster = PgCluster::start(ClusterOptions::default()).unwrap();
+    let psql = |sql: &str| {
+        std::process::Command::new(cluster.bin_dir().join("psql"))
+            .arg(cluster.url("postgres"))
+            .args(["-XAtc", sql])
+            .output()
+            .unwrap()
+    };
+    assert!(psql("SELECT 1").status.success());
+    cluster.pg_stop(StopMode::Fast).unwrap();
+    assert!(
+        !psql("SELECT 1").status.success(),
+        "stopped cluster answered"
+    );
+    cluster.pg_start().unwrap();
+    assert!(psql("SELECT 1").status.success());
+    cluster.pg_restart(StopMode::Immediate).unwrap();
+    let out = psql("SELECT 1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

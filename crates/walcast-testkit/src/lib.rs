@@ -5,5 +5,5 @@
 mod pg;
 pub mod proxy;
 
-pub use pg::{connect, ClusterOptions, PgCluster, TestDb};
+pub use pg::{connect, ClusterOptions, PgCluster, StopMode, TestDb};
 pub use proxy::{FaultProxy, ProxyStats};

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 
-pub use walcast_pgcluster::ClusterOptions;
+pub use walcast_pgcluster::{ClusterOptions, StopMode};
 
 /// A running throwaway Postgres cluster: a [`walcast_pgcluster::PgCluster`] (every accessor
 /// through `Deref`) with the test-only extras.
