@@ -83,6 +83,8 @@ pub struct Replicator {
     lost_reported: bool,
     /// The last establish created the slot anew after it had been seen.
     recreated: bool,
+    /// `SlotRecreated` was returned; `Reconnected` comes next.
+    reconnected_pending: bool,
     /// Why the stream is down, while it is.
     down_reason: Option<String>,
 }
@@ -104,6 +106,7 @@ impl Replicator {
             slot_seen: false,
             lost_reported: false,
             recreated: false,
+            reconnected_pending: false,
             down_reason: None,
         }
     }
@@ -121,9 +124,11 @@ impl Replicator {
             return None;
         }
         loop {
-            if self.recreated {
-                self.recreated = false;
-                return Some(Ok(StreamEvent::SlotRecreated));
+            if self.reconnected_pending {
+                self.reconnected_pending = false;
+                return Some(Ok(StreamEvent::Reconnected {
+                    resume_from: self.resume,
+                }));
             }
             if let (Some(reason), false) = (&self.down_reason, self.lost_reported) {
                 self.lost_reported = true;
@@ -140,6 +145,13 @@ impl Replicator {
                         self.down_reason = None;
                         self.lost_reported = false;
                         if self.connected_once {
+                            if self.recreated {
+                                // Told first: the consumer warns its subscribers to refetch
+                                // before it says the stream is back.
+                                self.recreated = false;
+                                self.reconnected_pending = true;
+                                return Some(Ok(StreamEvent::SlotRecreated));
+                            }
                             return Some(Ok(StreamEvent::Reconnected {
                                 resume_from: self.resume,
                             }));

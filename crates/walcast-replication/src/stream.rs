@@ -74,7 +74,7 @@ pub enum StreamEvent {
         /// Why, for logs and readiness probes.
         reason: String,
     },
-    /// Only from [`crate::Replicator`], right after `Reconnected`: the slot was missing or
+    /// Only from [`crate::Replicator`], right before `Reconnected`: the slot was missing or
     /// invalidated and was created again (`--recreate-slot`); changes committed between the
     /// old slot's last confirmed position and now were not streamed.
     SlotRecreated,

@@ -80,6 +80,8 @@ pub struct Lane {
     last_used: Instant,
     /// The sequence number of the last item delivered from it (items leave in order).
     delivered_through: u64,
+    /// Since when its checks cannot run (cleared by one that runs).
+    pub unavailable_since: Option<Instant>,
 }
 
 /// The first retry delay after an unavailable check, and the longest.
@@ -103,6 +105,7 @@ impl Lane {
             solo_until: None,
             last_used: Instant::now(),
             delivered_through: 0,
+            unavailable_since: None,
         }
     }
 
@@ -130,12 +133,14 @@ impl Lane {
 
     /// The check could not run: retry later, backing off.
     pub fn unavailable(&mut self, now: Instant) {
+        self.unavailable_since.get_or_insert(now);
         self.retry_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
     }
 
     /// A check ran: the next failure starts the backoff from the bottom again.
     pub fn available(&mut self) {
+        self.unavailable_since = None;
         self.retry_at = None;
         self.backoff = RETRY_MIN;
     }
@@ -281,6 +286,15 @@ impl Lanes {
             .values()
             .filter(|l| !l.checking && l.items.iter().any(|i| i.verdict == Verdict::Pending))
             .filter_map(|l| l.retry_at)
+            .min()
+    }
+
+    /// Since when the longest-waiting lane's checks cannot run, if any waits.
+    pub fn unavailable_since(&self) -> Option<Instant> {
+        self.lanes
+            .values()
+            .filter(|l| !l.items.is_empty())
+            .filter_map(|l| l.unavailable_since)
             .min()
     }
 

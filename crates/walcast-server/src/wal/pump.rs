@@ -57,6 +57,12 @@ pub const MAX_QUEUED: usize = 100_000;
 const GATHER_MAX: Duration = Duration::from_millis(25);
 /// Check batches of one role run side by side (the size of the authorization pool).
 const AUTHZ_PARALLEL: usize = 4;
+/// Longest undelivered changes may hold back confirmations while their checks cannot run
+/// (the database shutting down, authorization connections refused): past it the stream is
+/// let go and resumed later from the last confirmed position. A logical walsender waits for
+/// its client to confirm everything before Postgres can shut down, so holding on would keep
+/// Postgres from stopping.
+const UNAVAILABLE_HOLD_MAX: Duration = Duration::from_secs(2);
 /// Type resolution retries after a database error, up to this delay between tries.
 const RESOLVE_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -159,6 +165,19 @@ impl Pump {
                 _ = sleep_until(wake), if wake.is_some() => {}
             }
             self.confirm();
+            if self
+                .lanes
+                .unavailable_since()
+                .is_some_and(|t| t.elapsed() >= UNAVAILABLE_HOLD_MAX)
+                && self.replicator.backend_pid().is_some()
+            {
+                tracing::warn!("authorization has been unavailable for a while: letting go of the stream so nothing is confirmed early; it resumes from the last confirmed position");
+                self.drop_pending();
+                self.replicator.reconnect(
+                    "authorization is unavailable; resuming from the last confirmed position"
+                        .into(),
+                );
+            }
         }
         // Whatever is still in lanes belongs to transactions that are not confirmed: they
         // are streamed again after a restart.
@@ -207,6 +226,7 @@ impl Pump {
             }
             StreamEvent::Disconnected { reason } => {
                 metrics::replication_streaming(false);
+                self.drop_pending();
                 let readiness = if self.streamed {
                     Readiness::Lost(reason)
                 } else {
@@ -244,9 +264,9 @@ impl Pump {
         }
     }
 
-    /// A new connection: per-connection state goes; the unconfirmed transactions come again.
-    fn reset_stream(&mut self) {
-        self.decoder.reset();
+    /// Undelivered changes belong to unconfirmed transactions, which a new connection streams
+    /// again: drop them (and void the checks still running for them).
+    fn drop_pending(&mut self) {
         let dropped = self.lanes.reset();
         if dropped > 0 {
             tracing::info!(dropped, "undelivered changes will be streamed again");
@@ -254,6 +274,12 @@ impl Pump {
         self.txns.reset();
         self.holding = false;
         self.gathering_since = None;
+    }
+
+    /// A new connection: per-connection state goes; the unconfirmed transactions come again.
+    fn reset_stream(&mut self) {
+        self.decoder.reset();
+        self.drop_pending();
         self.policies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
