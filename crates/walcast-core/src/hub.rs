@@ -19,8 +19,9 @@
 //!   (protocol version, topic, binding ids, selection); sockets share the bytes.
 //! - Per subscriber, frames are pushed in dispatch order, which is commit order.
 //! - An identity gets only what its [`Access`] grants: nothing on `Deny`, and never a column
-//!   outside its [`Visibility`]. A channel that left, or re-subscribed under another identity,
-//!   between routing and delivery gets nothing from that routing.
+//!   outside its [`Visibility`]. A channel that left between routing and delivery gets nothing
+//!   from that routing; one that re-subscribed under another identity (a new token) gets what
+//!   was routed before the switch, as judged for the identity it was routed under.
 //! - [`Hub::subscribe`] runs its callback under the same lock that dispatch takes, so a join
 //!   reply queued there precedes every change delivered to the new channel, and every change
 //!   dispatched after it is matched against the new bindings.
@@ -397,8 +398,7 @@ impl Hub {
     }
 
     /// Queue the change to the routed channels, each trimmed to what `decide` grants its
-    /// identity. Channels that left, or whose identity changed (new token), since routing
-    /// get nothing: the decision was made for the identity they no longer have.
+    /// identity. Channels that left since routing get nothing.
     pub fn deliver_routed(
         &self,
         change: &Change,
@@ -411,11 +411,10 @@ impl Hub {
         scratch.frames.clear();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         for (m, target, k) in routed.routes {
-            let live = inner
-                .channels
-                .get(&m.subscriber)
-                .is_some_and(|t| Arc::ptr_eq(&t.identity, &target.identity));
-            if !live {
+            // A channel that left since routing gets nothing. One that changed identity (a
+            // new token) still gets what was routed before: it was judged for the token the
+            // channel held when those changes committed.
+            if !inner.channels.contains_key(&m.subscriber) {
                 continue;
             }
             let Access::Allow(vis) = decide(k as usize) else {
@@ -935,14 +934,15 @@ mod tests {
     }
 
     #[test]
-    fn routes_go_stale_when_a_channel_leaves_or_changes_identity() {
+    fn routes_go_stale_when_a_channel_leaves_but_not_when_its_token_changes() {
         let hub = Hub::new(HubConfig::default());
         let (a, b) = routed_pair(&hub);
         let mut scratch = DispatchScratch::default();
         let change = insert(table(true), "x");
         let routed = hub.route_owned(&change, &mut scratch);
         hub.unsubscribe(1);
-        // Channel 2 re-subscribes with a new token: decisions made for the old one are void.
+        // Channel 2 re-subscribes with a new token: what was routed before the switch still
+        // reaches it (the pump keeps it in order with what follows).
         let mut tb = target(&b, Vsn::V2, "realtime:b");
         tb.identity = Arc::new(Identity {
             role: "anon".into(),
@@ -950,9 +950,9 @@ mod tests {
         });
         hub.subscribe(2, tb, vec![binding(1)], || ());
         let stats = hub.deliver_routed(&change, routed, &mut scratch, |_| Access::ALL);
-        assert_eq!(stats.delivered, 0);
+        assert_eq!(stats.delivered, 1);
         assert!(a.frames.lock().unwrap().is_empty());
-        assert!(b.frames.lock().unwrap().is_empty());
+        assert_eq!(b.frames.lock().unwrap().len(), 1);
     }
 
     #[test]

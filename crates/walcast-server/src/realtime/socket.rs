@@ -71,7 +71,7 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     metrics::socket_opened();
-    let _slot = conn.slot;
+    let slot = conn.slot;
     let limits = state.limits.clone();
     let (outbox, reader) = outbox::bounded(
         limits.socket_send_queue.max(16),
@@ -171,6 +171,8 @@ pub async fn run(
     // returned mid-transaction (see `db::sql::Lease`).
     drop(in_flight);
     session.leave_all();
+    // A closing socket no longer counts against --max-connections while it says goodbye.
+    drop(slot);
     if let Exit::Close(code, reason) = exit {
         // Flush what is already queued (e.g. a final system message), then close.
         let close = async {
@@ -288,6 +290,7 @@ async fn write_batch(
         }
     }
     ws.flush().await?;
+    tracing::trace!(frames = n, "wrote a batch");
     metrics::frames_out(text, binary, bytes);
     Ok(())
 }

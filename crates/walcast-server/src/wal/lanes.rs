@@ -250,6 +250,25 @@ impl Lanes {
         out
     }
 
+    /// A lane's state in short, for traces: (claims, items, front verdict, front gates, checking).
+    pub fn describe(&self, key: LaneKey) -> Option<String> {
+        let l = self.lanes.get(&key)?;
+        let front = l.items.front();
+        Some(format!(
+            "{} items={} front={:?} gates={:?} checking={} delivered_through={}",
+            l.identity.claims,
+            l.items.len(),
+            front.map(|i| (i.seq, &i.verdict)),
+            front.map(|i| i
+                .after
+                .iter()
+                .map(|&(k, s)| (k, s, self.delivered(k, s)))
+                .collect::<Vec<_>>()),
+            l.checking,
+            l.delivered_through
+        ))
+    }
+
     /// Lanes whose front item is decided (it may be held only by a gate): after another lane
     /// delivered, these are worth a look.
     pub fn decided_fronts(&self) -> Vec<LaneKey> {

@@ -571,6 +571,7 @@ impl Pump {
     /// Deliver what `key`'s lane may deliver now; whether anything went.
     fn deliver_lane(&mut self, key: crate::wal::lanes::LaneKey) -> bool {
         let ready = self.lanes.deliverable(key);
+        tracing::trace!(lane = key, delivered = ready.len(), state = ?self.lanes.describe(key), "lane delivery");
         let moved = !ready.is_empty();
         for item in ready {
             let Verdict::Known(access) = item.verdict else {
