@@ -47,6 +47,7 @@ fn change(columns: &[ColumnInfo], text: Option<&str>) -> Change {
         kind: ChangeKind::Insert,
         commit_lsn: Lsn(1),
         index_in_txn: 0,
+        xid: 0,
         commit_time_us: 0,
         record: Some(columns.iter().map(|_| value()).collect()),
         old_record: None,

@@ -31,6 +31,7 @@ use walcast_protocol::{
 };
 
 use crate::hub::{OutFrame, Outbox};
+use crate::position::Position;
 use crate::presence::{Diff, MemberId, PresenceState, RefGen};
 
 /// A topic: the channel name without `realtime:`, public or private.
@@ -389,6 +390,23 @@ impl Topics {
 
     /// Send `body` to every member of `key` that receives broadcasts, except `exclude`.
     pub fn publish(&self, key: &TopicKey, body: &Body, exclude: Option<MemberId>) -> FanoutStats {
+        self.publish_inner(key, body, exclude, None)
+    }
+
+    /// Send a database broadcast (a committed `realtime.messages` row at `at`): as
+    /// [`Topics::publish`], with the position handed to each outbox, so resumable sessions
+    /// can replay it.
+    pub fn publish_at(&self, key: &TopicKey, body: &Body, at: Position) -> FanoutStats {
+        self.publish_inner(key, body, None, Some(at))
+    }
+
+    fn publish_inner(
+        &self,
+        key: &TopicKey,
+        body: &Body,
+        exclude: Option<MemberId>,
+        at: Option<Position>,
+    ) -> FanoutStats {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         let Some(topic) = topics.get(key) else {
             return FanoutStats::default();
@@ -401,7 +419,11 @@ impl Topics {
             }
             match cache.get(m.vsn, |wire, vsn| broadcast_frame(wire, vsn, body)) {
                 Some(frame) => {
-                    if m.outbox.push(frame) {
+                    let queued = match at {
+                        Some(at) => m.outbox.push_at(at, frame),
+                        None => m.outbox.push(frame),
+                    };
+                    if queued {
                         stats.delivered += 1;
                     } else {
                         stats.dropped += 1;

@@ -29,6 +29,7 @@ use walcast_pgoutput::{
 };
 
 use crate::pg_type::{Oid, TypeRegistry};
+use crate::position::Position;
 use crate::value::{write_json, write_json_string};
 
 /// What happened to the row.
@@ -111,6 +112,8 @@ pub struct Change {
     pub commit_lsn: Lsn,
     /// Position of this change inside its transaction, from 0.
     pub index_in_txn: u32,
+    /// The transaction's id (from Begin): what a snapshot's visibility is judged by.
+    pub xid: u32,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
     /// New row image (INSERT, UPDATE), one value per column of `table.columns`.
@@ -130,6 +133,11 @@ impl Change {
 
     pub fn columns(&self) -> &[Column] {
         &self.table.columns
+    }
+
+    /// Where the change sits in the commit order.
+    pub fn position(&self) -> Position {
+        Position::new(self.commit_lsn, self.index_in_txn)
     }
 
     /// Index of a column by name.
@@ -318,6 +326,7 @@ pub enum ChangeError {
 #[derive(Debug, Clone, Copy)]
 struct Txn {
     commit_lsn: Lsn,
+    xid: u32,
     commit_time_us: i64,
     next_index: u32,
 }
@@ -366,6 +375,7 @@ impl ChangeDecoder {
                 let commit_time_us = b.commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS);
                 self.txn = Some(Txn {
                     commit_lsn: b.final_lsn,
+                    xid: b.xid,
                     commit_time_us,
                     next_index: 0,
                 });
@@ -405,6 +415,7 @@ impl ChangeDecoder {
                     kind: ChangeKind::Insert,
                     commit_lsn: txn.commit_lsn,
                     index_in_txn: txn.next_index,
+                    xid: txn.xid,
                     commit_time_us: txn.commit_time_us,
                     record: Some(record),
                     old_record: None,
@@ -434,6 +445,7 @@ impl ChangeDecoder {
                     kind: ChangeKind::Update,
                     commit_lsn: txn.commit_lsn,
                     index_in_txn: txn.next_index,
+                    xid: txn.xid,
                     commit_time_us: txn.commit_time_us,
                     record: Some(record),
                     old_record,
@@ -450,6 +462,7 @@ impl ChangeDecoder {
                     kind: ChangeKind::Delete,
                     commit_lsn: txn.commit_lsn,
                     index_in_txn: txn.next_index,
+                    xid: txn.xid,
                     commit_time_us: txn.commit_time_us,
                     record: None,
                     old_record: Some(old),
@@ -464,6 +477,7 @@ impl ChangeDecoder {
                         kind: ChangeKind::Truncate,
                         commit_lsn: txn.commit_lsn,
                         index_in_txn: txn.next_index,
+                        xid: txn.xid,
                         commit_time_us: txn.commit_time_us,
                         record: None,
                         old_record: None,
@@ -510,6 +524,7 @@ impl ChangeDecoder {
             }
             None => Txn {
                 commit_lsn: Lsn::ZERO,
+                xid: 0,
                 commit_time_us: 0,
                 next_index: 0,
             },

@@ -27,13 +27,14 @@
 //!   dispatched after it is matched against the new bindings.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use walcast_protocol::{encode_push, outbound, Vsn};
 
 use crate::change::{Change, ChangeKind};
 use crate::payload::render_data_visible;
+use crate::position::Position;
 use crate::subscription::{Binding, Match, SubscriberId, SubscriptionIndex};
 
 /// A frame ready for the wire; cloning shares the bytes.
@@ -67,6 +68,24 @@ pub trait Outbox: Send + Sync + 'static {
     /// Queue a frame without waiting. Returns false when it was not queued (queue full or
     /// socket gone); the outbox is responsible for dealing with its own overflow.
     fn push(&self, frame: OutFrame) -> bool;
+
+    /// Queue a frame that carries the change (or database broadcast) at `at`. Outboxes that
+    /// remember what they delivered (resumable sessions, change feeds) keep the position;
+    /// the others just queue the frame.
+    fn push_at(&self, at: Position, frame: OutFrame) -> bool {
+        let _ = at;
+        self.push(frame)
+    }
+}
+
+/// How a channel's deliveries are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Framing {
+    /// A Phoenix `postgres_changes` push in this serializer version (WebSocket channels).
+    Phoenix(Vsn),
+    /// The `data` object alone (server-sent events, long-poll); `system` notices are the
+    /// bare system payload.
+    Data,
 }
 
 /// Who a channel acts as: the role and claims of its token. Authorization decisions are
@@ -83,10 +102,37 @@ pub struct Identity {
 #[derive(Clone)]
 pub struct ChannelTarget {
     pub outbox: Arc<dyn Outbox>,
-    pub vsn: Vsn,
+    pub framing: Framing,
     /// Full topic, `realtime:<name>`.
     pub topic: Arc<str>,
     pub identity: Arc<Identity>,
+    /// Deliver only changes after this position (a resumed session's last delivery). `None`
+    /// on a first subscription: after every change routed so far, so a stream read again
+    /// after a reconnection never hands a new channel what committed before its join.
+    pub after: Option<Position>,
+}
+
+impl ChannelTarget {
+    /// A `system` push (extension `postgres_changes`) for this channel, in its framing.
+    fn system_frame(&self, status: outbound::SystemStatus, message: &str) -> OutFrame {
+        let payload = outbound::system(
+            outbound::SystemExtension::PostgresChanges,
+            status,
+            message,
+            &self.topic,
+        );
+        match self.framing {
+            Framing::Phoenix(vsn) => OutFrame::text(encode_push(
+                vsn,
+                None,
+                None,
+                &self.topic,
+                "system",
+                &payload,
+            )),
+            Framing::Data => OutFrame::text(payload),
+        }
+    }
 }
 
 /// Limits applied while rendering change payloads.
@@ -116,10 +162,18 @@ pub struct DispatchStats {
     pub encoded: u64,
 }
 
+/// A registered channel and the last position delivered to it (or its floor).
+struct Registered {
+    target: ChannelTarget,
+    /// Only the pump writes it (under the read lock, in commit order per subscriber); a
+    /// mutex because the lock is shared.
+    cursor: Mutex<Position>,
+}
+
 #[derive(Default)]
 struct Inner {
     index: SubscriptionIndex,
-    channels: HashMap<SubscriberId, ChannelTarget>,
+    channels: HashMap<SubscriberId, Registered>,
     /// One shared `Arc` per distinct identity, so routing groups channels by pointer instead
     /// of comparing claims strings (with 1,000 channels in 100 claims groups, comparing
     /// contents per route was the pump's main cost). Entries nobody else holds are purged
@@ -144,6 +198,9 @@ impl Inner {
 pub struct Hub {
     config: HubConfig,
     inner: RwLock<Inner>,
+    /// The highest position routed (or known to be committed) so far: a new channel's floor.
+    /// Raised under the read lock while routing, read under the write lock by `subscribe`.
+    routed_through: Mutex<Position>,
 }
 
 /// Scratch buffers reused across dispatches (owned by the single dispatching task).
@@ -153,7 +210,7 @@ pub struct DispatchScratch {
     /// Identity pointer → index in the `Routed` being built.
     identity_index: HashMap<usize, u32>,
     data: HashMap<RenderKey, Arc<str>>,
-    frames: HashMap<(Vsn, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
+    frames: HashMap<(Framing, Arc<str>, Vec<u32>, RenderKey), OutFrame>,
     /// Bindings that read a column their identity may no longer read (subscriber, binding
     /// id, column): stopped once the dispatch is done.
     revoked: Vec<(SubscriberId, u32, String)>,
@@ -283,7 +340,34 @@ impl Hub {
         Hub {
             config,
             inner: RwLock::new(Inner::default()),
+            routed_through: Mutex::new(Position::ZERO),
         }
+    }
+
+    /// Everything at or below `p` committed before now (a WAL position read from the server):
+    /// channels subscribed from now on start after it.
+    pub fn advance(&self, p: Position) {
+        let mut at = self
+            .routed_through
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *at = (*at).max(p);
+    }
+
+    /// The floor a channel subscribed now would get.
+    pub fn routed_through(&self) -> Position {
+        *self
+            .routed_through
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last position delivered to a channel (or the floor it started from).
+    pub fn cursor(&self, id: SubscriberId) -> Option<Position> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let r = inner.channels.get(&id)?;
+        let at = *r.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        Some(at)
     }
 
     /// Register a channel's bindings. `while_locked` runs before any later dispatch can see
@@ -302,7 +386,18 @@ impl Hub {
         }
         let mut target = target;
         target.identity = inner.intern(target.identity);
-        inner.channels.insert(id, target);
+        // A channel subscribing again (a new token) keeps its place in the stream.
+        let cursor = match inner.channels.get(&id) {
+            Some(r) => *r.cursor.lock().unwrap_or_else(|e| e.into_inner()),
+            None => target.after.unwrap_or_else(|| self.routed_through()),
+        };
+        inner.channels.insert(
+            id,
+            Registered {
+                target,
+                cursor: Mutex::new(cursor),
+            },
+        );
         while_locked()
     }
 
@@ -320,23 +415,13 @@ impl Hub {
     pub fn fail(&self, id: SubscriberId, message: &str) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         inner.index.remove_subscriber(id);
-        let Some(target) = inner.channels.remove(&id) else {
+        let Some(r) = inner.channels.remove(&id) else {
             return false;
         };
-        let payload = outbound::system(
-            outbound::SystemExtension::PostgresChanges,
-            outbound::SystemStatus::Error,
-            message,
-            &target.topic,
-        );
-        target.outbox.push(OutFrame::text(encode_push(
-            target.vsn,
-            None,
-            None,
-            &target.topic,
-            "system",
-            &payload,
-        )));
+        let target = r.target;
+        target
+            .outbox
+            .push(target.system_frame(outbound::SystemStatus::Error, message));
         true
     }
 
@@ -344,26 +429,12 @@ impl Hub {
     /// is back): a `system` push with extension `postgres_changes`. Returns how many.
     pub fn notify_all(&self, status: outbound::SystemStatus, message: &str) -> usize {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        let mut frames: HashMap<(Vsn, Arc<str>), OutFrame> = HashMap::new();
-        for target in inner.channels.values() {
+        let mut frames: HashMap<(Framing, Arc<str>), OutFrame> = HashMap::new();
+        for r in inner.channels.values() {
+            let target = &r.target;
             let frame = frames
-                .entry((target.vsn, target.topic.clone()))
-                .or_insert_with(|| {
-                    let payload = outbound::system(
-                        outbound::SystemExtension::PostgresChanges,
-                        status,
-                        message,
-                        &target.topic,
-                    );
-                    OutFrame::text(encode_push(
-                        target.vsn,
-                        None,
-                        None,
-                        &target.topic,
-                        "system",
-                        &payload,
-                    ))
-                });
+                .entry((target.framing, target.topic.clone()))
+                .or_insert_with(|| target.system_frame(status, message));
             target.outbox.push(frame.clone());
         }
         inner.channels.len()
@@ -380,13 +451,20 @@ impl Hub {
         if change.kind == ChangeKind::Truncate {
             return routed;
         }
+        let at = change.position();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        self.advance(at);
         inner.index.matches(change, &mut scratch.matches);
         scratch.identity_index.clear();
         for m in scratch.matches.drain(..) {
-            let Some(target) = inner.channels.get(&m.subscriber) else {
+            let Some(Registered { target, cursor }) = inner.channels.get(&m.subscriber) else {
                 continue;
             };
+            // Not even routed when it cannot be delivered (a stream read again after a
+            // reconnection, a resumed channel's replay): no authorization work for it.
+            if at <= *cursor.lock().unwrap_or_else(|e| e.into_inner()) {
+                continue;
+            }
             let ptr = Arc::as_ptr(&target.identity) as usize;
             let k = *scratch.identity_index.entry(ptr).or_insert_with(|| {
                 routed.identities.push(target.identity.clone());
@@ -409,17 +487,27 @@ impl Hub {
         let mut stats = DispatchStats::default();
         scratch.data.clear();
         scratch.frames.clear();
+        let at = change.position();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         for (m, target, k) in routed.routes {
             // A channel that left since routing gets nothing. One that changed identity (a
             // new token) still gets what was routed before: it was judged for the token the
             // channel held when those changes committed.
-            if !inner.channels.contains_key(&m.subscriber) {
+            let Some(registered) = inner.channels.get(&m.subscriber) else {
                 continue;
-            }
+            };
             let Access::Allow(vis) = decide(k as usize) else {
                 continue;
             };
+            // At or below the cursor: delivered already (a stream read again after a
+            // reconnection), or committed before the channel's floor.
+            {
+                let mut cursor = registered.cursor.lock().unwrap_or_else(|e| e.into_inner());
+                if at <= *cursor {
+                    continue;
+                }
+                *cursor = at;
+            }
             let mut m = m;
             if let Some(mask) = &vis.columns {
                 // The column mask narrowed since the binding was checked (a REVOKE): a filter
@@ -439,7 +527,7 @@ impl Hub {
                 }
             }
             let key = (
-                target.vsn,
+                target.framing,
                 target.topic.clone(),
                 m.binding_ids,
                 (m.select, vis),
@@ -461,21 +549,26 @@ impl Hub {
                             d
                         }
                     };
-                    let payload = outbound::postgres_changes(&key.2, &data);
-                    let frame = OutFrame::text(encode_push(
-                        key.0,
-                        None,
-                        None,
-                        &key.1,
-                        "postgres_changes",
-                        &payload,
-                    ));
+                    let frame = match key.0 {
+                        Framing::Phoenix(vsn) => {
+                            let payload = outbound::postgres_changes(&key.2, &data);
+                            OutFrame::text(encode_push(
+                                vsn,
+                                None,
+                                None,
+                                &key.1,
+                                "postgres_changes",
+                                &payload,
+                            ))
+                        }
+                        Framing::Data => OutFrame::Text(Bytes::copy_from_slice(data.as_bytes())),
+                    };
                     stats.encoded += 1;
                     scratch.frames.insert(key, frame.clone());
                     frame
                 }
             };
-            if target.outbox.push(frame) {
+            if target.outbox.push_at(at, frame) {
                 stats.delivered += 1;
             } else {
                 stats.dropped += 1;
@@ -548,23 +641,13 @@ impl Hub {
         if inner.index.remove_binding(id, binding) == 0 {
             return false;
         }
-        let Some(target) = inner.channels.get(&id) else {
+        let Some(r) = inner.channels.get(&id) else {
             return false;
         };
-        let payload = outbound::system(
-            outbound::SystemExtension::PostgresChanges,
-            outbound::SystemStatus::Error,
-            message,
-            &target.topic,
+        r.target.outbox.push(
+            r.target
+                .system_frame(outbound::SystemStatus::Error, message),
         );
-        target.outbox.push(OutFrame::text(encode_push(
-            target.vsn,
-            None,
-            None,
-            &target.topic,
-            "system",
-            &payload,
-        )));
         true
     }
 
@@ -632,12 +715,15 @@ mod tests {
         }
     }
 
+    /// Each test change commits after the previous one (the hub skips what it delivered).
     fn insert(table: Arc<Table>, title: &str) -> Change {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Change {
             table,
             kind: ChangeKind::Insert,
-            commit_lsn: Lsn(1),
+            commit_lsn: Lsn(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
             index_in_txn: 0,
+            xid: 0,
             commit_time_us: 1_763_511_760_877_123,
             record: Some(vec![
                 present("46", "46"),
@@ -661,7 +747,8 @@ mod tests {
     fn target(sink: &Arc<Sink>, vsn: Vsn, topic: &str) -> ChannelTarget {
         ChannelTarget {
             outbox: sink.clone(),
-            vsn,
+            framing: Framing::Phoenix(vsn),
+            after: None,
             topic: topic.into(),
             identity: Arc::new(Identity {
                 role: "anon".into(),
@@ -989,12 +1076,67 @@ mod tests {
         assert_eq!(stats.delivered, 1);
         assert_eq!(b.frames.lock().unwrap().len(), 1);
         assert!(Routed::default().take_identity(3).is_empty());
-        // The same in one pass over several identities.
+        // The same in one pass over several identities (for the next change: this one was
+        // delivered, so it is not routed again).
+        let change = insert(table(true), "y");
         let mut routed = hub.route_owned(&change, &mut scratch);
         let parts = routed.split_off(&[false, true]);
         assert!(parts[0].is_none());
         assert_eq!(parts[1].as_ref().map(Routed::len), Some(1));
         assert_eq!(routed.len(), 1);
+    }
+
+    #[test]
+    fn each_channel_gets_each_position_once_and_nothing_before_its_floor() {
+        let hub = Hub::new(HubConfig::default());
+        let early = Arc::new(Sink::default());
+        hub.subscribe(
+            1,
+            target(&early, Vsn::V2, "realtime:a"),
+            vec![binding(1)],
+            || (),
+        );
+        let mut scratch = DispatchScratch::default();
+        let first = insert(table(true), "first");
+        let second = insert(table(true), "second");
+        assert_eq!(hub.dispatch(&first, &mut scratch).delivered, 1);
+        // A channel joined now starts after what was routed: a stream read again after a
+        // reconnection does not hand it `first`.
+        let late = Arc::new(Sink::default());
+        hub.subscribe(
+            2,
+            target(&late, Vsn::V2, "realtime:b"),
+            vec![binding(1)],
+            || (),
+        );
+        // A resumed channel starts where it left off.
+        let resumed = Arc::new(Sink::default());
+        let mut t = target(&resumed, Vsn::V2, "realtime:c");
+        t.after = Some(Position::just_before(first.commit_lsn));
+        hub.subscribe(3, t, vec![binding(1)], || ());
+        assert_eq!(
+            hub.dispatch(&first, &mut scratch).delivered,
+            1,
+            "only the resumed one"
+        );
+        assert_eq!(hub.dispatch(&second, &mut scratch).delivered, 3);
+        assert_eq!(
+            hub.dispatch(&second, &mut scratch).delivered,
+            0,
+            "never twice"
+        );
+        let count = |s: &Arc<Sink>| s.frames.lock().unwrap().len();
+        assert_eq!((count(&early), count(&late), count(&resumed)), (2, 1, 2));
+        // A new token (subscribing again under the same id) keeps the channel's place.
+        hub.subscribe(
+            2,
+            target(&late, Vsn::V2, "realtime:b"),
+            vec![binding(1)],
+            || (),
+        );
+        assert_eq!(hub.cursor(2), Some(second.position()));
+        assert_eq!(hub.dispatch(&second, &mut scratch).delivered, 0);
+        assert_eq!(hub.routed_through(), second.position());
     }
 
     #[test]

@@ -520,6 +520,7 @@ mod tests {
             kind,
             commit_lsn: Lsn(1),
             index_in_txn: 0,
+            xid: 0,
             commit_time_us: 0,
             record: (kind != ChangeKind::Delete).then(|| row.clone()),
             old_record: (kind != ChangeKind::Insert).then_some(row),

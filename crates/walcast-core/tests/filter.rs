@@ -88,6 +88,7 @@ fn change_with(
         kind,
         commit_lsn: Lsn(1),
         index_in_txn: 0,
+        xid: 0,
         commit_time_us: 0,
         record,
         old_record,

@@ -153,25 +153,64 @@ pub enum Readiness {
     Stopped(String),
 }
 
-/// The shared readiness state.
+/// The shared readiness state, and how far delivery has got.
 #[derive(Debug)]
-pub struct Health(std::sync::Mutex<Readiness>);
+pub struct Health {
+    readiness: std::sync::Mutex<Readiness>,
+    /// Every transaction whose commit record lies at or before this LSN has been delivered
+    /// to (or decided for) every channel. Moves forward only; the pump sets it.
+    delivered: tokio::sync::watch::Sender<walcast_replication::Lsn>,
+}
 
 impl Default for Health {
     fn default() -> Self {
-        Health(std::sync::Mutex::new(Readiness::Starting(
-            "connecting to the database".into(),
-        )))
+        Health {
+            readiness: std::sync::Mutex::new(Readiness::Starting(
+                "connecting to the database".into(),
+            )),
+            delivered: tokio::sync::watch::Sender::new(walcast_replication::Lsn(0)),
+        }
     }
 }
 
 impl Health {
     pub fn get(&self) -> Readiness {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.readiness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set(&self, r: Readiness) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        *self.readiness.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// Delivery has got through `lsn` (see [`Health::delivered_through`]).
+    pub fn delivered(&self, lsn: walcast_replication::Lsn) {
+        self.delivered.send_if_modified(|at| {
+            let moved = lsn > *at;
+            if moved {
+                *at = lsn;
+            }
+            moved
+        });
+    }
+
+    /// Every transaction committed at or before this LSN has been delivered everywhere.
+    pub fn delivered_through(&self) -> walcast_replication::Lsn {
+        *self.delivered.borrow()
+    }
+
+    /// Wait until delivery got through `lsn`; false after `timeout`.
+    pub async fn wait_delivered(
+        &self,
+        lsn: walcast_replication::Lsn,
+        timeout: std::time::Duration,
+    ) -> bool {
+        let mut rx = self.delivered.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|at| *at >= lsn))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 

@@ -146,6 +146,14 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let hub = Arc::new(Hub::new(HubConfig {
         max_record_bytes: args.limits.max_record_bytes,
     }));
+    // Channels joined from now on start after everything committed so far, even when the
+    // stream first re-reads transactions an earlier run did not confirm.
+    if let Ok(client) = sql.get().await {
+        match crate::db::sql::wal_insert_lsn(&client).await {
+            Ok(lsn) => hub.advance(walcast_core::Position::just_before(lsn)),
+            Err(e) => tracing::debug!(error = ?format!("{e:#}"), "cannot read the WAL position"),
+        }
+    }
     let replicator = Replicator::new(cfg.clone());
     let state = Arc::new(AppState::new(
         jwt,

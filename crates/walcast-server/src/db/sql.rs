@@ -265,3 +265,13 @@ impl ExclusivePool {
         })
     }
 }
+
+/// The server's WAL insert position now: every transaction that committed before this call
+/// has its commit record below it, every later one at or above it.
+pub async fn wal_insert_lsn(client: &tokio_postgres::Client) -> Result<walcast_replication::Lsn> {
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?;
+    let text: String = row.try_get(0)?;
+    Ok(text.parse()?)
+}

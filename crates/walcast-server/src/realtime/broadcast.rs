@@ -132,7 +132,7 @@ pub fn deliver_message_row(topics: &Topics, change: &Change) -> Option<FanoutSta
         meta: Some(meta),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
     });
-    let stats = topics.publish(&TopicKey::new(topic, private), &body, None);
+    let stats = topics.publish_at(&TopicKey::new(topic, private), &body, change.position());
     crate::metrics::broadcast("database", stats.delivered);
     Some(stats)
 }
@@ -179,6 +179,7 @@ mod tests {
             kind: ChangeKind::Insert,
             commit_lsn: Lsn(1),
             index_in_txn: 0,
+            xid: 0,
             commit_time_us: 0,
             record: Some(
                 values

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use walcast_core::broadcast::{Body, JoinOptions, Member, PresenceFull};
-use walcast_core::hub::{ChannelTarget, Identity, OutFrame, Outbox};
+use walcast_core::hub::{ChannelTarget, Framing, Identity, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
     encode_push, join_reply_ok, BroadcastPush, FrameAction, FrameError, Inbound, InboundFrame,
@@ -387,7 +387,8 @@ impl Session {
     fn target(&self, ch: &Channel) -> ChannelTarget {
         ChannelTarget {
             outbox: self.outbox.clone(),
-            vsn: self.vsn,
+            framing: Framing::Phoenix(self.vsn),
+            after: None,
             topic: ch.topic.clone(),
             identity: ch.identity.clone(),
         }

@@ -457,6 +457,7 @@ mod tests {
             kind: walcast_core::change::ChangeKind::Insert,
             commit_lsn: Lsn(1),
             index_in_txn: 0,
+            xid: 0,
             commit_time_us: 0,
             record: None,
             old_record: None,
@@ -513,7 +514,8 @@ mod tests {
             subscriber,
             walcast_core::hub::ChannelTarget {
                 outbox: Arc::new(Null),
-                vsn: walcast_protocol::Vsn::V2,
+                framing: walcast_core::hub::Framing::Phoenix(walcast_protocol::Vsn::V2),
+                after: None,
                 topic: "realtime:x".into(),
                 identity: identity.clone(),
             },

@@ -94,6 +94,10 @@ pub struct Pump {
     gathering_since: Option<Instant>,
     /// The stream ran at least once (a loss is then "lost", not "starting").
     streamed: bool,
+    /// How far the stream has been read outside transactions: the end of the last commit,
+    /// or a keepalive's or non-transactional message's position. Once the lanes are empty,
+    /// everything up to it has been delivered.
+    read_through: Lsn,
 }
 
 impl Pump {
@@ -118,6 +122,7 @@ impl Pump {
             lanes: Lanes::default(),
             txns: Txns::default(),
             holding: false,
+            read_through: Lsn(0),
             checks: FuturesUnordered::new(),
             gathering_since: None,
             streamed: false,
@@ -209,7 +214,15 @@ impl Pump {
                     self.decoder.decode(&types, &x.data)
                 };
                 match decoded {
-                    Ok(d) => self.handle(d).await,
+                    Ok(d) => {
+                        let outside =
+                            matches!(d, Decoded::Message(_)) && !self.decoder.in_transaction();
+                        self.handle(d).await;
+                        if outside {
+                            // Every transaction that committed before it was streamed.
+                            self.read_through = self.read_through.max(x.wal_start);
+                        }
+                    }
                     Err(e) => {
                         // Never skip what we cannot read: reconnect and read it again.
                         tracing::error!(error = ?e.to_string(), wal_start = %x.wal_start, "cannot decode a replication message; reconnecting");
@@ -219,6 +232,9 @@ impl Pump {
                 }
             }
             StreamEvent::Keepalive { wal_end } => {
+                if !self.decoder.in_transaction() {
+                    self.read_through = self.read_through.max(wal_end);
+                }
                 // Nothing left to send: caught up, whatever the last commit's age.
                 if wal_end <= self.replicator.handed_on() {
                     metrics::replication_lag_seconds(0.0);
@@ -316,6 +332,7 @@ impl Pump {
             } => {
                 metrics::replication_lag_seconds(seconds_since(commit_time_us));
                 self.txns.commit(end_lsn);
+                self.read_through = self.read_through.max(end_lsn);
             }
             // Logical messages are never delivered: any role can emit them, so nothing
             // about their author can be trusted (database broadcasts are rows instead).
@@ -591,18 +608,24 @@ impl Pump {
         moved
     }
 
-    /// Confirm what has been delivered.
+    /// Confirm what has been delivered, and tell those waiting for delivery to get somewhere
+    /// (aligned snapshots).
     fn confirm(&mut self) {
-        if !self.holding {
-            return;
-        }
-        match self.txns.confirmable() {
-            None => {
-                self.replicator.release();
-                self.holding = false;
+        if self.holding {
+            match self.txns.confirmable() {
+                None => {
+                    self.replicator.release();
+                    self.holding = false;
+                }
+                Some(Lsn(0)) => {}
+                Some(lsn) => {
+                    self.replicator.release_to(lsn);
+                    self.health.delivered(lsn);
+                }
             }
-            Some(Lsn(0)) => {}
-            Some(lsn) => self.replicator.release_to(lsn),
+        }
+        if !self.holding {
+            self.health.delivered(self.read_through);
         }
     }
 
