@@ -115,7 +115,7 @@ mod tests {
 
     #[test]
     fn text_round_trips_and_is_fixed_width() {
-        let p = Position::new(Lsn(0x1_A2B3_C8), 3);
+        let p = Position::new(Lsn(0x01A2_B3C8), 3);
         assert_eq!(p.to_string(), "0000000001A2B3C800000003");
         assert_eq!(Position::parse(&p.to_string()), Ok(p));
         let max = Position::new(Lsn(u64::MAX), u32::MAX);
