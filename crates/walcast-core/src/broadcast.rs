@@ -396,8 +396,8 @@ impl Topics {
     /// Send a database broadcast (a committed `realtime.messages` row at `at`): as
     /// [`Topics::publish`], with the position handed to each outbox, so resumable sessions
     /// can replay it.
-    pub fn publish_at(&self, key: &TopicKey, body: &Body, at: Position) -> FanoutStats {
-        self.publish_inner(key, body, None, Some(at))
+    pub fn publish_at(&self, key: &TopicKey, body: &Body, at: Position, xid: u32) -> FanoutStats {
+        self.publish_inner(key, body, None, Some((at, xid)))
     }
 
     fn publish_inner(
@@ -405,7 +405,7 @@ impl Topics {
         key: &TopicKey,
         body: &Body,
         exclude: Option<MemberId>,
-        at: Option<Position>,
+        at: Option<(Position, u32)>,
     ) -> FanoutStats {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         let Some(topic) = topics.get(key) else {
@@ -420,7 +420,7 @@ impl Topics {
             match cache.get(m.vsn, |wire, vsn| broadcast_frame(wire, vsn, body)) {
                 Some(frame) => {
                     let queued = match at {
-                        Some(at) => m.outbox.push_at(at, frame),
+                        Some((at, xid)) => m.outbox.push_at(at, xid, frame),
                         None => m.outbox.push(frame),
                     };
                     if queued {

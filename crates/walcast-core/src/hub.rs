@@ -69,11 +69,11 @@ pub trait Outbox: Send + Sync + 'static {
     /// socket gone); the outbox is responsible for dealing with its own overflow.
     fn push(&self, frame: OutFrame) -> bool;
 
-    /// Queue a frame that carries the change (or database broadcast) at `at`. Outboxes that
-    /// remember what they delivered (resumable sessions, change feeds) keep the position;
-    /// the others just queue the frame.
-    fn push_at(&self, at: Position, frame: OutFrame) -> bool {
-        let _ = at;
+    /// Queue a frame that carries the change (or database broadcast) at `at`, committed by
+    /// transaction `xid`. Outboxes that remember what they delivered (resumable sessions,
+    /// change feeds aligned with a snapshot) keep them; the others just queue the frame.
+    fn push_at(&self, at: Position, xid: u32, frame: OutFrame) -> bool {
+        let _ = (at, xid);
         self.push(frame)
     }
 }
@@ -568,7 +568,7 @@ impl Hub {
                     frame
                 }
             };
-            if target.outbox.push_at(at, frame) {
+            if target.outbox.push_at(at, change.xid, frame) {
                 stats.delivered += 1;
             } else {
                 stats.dropped += 1;

@@ -132,7 +132,12 @@ pub fn deliver_message_row(topics: &Topics, change: &Change) -> Option<FanoutSta
         meta: Some(meta),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
     });
-    let stats = topics.publish_at(&TopicKey::new(topic, private), &body, change.position());
+    let stats = topics.publish_at(
+        &TopicKey::new(topic, private),
+        &body,
+        change.position(),
+        change.xid,
+    );
     crate::metrics::broadcast("database", stats.delivered);
     Some(stats)
 }
