@@ -76,6 +76,12 @@ pub trait Outbox: Send + Sync + 'static {
         let _ = (at, xid);
         self.push(frame)
     }
+
+    /// Queue a notice about the change stream itself (lost, back, a binding stopped, a
+    /// resync needed): part of what a resumed session replays, unlike client broadcasts.
+    fn push_notice(&self, frame: OutFrame) -> bool {
+        self.push(frame)
+    }
 }
 
 /// How a channel's deliveries are framed.
@@ -421,7 +427,7 @@ impl Hub {
         let target = r.target;
         target
             .outbox
-            .push(target.system_frame(outbound::SystemStatus::Error, message));
+            .push_notice(target.system_frame(outbound::SystemStatus::Error, message));
         true
     }
 
@@ -435,7 +441,7 @@ impl Hub {
             let frame = frames
                 .entry((target.framing, target.topic.clone()))
                 .or_insert_with(|| target.system_frame(status, message));
-            target.outbox.push(frame.clone());
+            target.outbox.push_notice(frame.clone());
         }
         inner.channels.len()
     }
@@ -644,7 +650,7 @@ impl Hub {
         let Some(r) = inner.channels.get(&id) else {
             return false;
         };
-        r.target.outbox.push(
+        r.target.outbox.push_notice(
             r.target
                 .system_frame(outbound::SystemStatus::Error, message),
         );

@@ -230,9 +230,34 @@ pub struct LimitArgs {
     /// predefined `pg_*` role); such tokens are refused by default.
     #[arg(long, env = "ALLOWED_TOKEN_ROLES")]
     pub allowed_token_roles: Option<String>,
+
+    /// How long a channel of a socket opened with `session_id` outlives the socket, buffering
+    /// what it matches for the rejoin (session resume), in seconds.
+    #[arg(long, env = "RESUME_WINDOW_SECS", default_value_t = 120)]
+    pub resume_window_secs: u64,
+
+    /// Bytes one session may buffer for its rejoin; past it the rejoin is told to resync.
+    #[arg(long, env = "RESUME_BUFFER_BYTES", default_value_t = 1_048_576)]
+    pub resume_buffer_bytes: usize,
+
+    /// Bytes all sessions together may buffer for their rejoins.
+    #[arg(long, env = "RESUME_TOTAL_BYTES", default_value_t = 256 * 1_048_576)]
+    pub resume_total_bytes: usize,
 }
 
 impl LimitArgs {
+    /// The session resume bounds these flags describe.
+    pub fn session_limits(&self) -> crate::realtime::resume::SessionLimits {
+        crate::realtime::resume::SessionLimits {
+            window: std::time::Duration::from_secs(self.resume_window_secs.max(1)),
+            session_bytes: self.resume_buffer_bytes.max(1),
+            total_bytes: self.resume_total_bytes.max(1),
+            // As many parked channels as there may be connections: a server that holds that
+            // many sockets holds their channels too.
+            max_parked: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+        }
+    }
+
     /// The broadcast and presence limits these flags describe.
     pub fn broadcast_limits(&self) -> crate::realtime::broadcast::BroadcastLimits {
         crate::realtime::broadcast::BroadcastLimits {

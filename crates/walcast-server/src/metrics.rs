@@ -32,6 +32,13 @@ pub const BROADCASTS: &str = "walcast_broadcasts_total";
 pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
 pub const PENDING_EVICTED: &str = "walcast_pending_connections_closed_total";
+pub const SESSIONS_PARKED_TOTAL: &str = "walcast_session_channels_parked_total";
+pub const SESSIONS_PARKED: &str = "walcast_session_channels_parked";
+pub const SESSIONS_RESUMED: &str = "walcast_session_channels_resumed_total";
+pub const SESSIONS_EXPIRED: &str = "walcast_session_channels_expired_total";
+pub const SESSIONS_RESYNC: &str = "walcast_session_resyncs_total";
+pub const SESSION_BUFFERED_BYTES: &str = "walcast_session_buffered_bytes";
+pub const SESSION_REPLAYED: &str = "walcast_session_replayed_deliveries_total";
 
 /// Label values of the labelled series, so each exists (at 0) from start-up: dashboards
 /// and `absent()` alerts then work on an idle server.
@@ -56,7 +63,13 @@ const JOIN_ERROR_REASONS: [&str; 11] = [
     "internal",
     "unknown",
 ];
-const UPGRADE_REFUSALS: [&str; 4] = ["vsn", "origin", "max_connections", "privileged_role"];
+const UPGRADE_REFUSALS: [&str; 5] = [
+    "vsn",
+    "origin",
+    "max_connections",
+    "privileged_role",
+    "session_id",
+];
 const CHANNEL_CLOSE_REASONS: [&str; 7] = [
     "events_rate",
     "token_expired",
@@ -68,6 +81,7 @@ const CHANNEL_CLOSE_REASONS: [&str; 7] = [
 ];
 const CHANGE_KINDS: [&str; 4] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
 const ORIGINS: [&str; 3] = ["client", "http", "database"];
+const RESYNC_REASONS: [&str; 4] = ["expired", "overflow", "changed", "dropped"];
 
 /// Create every series at 0 (see [`JOIN_ERROR_REASONS`] and friends).
 fn zero_every_series() {
@@ -78,8 +92,13 @@ fn zero_every_series() {
         SLOT_RETAINED_BYTES,
         SLOT_USABLE,
         REPLICATION_STREAMING,
+        SESSIONS_PARKED,
+        SESSION_BUFFERED_BYTES,
     ] {
         gauge!(name).set(0.0);
+    }
+    for reason in RESYNC_REASONS {
+        counter!(SESSIONS_RESYNC, "reason" => reason).absolute(0);
     }
     for kind in ["postgres_changes", "plain"] {
         gauge!(CHANNELS_JOINED, "kind" => kind).set(0.0);
@@ -93,6 +112,10 @@ fn zero_every_series() {
         REPLICATION_RECONNECTS,
         AUTHZ_STOPPED,
         PENDING_EVICTED,
+        SESSIONS_PARKED_TOTAL,
+        SESSIONS_RESUMED,
+        SESSIONS_EXPIRED,
+        SESSION_REPLAYED,
     ] {
         counter!(name).absolute(0);
     }
@@ -168,6 +191,54 @@ pub fn describe() {
         COMMIT_TO_SEND,
         "From a change's commit time to its frames being queued"
     );
+    describe_counter!(
+        SESSIONS_PARKED_TOTAL,
+        "Session channels kept after their socket went away (session resume)"
+    );
+    describe_gauge!(SESSIONS_PARKED, "Session channels parked now");
+    describe_counter!(SESSIONS_RESUMED, "Session channels taken over by a rejoin");
+    describe_counter!(
+        SESSIONS_EXPIRED,
+        "Parked session channels dropped at the end of the resume window"
+    );
+    describe_counter!(
+        SESSIONS_RESYNC,
+        "Rejoins told ResyncRequired instead of resumed, by reason"
+    );
+    describe_gauge!(
+        SESSION_BUFFERED_BYTES,
+        "Bytes kept for replay by session channels"
+    );
+    describe_counter!(
+        SESSION_REPLAYED,
+        "Deliveries replayed to resumed session channels"
+    );
+}
+
+pub fn session_parked() {
+    counter!(SESSIONS_PARKED_TOTAL).increment(1);
+}
+
+pub fn sessions_parked_now(delta: f64) {
+    gauge!(SESSIONS_PARKED).increment(delta);
+}
+
+pub fn session_resumed(replayed: usize) {
+    counter!(SESSIONS_RESUMED).increment(1);
+    counter!(SESSION_REPLAYED).increment(replayed as u64);
+}
+
+pub fn session_expired() {
+    counter!(SESSIONS_EXPIRED).increment(1);
+}
+
+/// `reason`: one of [`RESYNC_REASONS`].
+pub fn session_resync(reason: &'static str) {
+    counter!(SESSIONS_RESYNC, "reason" => reason).increment(1);
+}
+
+pub fn resume_buffered_bytes(delta: f64) {
+    gauge!(SESSION_BUFFERED_BYTES).increment(delta);
 }
 
 pub fn socket_opened() {

@@ -44,6 +44,8 @@ pub struct Limits {
     pub max_events_per_second: u32,
     /// Exact origins allowed to open WebSockets; `None` allows any.
     pub allowed_origins: Option<Vec<String>>,
+    /// Session resume: window and buffer bounds.
+    pub resume: crate::realtime::resume::SessionLimits,
 }
 
 /// Shared by everything in `walcast serve`.
@@ -72,6 +74,8 @@ pub struct AppState {
     pub rest_limits: Limited,
     /// Which token roles clients may use.
     pub token_roles: TokenRoles,
+    /// Channels of sockets opened with a `session_id`, live and parked.
+    pub sessions: Arc<crate::realtime::resume::Sessions>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -102,6 +106,9 @@ impl AppState {
                 now,
             ),
             token_roles,
+            sessions: Arc::new(crate::realtime::resume::Sessions::new(
+                limits.resume.clone(),
+            )),
             authz,
             jwt,
             hub,

@@ -116,6 +116,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             .max(1),
         max_members_per_channel: args.limits.max_members_per_channel,
         max_events_per_second: args.limits.max_events_per_second.max(1),
+        resume: args.limits.session_limits(),
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())
@@ -186,6 +187,22 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             let _ = retention_shutdown.changed().await;
         },
     ));
+    {
+        // Parked session channels end with their window.
+        let state = state.clone();
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        crate::realtime::resume::expire(&state, std::time::Instant::now());
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+    }
     let mut pump = tokio::spawn(
         Pump::new(replicator, types, hub, sql, state.authz.clone())
             .with_topics(state.topics.clone())

@@ -162,6 +162,19 @@ async fn websocket(
             return refuse(StatusCode::FORBIDDEN, "Origin not allowed");
         }
     }
+    let session_id = match params.get("session_id") {
+        None => None,
+        Some(id) if crate::realtime::resume::valid_session_id(id) => {
+            Some(Arc::<str>::from(id.as_str()))
+        }
+        Some(_) => {
+            metrics::upgrade_refused("session_id");
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "session_id must be 8 to 128 URL-safe characters (letters, digits, '-', '_', '.', '~')",
+            );
+        }
+    };
     let Some(slot) = s.app.try_socket_slot() else {
         metrics::upgrade_refused("max_connections");
         tokio::time::sleep(limits.connect_error_backoff).await;
@@ -216,6 +229,7 @@ async fn websocket(
                 token: token.into(),
                 client,
                 slot,
+                session_id,
             };
             socket::run(ws, app, conn, shutdown)
         })

@@ -36,6 +36,8 @@ pub struct Channel {
     pub perms: Option<ChannelPerms>,
     /// Inbound broadcast/presence pushes in the current second, for the events/s limit.
     pub events: RateWindow,
+    /// Under a session: the channel's outbox that outlives the socket.
+    pub resumable: Option<Arc<crate::realtime::resume::Resumable>>,
 }
 
 /// A channel's broadcast and presence settings and caches.
@@ -173,6 +175,7 @@ mod tests {
             realtime: ChannelRealtime::new("x", &JoinPayload::default(), Instant::now()),
             perms: None,
             events: RateWindow::new(Instant::now()),
+            resumable: None,
         }
     }
 

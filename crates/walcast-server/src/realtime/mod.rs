@@ -10,5 +10,6 @@ pub mod changes;
 pub mod channel;
 pub mod limiter;
 pub mod outbox;
+pub mod resume;
 pub mod session;
 pub mod socket;

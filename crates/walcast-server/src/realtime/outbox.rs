@@ -99,6 +99,28 @@ impl Outbox for SocketOutbox {
     }
 }
 
+impl SocketOutbox {
+    /// Queue frames whatever the bounds (a resumed session's replay: the frames are already
+    /// held in memory, and moving them here costs nothing more). Refused only once the
+    /// socket is gone.
+    pub fn push_unbounded(&self, frames: impl IntoIterator<Item = OutFrame>) -> bool {
+        let mut q = self.lock();
+        if q.closed {
+            return false;
+        }
+        for frame in frames {
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+}
+
 impl OutboxReader {
     /// The shared end, for the hub and the topics.
     pub fn outbox(&self) -> &Arc<SocketOutbox> {

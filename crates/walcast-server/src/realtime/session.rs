@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use walcast_core::broadcast::{Body, JoinOptions, Member, PresenceFull};
+use walcast_core::broadcast::{Body, JoinOptions, Member, PresenceFull, TopicKey};
 use walcast_core::hub::{ChannelTarget, Framing, Identity, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
@@ -48,6 +48,7 @@ use crate::realtime::changes::{id_for, Checked};
 use crate::realtime::channel::{Channel, ChannelRealtime, Channels};
 use crate::realtime::limiter::{RateWindow, Refused};
 use crate::realtime::outbox::SocketOutbox;
+use crate::realtime::resume::{who_of, ChannelSpec, Claim, Park, SessionKey};
 use crate::state::AppState;
 
 /// The longest wire topic (`realtime:<name>`), as in Supabase (a kind 4 frame stores its
@@ -191,6 +192,13 @@ struct PendingJoin {
     identity: Arc<Identity>,
 }
 
+/// A socket's session id, and the socket among all sockets (which one owns a session
+/// channel).
+struct ResumeId {
+    id: Arc<str>,
+    socket: u64,
+}
+
 /// One WebSocket's channels and everything it asked for.
 pub struct Session {
     state: Arc<AppState>,
@@ -200,6 +208,9 @@ pub struct Session {
     /// Who the client is for per-client limits: its token's `sub`, else its address.
     client: Arc<str>,
     outbox: Arc<SocketOutbox>,
+    /// The socket's `session_id` (session resume), if it gave one. Boxed: most sockets
+    /// have none, and an idle socket's task should stay small.
+    resume: Option<Box<ResumeId>>,
     channels: Channels,
     busy: Vec<Busy>,
     work: Vec<Work>,
@@ -216,14 +227,22 @@ impl Session {
         conn_token: Arc<str>,
         client: Arc<str>,
         outbox: Arc<SocketOutbox>,
+        resume: Option<Arc<str>>,
         now: Now,
     ) -> Session {
+        let resume = resume.map(|id| {
+            Box::new(ResumeId {
+                id,
+                socket: state.next_subscriber_id(),
+            })
+        });
         Session {
             state,
             vsn,
             conn_token,
             client,
             outbox,
+            resume,
             channels: Channels::default(),
             busy: Vec::new(),
             work: Vec::new(),
@@ -232,6 +251,12 @@ impl Session {
             last_inbound: now.at,
             exit: None,
         }
+    }
+
+    /// This socket's number in the session registry (0 without a session: it owns no
+    /// session channel).
+    fn socket(&self) -> u64 {
+        self.resume.as_ref().map_or(0, |r| r.socket)
     }
 
     /// Set once the socket must end; the driver closes it.
@@ -369,26 +394,66 @@ impl Session {
         }
     }
 
-    /// Drop a channel from every registry (hub, broadcast/presence topics, gauges).
+    /// Drop a channel from every registry (hub, broadcast/presence topics, its session,
+    /// gauges). A session channel another socket took over is left alone.
     fn forget(&self, ch: &Channel) {
+        metrics::channel_left(ch.kind());
+        if let Some(r) = &ch.resumable {
+            if !r.owned_by(self.socket()) {
+                return;
+            }
+            self.state.sessions.forget(r);
+        }
         self.state.hub.unsubscribe(ch.id);
         self.state.topics.leave(&ch.realtime.key, ch.id);
-        metrics::channel_left(ch.kind());
     }
 
-    /// The socket ends: every channel leaves (presence diffs for the others).
-    pub fn leave_all(&mut self) {
+    /// The socket ends: every channel leaves (presence diffs for the others), except session
+    /// channels, which park for the resume window (their presence leaves).
+    pub fn leave_all(&mut self, now: Now) {
         for ch in self.channels.take_all() {
-            self.forget(&ch);
+            let Some(r) = &ch.resumable else {
+                self.forget(&ch);
+                continue;
+            };
+            match self.state.sessions.park(r, self.socket(), now.at) {
+                Park::Parked => {
+                    metrics::channel_left(ch.kind());
+                    self.state.topics.untrack(&ch.realtime.key, ch.id);
+                }
+                Park::NotMine => metrics::channel_left(ch.kind()),
+                Park::Refused => {
+                    metrics::channel_left(ch.kind());
+                    self.state.hub.unsubscribe(ch.id);
+                    self.state.topics.leave(&ch.realtime.key, ch.id);
+                }
+            }
         }
         self.busy.clear();
     }
 
+    /// The client sent a frame: its session channels have delivered what preceded it.
+    fn ack(&self) {
+        for ch in self.channels.iter() {
+            if let Some(r) = &ch.resumable {
+                r.ack(self.socket());
+            }
+        }
+    }
+
+    /// Where a channel's deliveries go: its session buffer, or the socket's queue.
+    fn sink(&self, ch: &Channel) -> Arc<dyn Outbox> {
+        match &ch.resumable {
+            Some(r) => r.clone(),
+            None => self.outbox.clone(),
+        }
+    }
+
     fn target(&self, ch: &Channel) -> ChannelTarget {
         ChannelTarget {
-            outbox: self.outbox.clone(),
+            outbox: self.sink(ch),
             framing: Framing::Phoenix(self.vsn),
-            after: None,
+            after: ch.resumable.as_ref().map(|r| r.last()),
             topic: ch.topic.clone(),
             identity: ch.identity.clone(),
         }
@@ -441,6 +506,7 @@ impl Session {
     /// A frame the protocol layer could not decode.
     pub fn on_bad_frame(&mut self, now: Now, e: FrameError) {
         self.last_inbound = now.at;
+        self.ack();
         match e.action() {
             FrameAction::Close => {
                 tracing::debug!(error = ?e.to_string(), "closing: unacceptable frame");
@@ -466,6 +532,7 @@ impl Session {
     pub fn on_frame(&mut self, now: Now, frame: InboundFrame) {
         tracing::trace!(topic = ?frame.topic, event = ?frame.event, "frame");
         self.last_inbound = now.at;
+        self.ack();
         if self.exit.is_some() {
             return;
         }
@@ -722,8 +789,39 @@ impl Session {
             return self.refuse_join(now, &frame, r, queued);
         }
         let name = topic.strip_prefix("realtime:").unwrap_or(&topic).to_owned();
-        let id = self.state.next_subscriber_id();
         let entries = p.join.config.postgres_changes.clone();
+        // Under a session: take over the channel it kept, or start one it can keep.
+        let (id, resumable, resumed, lost) = match &self.resume {
+            None => (self.state.next_subscriber_id(), None, false, None),
+            Some(sid) => {
+                let key = SessionKey {
+                    id: sid.id.clone(),
+                    who: who_of(&p.identity),
+                };
+                let spec = ChannelSpec::new(self.vsn, p.join.config.private, &entries);
+                match self.state.sessions.claim(&key, &topic, &spec) {
+                    Claim::Resume(r) => (r.id, Some(r), true, None),
+                    Claim::Fresh { lost, discard } => {
+                        if let Some(d) = discard {
+                            self.state.hub.unsubscribe(d.id);
+                            if let Some(k) = TopicKey::from_topic(&d.topic, d.spec.private) {
+                                self.state.topics.leave(&k, d.id);
+                            }
+                        }
+                        let id = self.state.next_subscriber_id();
+                        let r = self.state.sessions.register(
+                            key,
+                            id,
+                            topic.clone(),
+                            spec,
+                            self.outbox.clone(),
+                            self.socket(),
+                        );
+                        (id, Some(r), false, lost)
+                    }
+                }
+            }
+        };
         let reply_ids: Vec<(u32, &serde_json::value::RawValue)> =
             entries.iter().map(|e| (id_for(e), &*e.raw)).collect();
         let reply = self.reply_to(
@@ -744,10 +842,21 @@ impl Session {
             realtime: ChannelRealtime::new(&name, &p.join, now.at),
             perms: auth.perms,
             events: RateWindow::new(now.at),
+            resumable,
         };
         let jr = channel.join_ref.as_deref();
         // What follows the reply on the wire, in order.
         let mut after = Vec::new();
+        if let Some(lost) = lost {
+            metrics::session_resync(lost.label());
+            after.push(self.system_frame(
+                &topic,
+                jr,
+                SystemExtension::PostgresChanges,
+                SystemStatus::Error,
+                lost.message(),
+            ));
+        }
         for message in &auth.changes.errors {
             after.push(self.system_frame(
                 &topic,
@@ -779,7 +888,7 @@ impl Session {
         }
         let (broadcast, presence) = channel.receives();
         let member = Member {
-            outbox: self.outbox.clone(),
+            outbox: self.sink(&channel),
             vsn: self.vsn,
             broadcast,
             presence,
@@ -794,14 +903,31 @@ impl Session {
         let target = registered.then(|| self.target(&channel));
         let hub = &self.state.hub;
         let outbox = &self.outbox;
+        let resumable = channel.resumable.as_ref();
+        let socket = self.socket();
         let joined = self
             .state
             .topics
             .join(&channel.realtime.key, id, member, opts, || {
                 let queue = move || {
-                    outbox.push(OutFrame::text(reply));
-                    for f in after {
-                        outbox.push(OutFrame::text(f));
+                    let reply_and_after = || {
+                        outbox.push(OutFrame::text(reply));
+                        for f in after {
+                            outbox.push(OutFrame::text(f));
+                        }
+                    };
+                    match resumable {
+                        // The reply, then what the session kept, then live deliveries.
+                        Some(r) if resumed => {
+                            let replayed = r.attach(outbox.clone(), socket, reply_and_after);
+                            metrics::session_resumed(replayed);
+                        }
+                        // A new session channel starts where the hub's cursor does.
+                        Some(r) => {
+                            reply_and_after();
+                            r.start_at(hub.routed_through());
+                        }
+                        None => reply_and_after(),
                     }
                 };
                 match target {
@@ -1153,8 +1279,8 @@ fn join_frame(topic: &str, p: &PendingJoin) -> InboundFrame {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        // However the socket ended, its channels leave every registry.
-        self.leave_all();
+        // However the socket ended, its channels leave every registry (or park).
+        self.leave_all(Now::system());
     }
 }
 

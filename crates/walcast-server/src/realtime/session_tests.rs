@@ -41,6 +41,7 @@ fn limits() -> Limits {
         max_members_per_channel: 0,
         max_events_per_second: 100,
         allowed_origins: None,
+        resume: crate::realtime::resume::SessionLimits::default(),
     }
 }
 
@@ -90,6 +91,10 @@ impl T {
     }
 
     fn with_client(state: Arc<AppState>, client: &str) -> T {
+        T::socket(state, client, None)
+    }
+
+    fn socket(state: Arc<AppState>, client: &str, session_id: Option<&str>) -> T {
         let now = Now::system();
         let (outbox, reader) = outbox::bounded(1024, 1 << 20);
         let session = Session::new(
@@ -98,6 +103,7 @@ impl T {
             Arc::from(anon()),
             Arc::from(client),
             outbox,
+            session_id.map(Arc::from),
             now,
         );
         T {
@@ -640,8 +646,281 @@ fn leaving_everything_frees_the_topics() {
     let mut t = T::new(state.clone());
     t.join("1", "realtime:room", json!({}));
     let op = t.work()[0].op;
-    t.session.leave_all();
+    t.session.leave_all(Now::system());
     t.ok(op);
     assert_eq!(state.topics.member_count(&key), 0);
     let _ = Instant::now();
+}
+
+// ---------------------------------------------------------------------------------------
+// Session resume
+
+mod resume {
+    use super::*;
+    use crate::realtime::changes::Checked;
+    use walcast_core::change::{Change, ChangeKind, Column, Table, Value as Cell};
+    use walcast_core::hub::DispatchScratch;
+    use walcast_core::subscription::{Binding, EventFilter};
+    use walcast_pgoutput::{Lsn, ReplicaIdentity};
+
+    const ENTRY: &str = r#"{"event":"*","schema":"public","table":"todos"}"#;
+
+    fn todos() -> Arc<Table> {
+        Arc::new(Table {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "todos".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: vec![Column {
+                name: "id".into(),
+                type_name: "int8".into(),
+                type_oid: 20,
+                is_key: true,
+            }]
+            .into(),
+        })
+    }
+
+    /// Row `id`, committed at LSN `id` (each test row commits after the previous one).
+    fn row(id: u64) -> Change {
+        Change {
+            table: todos(),
+            kind: ChangeKind::Insert,
+            commit_lsn: Lsn(1_000 + id),
+            index_in_txn: 0,
+            xid: id as u32,
+            commit_time_us: 1_763_511_760_000_000,
+            record: Some(vec![Cell::Present {
+                text: id.to_string().into(),
+                json: id.to_string().into(),
+            }]),
+            old_record: None,
+        }
+    }
+
+    fn commit(state: &AppState, id: u64) {
+        state
+            .hub
+            .dispatch(&row(id), &mut DispatchScratch::default());
+    }
+
+    fn socket(state: &Arc<AppState>, sid: &str, token: String) -> T {
+        let mut t = T::socket(state.clone(), "sub:u1", Some(sid));
+        t.session.conn_token = Arc::from(token);
+        t
+    }
+
+    /// Join `realtime:room` with one postgres_changes entry and let its check pass.
+    fn join(t: &mut T, jr: &str) {
+        let entry: Value = serde_json::from_str(ENTRY).expect("entry");
+        t.join(jr, "realtime:room", json!({"postgres_changes": [entry]}));
+        let work = t.work();
+        assert_eq!(work.len(), 1, "one check for the join");
+        let bindings = vec![Binding {
+            id: 1,
+            event: EventFilter::All,
+            schema: "public".into(),
+            table: "todos".into(),
+            filter: None,
+            select: None,
+        }];
+        t.done(
+            work[0].op,
+            Outcome::Authorize(Ok(Authorized {
+                perms: None,
+                changes: Checked {
+                    bindings,
+                    errors: Vec::new(),
+                },
+            })),
+        );
+    }
+
+    fn heartbeat(t: &mut T) {
+        t.send(json!([null, "hb", "phoenix", "heartbeat", {}]));
+    }
+
+    /// The ids of the rows delivered, and the system messages, in order.
+    fn seen(frames: &[Value]) -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| match f[3].as_str() {
+                Some("postgres_changes") => Some(format!("row {}", f[4]["data"]["record"]["id"])),
+                Some("system") => Some(format!(
+                    "system {}",
+                    f[4]["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .split(':')
+                        .next()
+                        .unwrap_or("")
+                )),
+                Some("phx_reply") if f[2] == "realtime:room" => Some("reply".into()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rejoin_gets_what_came_since_the_last_frame_and_while_away_then_live() {
+        let state = app(limits());
+        let mut a = socket(&state, "session-0001", anon());
+        join(&mut a, "1");
+        commit(&state, 1);
+        heartbeat(&mut a);
+        commit(&state, 2);
+        assert_eq!(
+            seen(&a.out()),
+            ["reply", "system Subscribed to PostgreSQL", "row 1", "row 2"]
+        );
+        // The socket dies without leaving; rows commit meanwhile.
+        drop(a);
+        assert_eq!(state.sessions.parked(), 1);
+        commit(&state, 3);
+        commit(&state, 4);
+        let mut b = socket(&state, "session-0001", anon());
+        join(&mut b, "7");
+        commit(&state, 5);
+        // Row 2 came after the last heartbeat: it may repeat. Row 1 may not.
+        assert_eq!(
+            seen(&b.out()),
+            [
+                "reply",
+                "system Subscribed to PostgreSQL",
+                "row 2",
+                "row 3",
+                "row 4",
+                "row 5"
+            ]
+        );
+        assert_eq!(state.sessions.parked(), 0);
+        assert_eq!(
+            state.hub.channel_count(),
+            1,
+            "one subscriber for the session channel"
+        );
+    }
+
+    #[test]
+    fn another_identity_with_the_same_id_starts_afresh_and_leaves_the_owner_its_buffer() {
+        let state = app(limits());
+        let mut a = socket(&state, "shared-id-1", anon());
+        join(&mut a, "1");
+        heartbeat(&mut a);
+        a.out();
+        drop(a);
+        commit(&state, 1);
+        let other = token(json!({"role": "anon", "sub": "u2"}));
+        let mut m = socket(&state, "shared-id-1", other);
+        join(&mut m, "1");
+        commit(&state, 2);
+        assert_eq!(
+            seen(&m.out()),
+            ["reply", "system Subscribed to PostgreSQL", "row 2"],
+            "nothing of u1's buffer, and no resync notice: it is a new session"
+        );
+        let mut b = socket(&state, "shared-id-1", anon());
+        join(&mut b, "1");
+        assert_eq!(
+            seen(&b.out()),
+            ["reply", "system Subscribed to PostgreSQL", "row 1", "row 2"]
+        );
+    }
+
+    #[test]
+    fn a_rejoin_after_the_window_or_an_overflow_is_told_to_resync() {
+        let mut l = limits();
+        l.resume.session_bytes = 2_000;
+        let state = app(l);
+        // Overflow: more matched while away than the session may buffer.
+        let mut a = socket(&state, "session-over", anon());
+        join(&mut a, "1");
+        heartbeat(&mut a);
+        a.out();
+        drop(a);
+        for id in 1..=40 {
+            commit(&state, id);
+        }
+        let mut b = socket(&state, "session-over", anon());
+        join(&mut b, "1");
+        commit(&state, 41);
+        assert_eq!(
+            seen(&b.out()),
+            [
+                "reply",
+                "system ResyncRequired",
+                "system Subscribed to PostgreSQL",
+                "row 41"
+            ]
+        );
+        // Expiry: the sweep drops it at the end of the window; the rejoin is told so.
+        heartbeat(&mut b);
+        b.out();
+        drop(b);
+        let later = Instant::now() + state.limits.resume.window + Duration::from_secs(1);
+        let expired = state.sessions.sweep(later);
+        assert_eq!(expired.len(), 1);
+        let mut c = socket(&state, "session-over", anon());
+        join(&mut c, "1");
+        let out = c.out();
+        assert_eq!(
+            seen(&out),
+            [
+                "reply",
+                "system ResyncRequired",
+                "system Subscribed to PostgreSQL"
+            ]
+        );
+        assert!(out[1][4]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("resume window")));
+    }
+
+    #[test]
+    fn a_rejoin_with_other_bindings_resyncs() {
+        let state = app(limits());
+        let mut a = socket(&state, "session-bind", anon());
+        join(&mut a, "1");
+        drop(a);
+        commit(&state, 1);
+        let mut b = socket(&state, "session-bind", anon());
+        b.join("1", "realtime:room", json!({}));
+        let work = b.work();
+        b.ok(work[0].op);
+        assert_eq!(seen(&b.out()), ["reply", "system ResyncRequired"]);
+        assert_eq!(state.hub.channel_count(), 0, "the old subscriber is gone");
+    }
+
+    #[test]
+    fn a_rejoin_takes_over_a_channel_whose_old_socket_is_not_closed_yet() {
+        let state = app(limits());
+        let mut a = socket(&state, "session-take", anon());
+        join(&mut a, "1");
+        heartbeat(&mut a);
+        a.out();
+        commit(&state, 1);
+        // The client gave up on `a` (say, a cut network) and reconnected.
+        let mut b = socket(&state, "session-take", anon());
+        join(&mut b, "1");
+        commit(&state, 2);
+        assert_eq!(
+            seen(&b.out()),
+            ["reply", "system Subscribed to PostgreSQL", "row 1", "row 2"]
+        );
+        assert_eq!(
+            seen(&a.out()),
+            ["row 1"],
+            "the old socket got row 1 before the takeover"
+        );
+        // The old socket's end neither parks nor removes what `b` owns now.
+        drop(a);
+        assert_eq!(state.sessions.parked(), 0);
+        commit(&state, 3);
+        assert_eq!(seen(&b.out()), ["row 3"]);
+        // Leaving is for good: nothing is kept.
+        b.send(json!(["1", "9", "realtime:room", "phx_leave", {}]));
+        drop(b);
+        assert_eq!(state.sessions.parked(), 0);
+        assert_eq!(state.hub.channel_count(), 0);
+    }
 }

@@ -59,6 +59,8 @@ pub struct Connection {
     pub client: Arc<str>,
     /// This socket's place under `--max-connections`, given back when the socket ends.
     pub slot: crate::state::SocketGuard,
+    /// `session_id` (session resume), validated.
+    pub session_id: Option<Arc<str>>,
 }
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>>;
@@ -72,19 +74,24 @@ pub async fn run(
 ) {
     metrics::socket_opened();
     let slot = conn.slot;
+    let vsn = conn.vsn;
     let limits = state.limits.clone();
     let (outbox, reader) = outbox::bounded(
         limits.socket_send_queue.max(16),
         limits.socket_send_queue_bytes,
     );
-    let mut session = Session::new(
+    // Boxed: the task's future is allocated for the socket's whole life anyway, and keeping
+    // the session out of it keeps the future's own layout (which rustc does not pack well
+    // across the select's states) small.
+    let mut session = Box::new(Session::new(
         state.clone(),
-        conn.vsn,
+        vsn,
         conn.token,
         conn.client,
         outbox,
+        conn.session_id,
         Now::system(),
-    );
+    ));
     // Created on first use: an idle socket keeps no set of pending work.
     let mut in_flight: Option<InFlight> = None;
     let mut armed = session.next_deadline(Now::system());
@@ -114,14 +121,14 @@ pub async fn run(
                     Some(Ok(msg)) => match msg {
                         Message::Text(t) => {
                             metrics::frame_in(metrics::FrameKind::Text, t.len());
-                            match decode_text_within(conn.vsn, t.as_str(), limits.max_frame_bytes) {
+                            match decode_text_within(vsn, t.as_str(), limits.max_frame_bytes) {
                                 Ok(frame) => session.on_frame(now, frame),
                                 Err(e) => session.on_bad_frame(now, e),
                             }
                         }
                         Message::Binary(b) => {
                             metrics::frame_in(metrics::FrameKind::Binary, b.len());
-                            match decode_binary_bytes_within(conn.vsn, &b, limits.max_frame_bytes) {
+                            match decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes) {
                                 Ok(frame) => session.on_frame(now, frame),
                                 Err(e) => session.on_bad_frame(now, e),
                             }
@@ -170,7 +177,7 @@ pub async fn run(
     // Unfinished checks are dropped here: their pooled connections are discarded, never
     // returned mid-transaction (see `db::sql::Lease`).
     drop(in_flight);
-    session.leave_all();
+    session.leave_all(Now::system());
     // A closing socket no longer counts against --max-connections while it says goodbye.
     drop(slot);
     if let Exit::Close(code, reason) = exit {
@@ -313,5 +320,16 @@ mod tests {
         let size = output_size(run);
         eprintln!("socket task future: {size} bytes");
         assert!(size < 2048, "socket task future is {size} bytes");
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn probe() {
+        eprintln!(
+            "session {} conn {}",
+            std::mem::size_of::<crate::realtime::session::Session>(),
+            std::mem::size_of::<super::Connection>()
+        );
     }
 }
