@@ -505,7 +505,32 @@ async fn item02_access_token_rescopes_to_the_new_token() {
     assert_eq!(ids, [json!(1)], "alice's own row, before the switch");
     y.send(json!(["1", "at", changes, "access_token", {"access_token": tok(&u, "bob")}]))
         .await;
-    y.heartbeat("hb", WAIT).await;
+    // An access_token has no reply: the switch is in effect once a row only bob may see
+    // arrives (probes committed earlier were judged under alice's token and never come).
+    let mut probe = 100;
+    loop {
+        sql.batch_execute(&format!("INSERT INTO docs VALUES ({probe}, 'bob')"))
+            .await
+            .expect("probe");
+        let arrived = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match y.recv(WAIT).await {
+                    Some(f) if change_on(&f, changes).is_some_and(|d| d["record"]["id"] == probe) => {
+                        return;
+                    }
+                    Some(_) => {}
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await
+        .is_ok();
+        if arrived {
+            break;
+        }
+        probe += 1;
+        assert!(probe < 130, "the new token never took effect");
+    }
     sql.batch_execute(
         "INSERT INTO docs VALUES (2, 'alice'); INSERT INTO docs VALUES (3, 'bob'); \
          INSERT INTO fence VALUES (2)",
