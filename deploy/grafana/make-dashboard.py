@@ -145,6 +145,21 @@ line(ts(0, 12, "Replication reconnects", [
          (f"max(walcast_replication_streaming{J})", "streaming"),
          (f"max(walcast_slot_usable{J})", "slot usable")], "bool"))
 
+row("Session resume")
+line(ts(0, 8, "Session channels parked", [
+         (f"sum(walcast_session_channels_parked{J})", "parked now"),
+         (rate("walcast_session_channels_parked_total"), "parked / s")],
+        desc="Channels of sockets with a session_id kept after their socket went away"),
+     ts(8, 8, "Resumes and resyncs / s", [
+         (rate("walcast_session_channels_resumed_total"), "resumed"),
+         (rate("walcast_session_channels_expired_total"), "expired"),
+         (rate("walcast_session_resyncs_total", "reason"), "resync: {{reason}}")], "ops"),
+     ts(16, 8, "Session buffers", [
+         (f"sum(walcast_session_buffered_bytes{J})", "buffered bytes")], "bytes",
+        "Bytes kept for replay; replayed deliveries below"))
+line(ts(0, 24, "Replayed deliveries / s", [
+         (rate("walcast_session_replayed_deliveries_total"), "replayed")], "ops"), h=6)
+
 
 def variable(name, query, all_=False):
     v = {"name": name, "label": name, "type": "query", "datasource": DS,
