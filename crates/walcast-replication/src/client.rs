@@ -380,6 +380,7 @@ impl ReplicationClient {
                 dbname: self.cfg.dbname.clone(),
                 slot: self.cfg.slot.clone(),
                 publication: self.cfg.publication.clone(),
+                ceiling: self.cfg.confirm_ceiling.clone(),
             },
         ))
     }

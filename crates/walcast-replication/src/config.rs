@@ -140,6 +140,49 @@ pub struct ReplicationConfig {
     /// Events buffered between the reader task and the consumer. When full, the reader stops
     /// reading the socket (TCP pushes back on the walsender) but keeps sending feedback.
     pub channel_capacity: usize,
+    /// A position confirmations must not pass even once handed on (see
+    /// [`ConfirmCeiling`]); shared by every stream made with this configuration.
+    pub confirm_ceiling: ConfirmCeiling,
+}
+
+/// Holds the slot's confirmed position back: the slot keeps the WAL after the ceiling, so a
+/// consumer that restarts can read again what it had received but may need again (walcast
+/// keeps what resumable client sessions may still ask for). `None` (the default) confirms
+/// whatever is handed on.
+///
+/// Postgres's walsender, when told to shut down, waits until the client's confirmed
+/// position reaches what it sent. While the ceiling holds confirmations back, the stream
+/// answers the server's reply requests with an invalid (zero) flush position, which the
+/// walsender then compares its write position against instead, and which leaves the slot
+/// where it was: a held-back slot never keeps Postgres from shutting down.
+#[derive(Clone, Default)]
+pub struct ConfirmCeiling(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl ConfirmCeiling {
+    const NONE: u64 = 0;
+
+    /// Confirm nothing past `lsn` (`None`: no ceiling).
+    pub fn set(&self, lsn: Option<walcast_pgoutput::Lsn>) {
+        // LSN 0 is never a useful ceiling (it would hold everything): it stands for none.
+        let v = lsn.map_or(Self::NONE, |l| l.0.max(1));
+        self.0.store(v, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> Option<walcast_pgoutput::Lsn> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            Self::NONE => None,
+            v => Some(walcast_pgoutput::Lsn(v)),
+        }
+    }
+}
+
+impl fmt::Debug for ConfirmCeiling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.get() {
+            Some(l) => write!(f, "Some({l})"),
+            None => f.write_str("None"),
+        }
+    }
 }
 
 const DEFAULT_PORT: u16 = 5432;
@@ -243,6 +286,7 @@ impl ReplicationConfig {
             server_timeout: Duration::from_secs(70),
             connect_timeout,
             channel_capacity: 1024,
+            confirm_ceiling: ConfirmCeiling::default(),
         })
     }
 
@@ -328,6 +372,7 @@ impl fmt::Debug for ReplicationConfig {
             .field("server_timeout", &self.server_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("channel_capacity", &self.channel_capacity)
+            .field("confirm_ceiling", &self.confirm_ceiling)
             .finish()
     }
 }

@@ -68,7 +68,7 @@ mod stream;
 mod tls;
 
 pub use client::{connect, PublicationStatus, ReplicationClient, SlotStatus, SystemIdentity};
-pub use config::{ConfigError, Host, ReplicationConfig, SslMode};
+pub use config::{ConfigError, ConfirmCeiling, Host, ReplicationConfig, SslMode};
 pub use connection::SimpleRow;
 pub use error::{DbError, ReplicationError};
 pub use replicator::Replicator;

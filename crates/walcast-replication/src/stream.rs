@@ -91,6 +91,7 @@ pub(crate) struct StreamSettings {
     pub(crate) dbname: String,
     pub(crate) slot: String,
     pub(crate) publication: String,
+    pub(crate) ceiling: crate::ConfirmCeiling,
 }
 
 /// Shared between the consumer handle and the reader task.
@@ -365,7 +366,7 @@ impl ReaderTask {
                 }
                 if self.reply_now && !failed {
                     self.reply_now = false;
-                    if let Err(e) = self.send_status(false).await {
+                    if let Err(e) = self.send_reply().await {
                         failed = true;
                         pending = Some(Err(e));
                     }
@@ -487,10 +488,53 @@ impl ReaderTask {
         }
     }
 
+    /// The flush position to confirm: what was handed on, up to the ceiling, never less
+    /// than already confirmed. Also whether the ceiling holds something back.
+    fn flush_position(&self) -> (Lsn, bool) {
+        let handed_on = Lsn(self.shared.handed_on.load(Ordering::Acquire));
+        let capped = match self.settings.ceiling.get() {
+            Some(ceiling) => handed_on.min(ceiling),
+            None => handed_on,
+        };
+        let flush = self.sent_flush.max(capped);
+        (flush, flush < handed_on)
+    }
+
+    /// The answer to a keepalive that asked for one. While the ceiling holds confirmations
+    /// back it carries flush 0 (see [`crate::ConfirmCeiling`]): the slot stays put and a
+    /// walsender waiting to shut down compares our write position instead.
+    async fn send_reply(&mut self) -> Result<(), ReplicationError> {
+        let (_, held_back) = self.flush_position();
+        if !held_back {
+            return self.send_status(false).await;
+        }
+        let update = StandbyStatusUpdate {
+            write: self.received.max(self.sent_flush),
+            flush: Lsn(0),
+            apply: Lsn(0),
+            client_time: pg_now_micros(),
+            reply_requested: false,
+        };
+        tracing::trace!(write = %update.write, "reply with the confirmation held back");
+        self.write_update(update).await?;
+        let now = Instant::now();
+        self.last_status_at = now;
+        Ok(())
+    }
+
+    async fn write_update(&mut self, update: StandbyStatusUpdate) -> Result<(), ReplicationError> {
+        let mut body = BytesMut::with_capacity(StandbyStatusUpdate::ENCODED_LEN);
+        update.encode(&mut body);
+        frontend::CopyData::new(body.freeze())?.write(self.conn.write_buf());
+        match tokio::time::timeout(self.settings.server_timeout, self.conn.flush()).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::ServerSilent(self.settings.server_timeout)),
+        }
+    }
+
     /// Writes a standby status update with the current positions.
     async fn send_status(&mut self, reply_requested: bool) -> Result<(), ReplicationError> {
-        let handed_on = Lsn(self.shared.handed_on.load(Ordering::Acquire));
-        let flush = self.sent_flush.max(handed_on);
+        let (flush, _) = self.flush_position();
         let write = self.received.max(flush);
         let update = StandbyStatusUpdate {
             write,
@@ -499,13 +543,7 @@ impl ReaderTask {
             client_time: pg_now_micros(),
             reply_requested,
         };
-        let mut body = BytesMut::with_capacity(StandbyStatusUpdate::ENCODED_LEN);
-        update.encode(&mut body);
-        frontend::CopyData::new(body.freeze())?.write(self.conn.write_buf());
-        match tokio::time::timeout(self.settings.server_timeout, self.conn.flush()).await {
-            Ok(result) => result?,
-            Err(_) => return Err(ReplicationError::ServerSilent(self.settings.server_timeout)),
-        }
+        self.write_update(update).await?;
         if flush != self.sent_flush {
             tracing::debug!(%write, %flush, "confirmed flush position");
         } else {

@@ -794,3 +794,66 @@ async fn silent_server_is_detected_after_pings() -> TestResult {
     server.abort();
     Ok(())
 }
+
+/// A confirm ceiling holds the slot back (a restarted consumer can read again what it may
+/// still need), yet it never keeps Postgres from a fast shutdown: the walsender waits for
+/// the client to confirm everything it sent before it exits, and the stream answers that
+/// wait without moving the slot.
+#[tokio::test]
+async fn a_confirm_ceiling_holds_the_slot_back_without_blocking_a_fast_shutdown() -> TestResult {
+    let cluster = std::sync::Arc::new(PgCluster::start(ClusterOptions::default())?);
+    let db = cluster.fresh_database().await?;
+    let admin = db.connect().await?;
+    let cfg = config(&db).with_status_interval(Duration::from_millis(200));
+    setup_table(&admin, &cfg.publication).await;
+    let mut stream = start_stream(&cfg).await;
+    let mut decoder = Decoder::new();
+
+    insert_marker(&admin, 1).await;
+    let first = next_commit(&mut stream, &mut decoder).await;
+    cfg.confirm_ceiling.set(Some(first));
+    insert_marker(&admin, 2).await;
+    insert_marker(&admin, 3).await;
+    next_commit(&mut stream, &mut decoder).await;
+    let third = next_commit(&mut stream, &mut decoder).await;
+    stream.mark_handed_on();
+    assert_eq!(stream.handed_on(), third);
+    eventually("the slot to confirm the first commit", || async {
+        confirmed_flush(&admin, &cfg.slot).await == Some(first)
+    })
+    .await;
+    // Several status updates later it still has not moved past the ceiling.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(confirmed_flush(&admin, &cfg.slot).await, Some(first));
+
+    // The consumer keeps reading while Postgres shuts down.
+    let reader = tokio::spawn(async move {
+        while let Some(event) = stream.recv().await {
+            if event.is_err() {
+                break;
+            }
+        }
+    });
+    drop(admin);
+    let stopping = cluster.clone();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || stopping.pg_stop(walcast_testkit::StopMode::Fast)),
+    )
+    .await;
+    assert!(
+        matches!(stopped, Ok(Ok(Ok(())))),
+        "a fast shutdown must finish while the ceiling holds confirmations back: {stopped:?}"
+    );
+    reader.abort();
+    cluster.pg_start()?;
+    let admin = db.connect().await?;
+    // Postgres may restart the slot from the position it last saved, which can be earlier:
+    // never later than the ceiling.
+    let after = confirmed_flush(&admin, &cfg.slot).await;
+    assert!(
+        after.is_some_and(|l| l <= first),
+        "the slot kept the WAL after the ceiling: {after:?} > {first}"
+    );
+    Ok(())
+}

@@ -515,7 +515,9 @@ async fn item02_access_token_rescopes_to_the_new_token() {
         let arrived = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
                 match y.recv(WAIT).await {
-                    Some(f) if change_on(&f, changes).is_some_and(|d| d["record"]["id"] == probe) => {
+                    Some(f)
+                        if change_on(&f, changes).is_some_and(|d| d["record"]["id"] == probe) =>
+                    {
                         return;
                     }
                     Some(_) => {}
