@@ -78,6 +78,13 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
+                    // Out of descriptors: an idle pending connection makes room first, so a
+                    // probe or a real client at the head of the queue is not the one shed.
+                    if is_out_of_descriptors(&e) && pending.evict_oldest() {
+                        tracing::debug!("out of file descriptors: closed the oldest pending connection");
+                        pending.settled(Duration::from_millis(100)).await;
+                        continue;
+                    }
                     if is_out_of_descriptors(&e) && reserve.shed(&listener).await {
                         tracing::warn!("out of file descriptors: a new connection was closed at once");
                         continue;
@@ -91,6 +98,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::default());
         let (id, kill) = pending.enter();
+        // A newcomer that evicted someone waits until that one's descriptor is free, so
+        // pending connections never exceed their budget even for a moment.
+        pending.settled(Duration::from_millis(100)).await;
         let service = {
             let app = app.clone();
             let activity = activity.clone();
@@ -118,7 +128,7 @@ pub async fn serve(
         let timeout = config.handshake_timeout;
         let pending = pending.clone();
         tokio::spawn(async move {
-            tokio::pin!(conn);
+            let mut conn = Box::pin(conn);
             let mut deadline = Instant::now() + timeout;
             loop {
                 tokio::select! {
@@ -145,6 +155,9 @@ pub async fn serve(
                     }
                 }
             }
+            // The descriptor is released before the set hears of it (the accept loop may be
+            // waiting for exactly this descriptor).
+            drop(conn);
             pending.leave(id);
         });
     }
@@ -241,6 +254,8 @@ impl http_body::Body for Tracked {
 struct PendingSet {
     max: usize,
     inner: Mutex<PendingInner>,
+    /// Fired when a dying connection has ended.
+    released: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -250,6 +265,9 @@ struct PendingInner {
     order: BTreeMap<u64, u64>,
     /// Every live connection: its kill switch and, while pending, its key in `order`.
     conns: std::collections::HashMap<u64, (Arc<Notify>, Option<u64>)>,
+    /// Connections told to close whose tasks have not ended yet: they still hold a
+    /// descriptor, so the accept loop waits for them before taking more.
+    dying: std::collections::HashSet<u64>,
 }
 
 impl PendingSet {
@@ -257,6 +275,7 @@ impl PendingSet {
         PendingSet {
             max: max.max(1),
             inner: Mutex::default(),
+            released: Notify::new(),
         }
     }
 
@@ -284,6 +303,7 @@ impl PendingSet {
             if let Some((kill, key)) = s.conns.get_mut(&oldest) {
                 *key = None;
                 kill.notify_one();
+                s.dying.insert(oldest);
             }
             crate::metrics::pending_evicted();
         }
@@ -313,9 +333,46 @@ impl PendingSet {
         }
     }
 
+    /// Close the oldest pending connection (the process is out of descriptors); false when
+    /// none is pending.
+    fn evict_oldest(&self) -> bool {
+        let mut s = self.lock();
+        let Some((_, oldest)) = s.order.pop_first() else {
+            return false;
+        };
+        if let Some((kill, key)) = s.conns.get_mut(&oldest) {
+            *key = None;
+            kill.notify_one();
+            s.dying.insert(oldest);
+        }
+        crate::metrics::pending_evicted();
+        true
+    }
+
+    /// Wait (at most `limit`) until every connection told to close has released its
+    /// descriptor: eviction is asynchronous, and accepting faster than evicted tasks end
+    /// would overshoot the descriptor budget.
+    async fn settled(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.lock().dying.is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The connection is gone.
     fn leave(&self, id: u64) {
         let mut s = self.lock();
+        if s.dying.remove(&id) {
+            self.released.notify_waiters();
+        }
         if let Some((_, Some(key))) = s.conns.remove(&id) {
             s.order.remove(&key);
         }
