@@ -90,6 +90,13 @@ pub struct PostgresBinding {
     pub select: Option<Vec<String>>,
 }
 
+impl JoinPayload {
+    /// Parses a join payload (the `payload` of a `phx_join`); never fails.
+    pub fn parse(payload: &RawValue) -> JoinPayload {
+        parse(payload)
+    }
+}
+
 /// Parses a join payload; never fails (see the module docs).
 pub(crate) fn parse(payload: &RawValue) -> JoinPayload {
     let mut out = JoinPayload::default();

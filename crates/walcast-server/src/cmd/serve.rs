@@ -187,6 +187,29 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             let _ = retention_shutdown.changed().await;
         },
     ));
+    // Session channels recorded by the last run come back parked before the stream starts,
+    // and the slot keeps what they may need (see realtime::session_store).
+    let ceiling = cfg.confirm_ceiling.clone();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        crate::realtime::session_store::restore(&state, &cfg.slot, &ceiling),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = ?format!("{e:#}"), "cannot restore the sessions of the last run; their rejoins start afresh")
+        }
+        Err(_) => tracing::warn!(
+            "restoring the sessions of the last run took too long; their rejoins start afresh"
+        ),
+    }
+    let (store_stop, store_stopped) = tokio::sync::oneshot::channel::<()>();
+    let store = tokio::spawn(
+        crate::realtime::session_store::SessionStore::new(state.clone(), ceiling).run(async {
+            let _ = store_stopped.await;
+        }),
+    );
     {
         // Parked session channels end with their window.
         let state = state.clone();
@@ -263,6 +286,9 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     while state.open_sockets() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Session channels have parked: record them for the next run.
+    let _ = store_stop.send(());
+    let _ = tokio::time::timeout_at(deadline, store).await;
     if !pump_done {
         match tokio::time::timeout_at(deadline, &mut pump).await {
             Ok(Ok(Ok(()))) => {}

@@ -12,4 +12,5 @@ pub mod limiter;
 pub mod outbox;
 pub mod resume;
 pub mod session;
+pub mod session_store;
 pub mod socket;

@@ -196,8 +196,18 @@ pub struct Resumable {
     pub topic: Arc<str>,
     pub spec: ChannelSpec,
     state: Mutex<State>,
+    /// Who its deliveries are authorized as, and whether it receives broadcasts: what a
+    /// restarted server needs to restore it.
+    meta: Mutex<Meta>,
     session_bytes: Arc<AtomicUsize>,
     shared: Arc<Shared>,
+}
+
+/// See [`Resumable::meta`].
+#[derive(Clone)]
+pub struct Meta {
+    pub identity: Arc<Identity>,
+    pub broadcast: bool,
 }
 
 /// Server-wide bounds and gauges shared by every resumable channel.
@@ -205,6 +215,8 @@ struct Shared {
     limits: SessionLimits,
     bytes: AtomicUsize,
     parked: AtomicUsize,
+    /// Woken when a new channel took its place in the stream (the store records it at once).
+    started: tokio::sync::Notify,
 }
 
 impl Resumable {
@@ -212,11 +224,21 @@ impl Resumable {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn meta(&self) -> Meta {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_meta(&self, meta: Meta) {
+        *self.meta.lock().unwrap_or_else(|p| p.into_inner()) = meta;
+    }
+
     /// The channel starts after `floor` (its join's place in the stream).
     pub fn start_at(&self, floor: Position) {
         let mut s = self.lock();
         s.last = floor;
         s.acked = floor;
+        drop(s);
+        self.shared.started.notify_one();
     }
 
     /// The last position the client has surely seen (persisted for restarts).
@@ -241,11 +263,14 @@ impl Resumable {
         self.lock().lost
     }
 
-    /// The client sent a frame on `socket`: what was pushed before it arrived.
-    pub fn ack(&self, socket: u64) {
+    /// The client sent a frame on `socket`: it has seen what was pushed before it arrived,
+    /// and everything at or below `delivered` (every change there was pushed already, to
+    /// this channel if it matched).
+    pub fn ack(&self, socket: u64, delivered: Position) {
         let mut s = self.lock();
         if matches!(s.mode, Mode::Live { socket: owner, .. } if owner == socket) {
-            s.acked = s.last;
+            s.acked = s.last.max(delivered);
+            s.last = s.acked;
             self.clear_tail(&mut s);
         }
     }
@@ -393,6 +418,10 @@ struct Registry {
     sessions: HashMap<SessionKey, Session>,
     /// Channels whose window ran out (or that were dropped), remembered until the instant.
     lost: HashMap<(SessionKey, Arc<str>), (Lost, Instant)>,
+    /// The last run's records were lost (Postgres recovered from a crash and emptied its
+    /// unlogged table): until this instant, a session channel nobody knows may be one of
+    /// them, so its join is told to resync rather than silently start after a gap.
+    records_lost_until: Option<Instant>,
 }
 
 /// Every session with channels, live or parked.
@@ -409,8 +438,14 @@ impl Sessions {
                 limits,
                 bytes: AtomicUsize::new(0),
                 parked: AtomicUsize::new(0),
+                started: tokio::sync::Notify::new(),
             }),
         }
+    }
+
+    /// Completes after a new channel took its place in the stream since the last call.
+    pub async fn registered(&self) {
+        self.shared.started.notified().await
     }
 
     pub fn limits(&self) -> &SessionLimits {
@@ -421,13 +456,24 @@ impl Sessions {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The records of the last run are gone: for one window, unknown session channels
+    /// may have been among them.
+    pub fn records_lost(&self, now: Instant) {
+        self.lock().records_lost_until = Some(now + self.shared.limits.window);
+    }
+
     /// A join under `key` for `topic` with `spec`.
     pub fn claim(&self, key: &SessionKey, topic: &str, spec: &ChannelSpec) -> Claim {
         let mut reg = self.lock();
+        let unknown = reg
+            .records_lost_until
+            .is_some_and(|until| Instant::now() < until)
+            .then_some(Lost::Dropped);
         let remembered = reg
             .lost
             .remove(&(key.clone(), Arc::from(topic)))
-            .map(|(why, _)| why);
+            .map(|(why, _)| why)
+            .or(unknown);
         let Some(session) = reg.sessions.get_mut(key) else {
             return Claim::Fresh {
                 lost: remembered,
@@ -461,12 +507,14 @@ impl Sessions {
     }
 
     /// A fresh channel of `key` (its outbox for the hub and the topic).
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &self,
         key: SessionKey,
         id: SubscriberId,
         topic: Arc<str>,
         spec: ChannelSpec,
+        meta: Meta,
         outbox: Arc<SocketOutbox>,
         socket: u64,
     ) -> Arc<Resumable> {
@@ -485,6 +533,7 @@ impl Sessions {
                 acked: Position::ZERO,
                 lost: None,
             }),
+            meta: Mutex::new(meta),
             session_bytes: session.bytes.clone(),
             shared: self.shared.clone(),
         });
@@ -510,6 +559,7 @@ impl Sessions {
                 acked: c.acked,
                 lost: c.lost,
             }),
+            meta: Mutex::new(c.meta),
             session_bytes: session.bytes.clone(),
             shared: self.shared.clone(),
         });
@@ -624,6 +674,7 @@ pub struct RestoredChannel {
     pub acked: Position,
     /// Set when what it missed cannot be replayed (the slot moved past `acked`).
     pub lost: Option<Lost>,
+    pub meta: Meta,
 }
 
 /// What [`Sessions::park`] did.

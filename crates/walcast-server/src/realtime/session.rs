@@ -48,8 +48,9 @@ use crate::realtime::changes::{id_for, Checked};
 use crate::realtime::channel::{Channel, ChannelRealtime, Channels};
 use crate::realtime::limiter::{RateWindow, Refused};
 use crate::realtime::outbox::SocketOutbox;
-use crate::realtime::resume::{who_of, ChannelSpec, Claim, Park, SessionKey};
+use crate::realtime::resume::{who_of, ChannelSpec, Claim, Meta, Park, SessionKey};
 use crate::state::AppState;
+use walcast_core::Position;
 
 /// The longest wire topic (`realtime:<name>`), as in Supabase (a kind 4 frame stores its
 /// length in one byte).
@@ -434,9 +435,13 @@ impl Session {
 
     /// The client sent a frame: its session channels have delivered what preceded it.
     fn ack(&self) {
+        if self.resume.is_none() {
+            return;
+        }
+        let delivered = Position::just_before(self.state.health.delivered_through());
         for ch in self.channels.iter() {
             if let Some(r) = &ch.resumable {
-                r.ack(self.socket());
+                r.ack(self.socket(), delivered);
             }
         }
     }
@@ -809,11 +814,16 @@ impl Session {
                             }
                         }
                         let id = self.state.next_subscriber_id();
+                        let meta = Meta {
+                            identity: p.identity.clone(),
+                            broadcast: false,
+                        };
                         let r = self.state.sessions.register(
                             key,
                             id,
                             topic.clone(),
                             spec,
+                            meta,
                             self.outbox.clone(),
                             self.socket(),
                         );
@@ -887,6 +897,12 @@ impl Session {
             });
         }
         let (broadcast, presence) = channel.receives();
+        if let Some(r) = &channel.resumable {
+            r.set_meta(Meta {
+                identity: channel.identity.clone(),
+                broadcast,
+            });
+        }
         let member = Member {
             outbox: self.sink(&channel),
             vsn: self.vsn,
