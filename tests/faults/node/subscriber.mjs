@@ -18,6 +18,9 @@
 //   {"k":"presence","event":"sync"|"join"|"leave","keys":["alice",...]}   (sync: every key in the state)
 //   {"k":"sent","event":"tick","n":5,"result":"ok"}
 //   {"k":"error","message":"..."}
+//   {"k":"out"}                                   the client sent a frame (only with sessionId)
+//
+// With `"sessionId": "…"` the socket carries the `session_id` parameter (session resume).
 //
 // Commands, one JSON object per line on stdin:
 //   {"cmd":"broadcast","event":"tick","n":5}                  one broadcast on the room channel
@@ -53,11 +56,22 @@ class ReportingWebSocket extends WebSocket {
     this.on('close', (code) => out({ k: 'socket', event: 'close', code }))
     this.on('error', (e) => out({ k: 'socket', event: 'error', message: String(e.message ?? e) }))
   }
+
+  send(data, ...rest) {
+    // When the client last spoke bounds what a resumed session may repeat.
+    if (cfg.sessionId) out({ k: 'out' })
+    return super.send(data, ...rest)
+  }
 }
 
 const supabase = createClient(cfg.url, cfg.token, {
   auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
-  realtime: { transport: ReportingWebSocket },
+  realtime: {
+    transport: ReportingWebSocket,
+    // A resumed session may repeat what arrived after the client last spoke: a short
+    // heartbeat keeps that window small (and the test's repeat check meaningful).
+    ...(cfg.sessionId ? { params: { session_id: cfg.sessionId }, heartbeatIntervalMs: 1000 } : {}),
+  },
 })
 
 function jsonType(v) {

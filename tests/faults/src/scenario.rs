@@ -218,6 +218,7 @@ impl Scenario {
                 slot: slot.clone(),
                 extra_args: opts.server_args.clone(),
                 log: dir.join("walcast.log"),
+                port: None,
             },
             Duration::from_secs(60),
         )
@@ -238,6 +239,7 @@ impl Scenario {
                     )
                 }),
                 room: a.room.then(|| (ROOM.to_string(), a.name.clone())),
+                session_id: None,
             };
             subs.push(Subscriber::spawn(&http, spec, &dir)?);
         }
@@ -441,6 +443,7 @@ impl Scenario {
             token: token(&self.secret, "authenticated", key)?,
             changes: None,
             room: Some((ROOM.to_string(), key.to_string())),
+            session_id: None,
         };
         let visitor = Subscriber::spawn(&self.http_url(), spec, &self.dir)?;
         let joined = visitor.wait_joined(Duration::from_secs(10)).await;

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub extra_args: Vec<String>,
     /// Where the log goes.
     pub log: PathBuf,
+    /// Listen here (a restart on the port its clients reconnect to); a free port when None.
+    pub port: Option<u16>,
 }
 
 /// `/proc/<pid>/status` memory figures, in kB.
@@ -62,8 +64,14 @@ impl Walcast {
     /// Start the server (does not wait for it to be ready).
     pub fn spawn(cfg: &ServerConfig) -> Result<Walcast> {
         let bin = walcast_binary()?;
-        let port = free_port()?;
-        let log = std::fs::File::create(&cfg.log)
+        let port = match cfg.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.log)
             .with_context(|| format!("creating {}", cfg.log.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")

@@ -23,6 +23,8 @@ pub struct SubSpec {
     pub changes: Option<(String, Vec<String>, bool)>,
     /// broadcast + presence: (topic, presence key).
     pub room: Option<(String, String)>,
+    /// Resume the socket's channels under this session (the `session_id` socket parameter).
+    pub session_id: Option<String>,
 }
 
 /// One parsed line.
@@ -59,6 +61,10 @@ pub enum Line {
     Presence {
         event: String,
         keys: Vec<String>,
+        t: i64,
+    },
+    /// The client sent a frame (what a resumed session's repeat rule counts from).
+    Sent {
         t: i64,
     },
     Other(Value),
@@ -100,6 +106,7 @@ impl Line {
                 n: v["n"].as_i64(),
                 t,
             },
+            Some("out") => Line::Sent { t },
             Some("presence") => Line::Presence {
                 event: s("event"),
                 keys: v["keys"]
@@ -151,6 +158,9 @@ impl Subscriber {
         }
         if let Some((topic, key)) = &spec.room {
             cfg["room"] = json!({ "topic": topic, "presenceKey": key });
+        }
+        if let Some(id) = &spec.session_id {
+            cfg["sessionId"] = json!(id);
         }
         let stderr_log = dir.join(format!("sub-{}.stderr", spec.name));
         let stderr = std::fs::File::create(&stderr_log)?;
