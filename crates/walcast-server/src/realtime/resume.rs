@@ -140,6 +140,9 @@ pub enum Lost {
     Changed,
     /// The server could not keep the session (restarted without its record, too many parked).
     Dropped,
+    /// The token the parked channel was authorized with expired: nothing after that is
+    /// delivered on its authority.
+    TokenExpired,
 }
 
 impl Lost {
@@ -150,6 +153,7 @@ impl Lost {
             Lost::Overflow => "ResyncRequired: more changes matched while this session was away than its resume buffer holds; refetch your data",
             Lost::Changed => "ResyncRequired: the channel was rejoined with different postgres_changes bindings, so what the old ones buffered was dropped; refetch your data",
             Lost::Dropped => "ResyncRequired: the server could not keep this session while it was away; refetch your data",
+            Lost::TokenExpired => "ResyncRequired: the token this session was authorized with expired while it was away, so nothing more was kept for it; refetch your data",
         }
     }
 
@@ -159,6 +163,7 @@ impl Lost {
             Lost::Overflow => "overflow",
             Lost::Changed => "changed",
             Lost::Dropped => "dropped",
+            Lost::TokenExpired => "token_expired",
         }
     }
 }
@@ -619,7 +624,8 @@ impl Sessions {
 
     /// Channels parked longer than the window, or parked and lost: closed and returned (the
     /// caller unsubscribes them). Old memories of lost channels are forgotten.
-    pub fn sweep(&self, now: Instant) -> Vec<Arc<Resumable>> {
+    /// `unix_now` (seconds) judges token expiry.
+    pub fn sweep(&self, now: Instant, unix_now: i64) -> Vec<Arc<Resumable>> {
         let mut reg = self.lock();
         let mut out = Vec::new();
         for session in reg.sessions.values() {
@@ -629,13 +635,16 @@ impl Sessions {
                 };
                 if now.saturating_duration_since(since) >= self.shared.limits.window {
                     out.push((r.clone(), Lost::Expired));
+                } else if token_expired(&r.meta().identity, unix_now) {
+                    // Nobody may receive rows on the authority of an expired token.
+                    out.push((r.clone(), Lost::TokenExpired));
                 } else if let Some(why) = r.lost() {
                     out.push((r.clone(), why));
                 }
             }
         }
         for (r, why) in &out {
-            if *why == Lost::Expired {
+            if matches!(why, Lost::Expired | Lost::TokenExpired) {
                 metrics::session_expired();
             }
             self.remember(&mut reg, r, *why, now);
@@ -664,6 +673,19 @@ impl Sessions {
     }
 }
 
+/// Has the token behind `identity` expired (its `exp` claim is in the past)?
+fn token_expired(identity: &Identity, unix_now: i64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: Option<serde_json::Number>,
+    }
+    serde_json::from_str::<Exp>(&identity.claims)
+        .ok()
+        .and_then(|c| c.exp)
+        .and_then(|e| e.as_f64())
+        .is_some_and(|exp| exp <= unix_now as f64)
+}
+
 /// A session channel read back after a restart.
 pub struct RestoredChannel {
     pub key: SessionKey,
@@ -690,7 +712,7 @@ pub enum Park {
 /// Drop parked channels past their window (or over their bound) from the hub and their
 /// topics. Run every second by `serve`.
 pub fn expire(state: &crate::state::AppState, now: Instant) -> usize {
-    let gone = state.sessions.sweep(now);
+    let gone = state.sessions.sweep(now, crate::state::now_unix());
     for r in &gone {
         state.hub.unsubscribe(r.id);
         if let Some(key) = walcast_core::broadcast::TopicKey::from_topic(&r.topic, r.spec.private) {

@@ -858,7 +858,7 @@ mod resume {
         b.out();
         drop(b);
         let later = Instant::now() + state.limits.resume.window + Duration::from_secs(1);
-        let expired = state.sessions.sweep(later);
+        let expired = state.sessions.sweep(later, crate::state::now_unix());
         assert_eq!(expired.len(), 1);
         let mut c = socket(&state, "session-over", anon());
         join(&mut c, "1");
@@ -874,6 +874,41 @@ mod resume {
         assert!(out[1][4]["message"]
             .as_str()
             .is_some_and(|m| m.contains("resume window")));
+    }
+
+    #[test]
+    fn a_parked_channel_whose_token_expires_keeps_nothing_more() {
+        let state = app(limits());
+        let exp = crate::state::now_unix() + 60;
+        let mut a = socket(
+            &state,
+            "session-exp",
+            token(json!({"role": "anon", "sub": "u1", "exp": exp})),
+        );
+        join(&mut a, "1");
+        heartbeat(&mut a);
+        a.out();
+        drop(a);
+        commit(&state, 1);
+        // Within the window, but past the token's exp: dropped, and the rejoin is told why.
+        assert!(state.sessions.sweep(Instant::now(), exp - 1).is_empty());
+        let gone = state.sessions.sweep(Instant::now(), exp);
+        assert_eq!(gone.len(), 1);
+        let mut b = socket(&state, "session-exp", anon());
+        join(&mut b, "1");
+        let out = b.out();
+        assert_eq!(
+            seen(&out),
+            [
+                "reply",
+                "system ResyncRequired",
+                "system Subscribed to PostgreSQL"
+            ],
+            "row 1 was buffered on an expired token's authority: never replayed"
+        );
+        assert!(out[1][4]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("token")));
     }
 
     #[test]
