@@ -231,6 +231,16 @@ pub struct LimitArgs {
     #[arg(long, env = "ALLOWED_TOKEN_ROLES")]
     pub allowed_token_roles: Option<String>,
 
+    /// Refuse public channels: every join must set `config.private` (Supabase's per-project
+    /// "private channels only" setting, `PrivateOnly: …`).
+    #[arg(long, env = "PRIVATE_ONLY")]
+    pub private_only: bool,
+
+    /// Presence on every channel, whether or not its join enabled it (Supabase's per-project
+    /// `presence_enabled`): members get `presence_state` at join without a `track` first.
+    #[arg(long, env = "PRESENCE_ENABLED")]
+    pub presence_enabled: bool,
+
     /// How long a channel of a socket opened with `session_id` outlives the socket, buffering
     /// what it matches for the rejoin (session resume), in seconds.
     #[arg(long, env = "RESUME_WINDOW_SECS", default_value_t = 120)]

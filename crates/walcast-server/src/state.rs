@@ -46,6 +46,10 @@ pub struct Limits {
     pub allowed_origins: Option<Vec<String>>,
     /// Session resume: window and buffer bounds.
     pub resume: crate::realtime::resume::SessionLimits,
+    /// Public channels are refused (`--private-only`).
+    pub private_only: bool,
+    /// Presence is on for every channel (`--presence-enabled`).
+    pub presence_enabled: bool,
 }
 
 /// Shared by everything in `walcast serve`.

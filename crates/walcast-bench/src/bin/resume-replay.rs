@@ -92,7 +92,10 @@ async fn wait_for(ws: &mut RawWs, needle: &[u8], timeout: Duration) -> Result<()
                 }
             }
             if ws.fill().await? == 0 {
-                bail!("closed while waiting for {}", String::from_utf8_lossy(needle));
+                bail!(
+                    "closed while waiting for {}",
+                    String::from_utf8_lossy(needle)
+                );
             }
         }
     })
@@ -122,7 +125,11 @@ async fn run(o: Opts) -> Result<()> {
     let h = Harness::start(&args).await?;
     let addr = h.addr();
     let token = h.token.clone();
-    println!("resume-replay: {} | {}", harness::command_line(), harness::loadavg());
+    println!(
+        "resume-replay: {} | {}",
+        harness::command_line(),
+        harness::loadavg()
+    );
 
     // Phase 1: every session joins, says something, and drops.
     let gate = Arc::new(Semaphore::new(o.connect_concurrency));
@@ -133,7 +140,8 @@ async fn run(o: Opts) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire_owned().await?;
             let mut ws = open(addr, &token, i, groups).await?;
-            ws.send_text(r#"[null,"hb","phoenix","heartbeat",{}]"#).await?;
+            ws.send_text(r#"[null,"hb","phoenix","heartbeat",{}]"#)
+                .await?;
             wait_for(&mut ws, b"\"hb\"", Duration::from_secs(30)).await?;
             anyhow::Ok(ws)
         }));
@@ -177,7 +185,9 @@ async fn run(o: Opts) -> Result<()> {
     for i in 0..o.sessions {
         let (gate, token, id_at) = (gate.clone(), token.clone(), id_at.clone());
         let groups = o.groups;
-        let want: HashSet<u64> = (1..=rows).filter(|id| id % groups == i as u64 % groups).collect();
+        let want: HashSet<u64> = (1..=rows)
+            .filter(|id| id % groups == i as u64 % groups)
+            .collect();
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await?;
             let mut ws = open(addr, &token, i, groups).await?;

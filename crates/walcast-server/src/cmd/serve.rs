@@ -117,6 +117,8 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         max_members_per_channel: args.limits.max_members_per_channel,
         max_events_per_second: args.limits.max_events_per_second.max(1),
         resume: args.limits.session_limits(),
+        private_only: args.limits.private_only,
+        presence_enabled: args.limits.presence_enabled,
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())

@@ -617,7 +617,7 @@ impl Session {
         }
     }
 
-    fn on_join(&mut self, now: Now, frame: InboundFrame, join: JoinPayload) {
+    fn on_join(&mut self, now: Now, frame: InboundFrame, mut join: JoinPayload) {
         let topic = frame.topic.clone();
         let Some(name) = topic.strip_prefix("realtime:") else {
             self.unmatched(&frame);
@@ -691,6 +691,15 @@ impl Session {
                 return self.refuse_join(now, &frame, r, VecDeque::new());
             }
         };
+        if self.state.limits.private_only && !join.config.private {
+            let r = Refusal::new(
+                "private_only",
+                "PrivateOnly: This project only allows private channels",
+            );
+            return self.refuse_join(now, &frame, r, VecDeque::new());
+        }
+        // The server may turn presence on for every channel (as a Supabase project can).
+        join.config.presence.enabled |= self.state.limits.presence_enabled;
         let identity = Arc::new(identity_of(&claims));
         let request = AuthorizeRequest {
             identity: identity.clone(),

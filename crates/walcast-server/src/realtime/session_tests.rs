@@ -42,6 +42,8 @@ fn limits() -> Limits {
         max_events_per_second: 100,
         allowed_origins: None,
         resume: crate::realtime::resume::SessionLimits::default(),
+        private_only: false,
+        presence_enabled: false,
     }
 }
 
@@ -413,6 +415,41 @@ fn private_join(t: &mut T, perms: ChannelPerms) {
             perms: Some(perms),
             changes: Default::default(),
         })),
+    );
+}
+
+#[test]
+fn private_only_refuses_public_channels_in_supabases_words() {
+    let mut l = limits();
+    l.private_only = true;
+    let state = app(l);
+    let mut t = T::new(state);
+    t.join("1", "realtime:lobby", json!({}));
+    assert!(t.work().is_empty(), "refused before any check");
+    let out = t.out();
+    assert_eq!(out[0][3], "phx_reply");
+    assert_eq!(out[0][4]["status"], "error");
+    assert_eq!(
+        out[0][4]["response"]["reason"],
+        "PrivateOnly: This project only allows private channels"
+    );
+    // A private join goes on to its check.
+    t.join("2", "realtime:vault", json!({"private": true}));
+    assert_eq!(t.work().len(), 1);
+}
+
+#[test]
+fn presence_enabled_server_wide_syncs_presence_without_the_client_asking() {
+    let mut l = limits();
+    l.presence_enabled = true;
+    let state = app(l);
+    let mut t = T::new(state);
+    t.join("1", "realtime:room", json!({}));
+    let work = t.work();
+    t.ok(work[0].op);
+    assert_eq!(
+        events(&t.out()),
+        ["realtime:room:phx_reply", "realtime:room:presence_state"]
     );
 }
 

@@ -1,0 +1,90 @@
+// Server-wide options Supabase projects have (issue #14, item 6), each on a walcast of its
+// own: --private-only refuses public channels in Supabase's words; --presence-enabled syncs
+// presence on channels whose client did not ask for it.
+
+import { test, after } from 'node:test'
+import assert from 'node:assert/strict'
+import { createClient } from '@supabase/supabase-js'
+import WebSocket from 'ws'
+import { mintToken, suffix, subscribe, subscribed, delay, newClient, closeClients, ensureRoles } from './helpers.mjs'
+import { startOwnServer } from './own-server.mjs'
+
+const own = []
+const ownClients = []
+
+function clientOf(http, key) {
+  const c = createClient(http, key, {
+    auth: { persistSession: false, autoRefreshToken: false, detectSessionInUrl: false },
+    realtime: { transport: WebSocket },
+  })
+  ownClients.push(c)
+  return c
+}
+
+after(async () => {
+  for (const c of ownClients) {
+    await Promise.race([c.removeAllChannels(), delay(2000)]).catch(() => {})
+    c.realtime.disconnect()
+  }
+  await closeClients()
+  for (const s of own) await s.stop()
+})
+
+async function waitFor(pred, ms = 10_000) {
+  const deadline = Date.now() + ms
+  while (Date.now() < deadline) {
+    if (pred()) return true
+    await delay(50)
+  }
+  return pred()
+}
+
+test('--private-only refuses a public channel with PrivateOnly', async () => {
+  await ensureRoles()
+  const server = await startOwnServer(['--private-only'])
+  own.push(server)
+  const key = mintToken({ role: 'anon' })
+  const c = clientOf(server.http, key)
+  const ch = c.channel(`lobby-${suffix()}`)
+  const { statuses, subscribed: refused } = subscribe(ch)
+  refused.catch(() => {}) // the refusal is what this test expects; judged below
+  const items = await statuses.until((s) => s.length > 0, { what: 'a status' })
+  assert.equal(items[0].status, 'CHANNEL_ERROR', server.log())
+  assert.match(items[0].error, /PrivateOnly: This project only allows private channels/)
+})
+
+test('--presence-enabled gives presence to a channel that did not ask', async () => {
+  await ensureRoles()
+  const server = await startOwnServer(['--presence-enabled'])
+  own.push(server)
+  const key = mintToken({ role: 'anon' })
+  const topic = `room-${suffix()}`
+
+  // bob tracks (his client enables presence itself); alice listens to nothing presence.
+  const bob = clientOf(server.http, key).channel(topic, { config: { presence: { key: 'bob' } } })
+  bob.on('presence', { event: 'sync' }, () => {})
+  await subscribed(bob)
+  assert.equal(await bob.track({ here: true }), 'ok')
+  const alice = clientOf(server.http, key).channel(topic)
+  await subscribed(alice)
+  assert.ok(
+    await waitFor(() => Object.keys(alice.presenceState()).includes('bob')),
+    `alice never saw bob's presence: ${JSON.stringify(alice.presenceState())}`,
+  )
+
+  // The same shape on the suite's server (no flag): alice's channel gets no presence.
+  const bob2 = newClient(key).channel(topic, { config: { presence: { key: 'bob' } } })
+  bob2.on('presence', { event: 'sync' }, () => {})
+  await subscribed(bob2)
+  assert.equal(await bob2.track({ here: true }), 'ok')
+  const alice2 = newClient(key).channel(topic)
+  let fenced = false
+  alice2.on('broadcast', { event: 'fence' }, () => (fenced = true))
+  await subscribed(alice2)
+  // A fence: bob2 tracks again, then broadcasts; the topic delivers in order, so once the
+  // broadcast is in, any presence alice2 was going to get is in too.
+  await bob2.track({ here: 'again' })
+  assert.equal(await bob2.send({ type: 'broadcast', event: 'fence', payload: {} }), 'ok')
+  assert.ok(await waitFor(() => fenced), 'the fence broadcast arrived')
+  assert.deepEqual(Object.keys(alice2.presenceState()), [], 'without the flag, no presence for alice')
+})
