@@ -106,6 +106,12 @@ pub struct ServeArgs {
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
+    /// DELETEs on row-level-security tables without REPLICA IDENTITY FULL, which policies
+    /// cannot judge: `drop` (deliver to nobody) or `primary-key` (the key alone to every
+    /// subscriber whose role may SELECT the table, as Supabase does).
+    #[arg(long, env = "RLS_DELETES", value_enum, default_value_t = crate::authz::rls::RlsDeletes::Drop)]
+    pub rls_deletes: crate::authz::rls::RlsDeletes,
+
     #[command(flatten)]
     pub limits: LimitArgs,
 }

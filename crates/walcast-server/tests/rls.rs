@@ -60,6 +60,10 @@ impl Drop for Server {
 }
 
 async fn serve(url: &str, slot: &str) -> Server {
+    serve_with(url, slot, &[]).await
+}
+
+async fn serve_with(url: &str, slot: &str, extra: &[&str]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -68,6 +72,7 @@ async fn serve(url: &str, slot: &str) -> Server {
         .args(["serve", "--database-url", url, "--jwt-secret", SECRET])
         .args(["--slot", slot, "--publication", slot, "--temporary-slot"])
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
         .env("CHANNEL_ERROR_BACKOFF_MS", "0")
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -507,6 +512,59 @@ async fn tenant_table(policy: &str) -> (walcast_testkit::TestDb, tokio_postgres:
     )
     .await;
     (db, sql, role)
+}
+
+/// A DELETE on an RLS table without REPLICA IDENTITY FULL carries only the key, which the
+/// policies cannot judge: by default nobody gets it; with `--rls-deletes=primary-key` every
+/// subscriber whose role may SELECT the table gets the key alone (Supabase's behaviour, and
+/// its disclosure: tenant 1 learns that tenant 2's row 2 was deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rls_deletes_without_the_old_row_are_dropped_unless_the_key_is_opted_in() {
+    let (db, sql, role) = tenant_table(TENANT_POLICY).await;
+    let safe = serve(db.url(), &format!("{}_del_drop", db.name())).await;
+    let keyed = serve_with(
+        db.url(),
+        &format!("{}_del_pk", db.name()),
+        &["--rls-deletes", "primary-key"],
+    )
+    .await;
+    let claims = json!({"role": role, "tenant": 1});
+    let tables = vec!["t".to_string()];
+    let mut a = Subscriber::join(safe.port, "drop", &claims, &tables).await;
+    let mut b = Subscriber::join(keyed.port, "pk", &claims, &tables).await;
+    for stmt in [
+        "INSERT INTO t VALUES (1, 1), (2, 2)",
+        "DELETE FROM t WHERE id = 1",
+        "DELETE FROM t WHERE id = 2",
+        "INSERT INTO t VALUES (3, 1)",
+    ] {
+        sql.batch_execute(stmt).await.expect(stmt);
+    }
+    let seen = |s: &Subscriber| -> Vec<String> {
+        s.events
+            .iter()
+            .map(|e| match e["type"].as_str() {
+                Some("DELETE") => format!("DELETE {}", e["old_record"]),
+                t => format!("{} {}", t.unwrap_or("?"), e["record"]["id"]),
+            })
+            .collect()
+    };
+    for s in [&mut a, &mut b] {
+        while !s.events.iter().any(|e| e["record"]["id"] == 3) {
+            s.next_frame().await;
+        }
+    }
+    assert_eq!(seen(&a), ["INSERT 1", "INSERT 3"], "default: no DELETE");
+    assert_eq!(
+        seen(&b),
+        [
+            "INSERT 1",
+            r#"DELETE {"id":1}"#,
+            r#"DELETE {"id":2}"#,
+            "INSERT 3"
+        ],
+        "primary-key: the key alone, to whoever may SELECT the table"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,16 @@
-// Server-wide options Supabase projects have (issue #14, item 6), each on a walcast of its
-// own: --private-only refuses public channels in Supabase's words; --presence-enabled syncs
-// presence on channels whose client did not ask for it.
+// Server-wide options Supabase projects have (issue #14, items 5 and 6), each on a walcast
+// of its own: --private-only refuses public channels in Supabase's words; --presence-enabled
+// syncs presence on channels whose client did not ask for it; --rls-deletes=primary-key
+// sends the key of a DELETE the policies cannot judge.
 
 import { test, after } from 'node:test'
 import assert from 'node:assert/strict'
 import { createClient } from '@supabase/supabase-js'
 import WebSocket from 'ws'
-import { mintToken, suffix, subscribe, subscribed, delay, newClient, closeClients, ensureRoles } from './helpers.mjs'
+import {
+  mintToken, suffix, subscribe, subscribed, delay, newClient, closeClients, ensureRoles,
+  createTable, sql, listen,
+} from './helpers.mjs'
 import { startOwnServer } from './own-server.mjs'
 
 const own = []
@@ -87,4 +91,33 @@ test('--presence-enabled gives presence to a channel that did not ask', async ()
   assert.equal(await bob2.send({ type: 'broadcast', event: 'fence', payload: {} }), 'ok')
   assert.ok(await waitFor(() => fenced), 'the fence broadcast arrived')
   assert.deepEqual(Object.keys(alice2.presenceState()), [], 'without the flag, no presence for alice')
+})
+
+test('--rls-deletes=primary-key delivers the key of a DELETE on an RLS table', async () => {
+  await ensureRoles()
+  const name = `rlsdel_${suffix()}`
+  const t = await createTable(name, 'id int8 PRIMARY KEY, owner text NOT NULL')
+  await sql(`ALTER TABLE ${t} ENABLE ROW LEVEL SECURITY`)
+  await sql(`CREATE POLICY own ON ${t} FOR SELECT TO authenticated
+             USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))`)
+  const server = await startOwnServer(['--rls-deletes', 'primary-key'])
+  own.push(server)
+  const key = mintToken({ role: 'authenticated', claims: { sub: 'ann' } })
+  const keyed = clientOf(server.http, key).channel(`del-${suffix()}`)
+  const keyedLog = listen(keyed, { event: '*', schema: 'public', table: name })
+  await subscribed(keyed)
+  // The same subscription on the suite's server (default: drop).
+  const safe = newClient(key).channel(`del-${suffix()}`)
+  const safeLog = listen(safe, { event: '*', schema: 'public', table: name })
+  await subscribed(safe)
+
+  await sql(`INSERT INTO ${t} VALUES (1, 'ann')`)
+  await sql(`DELETE FROM ${t} WHERE id = 1`)
+  await sql(`INSERT INTO ${t} VALUES (2, 'ann')`) // the fence: after it, nothing is on its way
+  const done = (items) => items.some((p) => p.eventType === 'INSERT' && p.new.id === 2)
+  await keyedLog.until(done, { what: 'the fence on the opted-in server' })
+  await safeLog.until(done, { what: 'the fence on the default server' })
+  const kinds = (log) => log.items.map((p) => (p.eventType === 'DELETE' ? `DELETE ${JSON.stringify(p.old)}` : `${p.eventType} ${p.new.id}`))
+  assert.deepEqual(kinds(keyedLog), ['INSERT 1', 'DELETE {"id":1}', 'INSERT 2'])
+  assert.deepEqual(kinds(safeLog), ['INSERT 1', 'INSERT 2'])
 })

@@ -659,6 +659,18 @@ pub fn claim_str(claims: &str, name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// What becomes of a DELETE on a table with row-level security whose old row carries only
+/// the key (`REPLICA IDENTITY` other than FULL): the policies cannot judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RlsDeletes {
+    /// Delivered to nobody (the safe default: a policy may hide the row).
+    #[default]
+    Drop,
+    /// Delivered with the primary key alone to every subscriber whose role may SELECT the
+    /// table, as Supabase does: that the key was deleted is disclosed to them.
+    PrimaryKey,
+}
+
 /// The images of a change that authorization judges.
 pub struct Images<'a> {
     /// The row that decides delivery (new row, or the old row of a DELETE).

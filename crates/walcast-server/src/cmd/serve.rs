@@ -232,6 +232,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         Pump::new(replicator, types, hub, sql, state.authz.clone())
             .with_topics(state.topics.clone())
             .with_health(state.health.clone())
+            .with_rls_deletes(args.rls_deletes)
             .run(async move {
                 let _ = pump_shutdown.changed().await;
             }),

@@ -19,11 +19,12 @@ use walcast_core::change::{Change, ChangeKind, Table};
 use walcast_core::hub::{Access, Identity};
 
 use crate::authz::rls::{
-    self, AuthzError, GroupCheck, ImageBatch, PolicyCache, RowRule, TablePolicy,
+    self, AuthzError, GroupCheck, ImageBatch, PolicyCache, RlsDeletes, RowRule, TablePolicy,
 };
 use crate::db::sql::ExclusivePool;
 use crate::metrics;
 use crate::wal::lanes::LaneKey;
+use walcast_pgoutput::ReplicaIdentity;
 
 /// One lane's share of a batch: its pending items.
 pub struct LaneWork {
@@ -93,6 +94,7 @@ pub async fn run(
     cache: Arc<Mutex<PolicyCache>>,
     lanes: Vec<LaneWork>,
     generation: u64,
+    deletes: RlsDeletes,
 ) -> BatchResult {
     let mut outcomes: Vec<Vec<(u64, ItemOutcome)>> = lanes.iter().map(|_| Vec::new()).collect();
     let mut slowest: Vec<Duration> = vec![Duration::ZERO; lanes.len()];
@@ -124,6 +126,16 @@ pub async fn run(
                 }
             };
             let check = match (&p.rows, p.select) {
+                // The key alone cannot be judged by the policies: with the opt-in it goes to
+                // whoever may SELECT the table (columns it may not read stay masked).
+                (RowRule::Check(_), true)
+                    if deletes == RlsDeletes::PrimaryKey
+                        && change.kind == ChangeKind::Delete
+                        && change.table.replica_identity != ReplicaIdentity::Full =>
+                {
+                    outcomes[li].push((*seq, ItemOutcome::Decided(rls::access(&p, true, true))));
+                    continue;
+                }
                 (RowRule::Check(c), true) => c.clone(),
                 (RowRule::All, _) => {
                     outcomes[li].push((*seq, ItemOutcome::Decided(rls::access(&p, true, true))));

@@ -94,6 +94,8 @@ pub struct Pump {
     gathering_since: Option<Instant>,
     /// The stream ran at least once (a loss is then "lost", not "starting").
     streamed: bool,
+    /// DELETEs that policies cannot judge (`--rls-deletes`).
+    rls_deletes: crate::authz::rls::RlsDeletes,
     /// How far the stream has been read outside transactions: the end of the last commit,
     /// or a keepalive's or non-transactional message's position. Once the lanes are empty,
     /// everything up to it has been delivered.
@@ -116,6 +118,7 @@ impl Pump {
             sql,
             authz,
             policies: Arc::default(),
+            rls_deletes: Default::default(),
             scratch: DispatchScratch::default(),
             topics: None,
             health: Arc::default(),
@@ -132,6 +135,12 @@ impl Pump {
     /// Deliver `realtime.messages` rows (database broadcasts) to these topics.
     pub fn with_topics(mut self, topics: Arc<Topics>) -> Pump {
         self.topics = Some(topics);
+        self
+    }
+
+    /// What DELETEs the policies cannot judge become.
+    pub fn with_rls_deletes(mut self, deletes: crate::authz::rls::RlsDeletes) -> Pump {
+        self.rls_deletes = deletes;
         self
     }
 
@@ -505,8 +514,13 @@ impl Pump {
         for batch in batches {
             let pool = self.authz.clone();
             let cache = self.policies.clone();
-            self.checks
-                .push(Box::pin(checks::run(pool, cache, batch, generation)));
+            self.checks.push(Box::pin(checks::run(
+                pool,
+                cache,
+                batch,
+                generation,
+                self.rls_deletes,
+            )));
         }
     }
 
