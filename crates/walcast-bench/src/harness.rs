@@ -59,6 +59,19 @@ pub struct HarnessArgs {
 }
 
 impl HarnessArgs {
+    /// Pass `--flag=value` to `walcast serve` unless the command line already sets `flag`.
+    /// Benchmarks open every socket from one address, so per-client limits meant for one
+    /// real client (the join rate, say) would otherwise be what they measure.
+    pub fn server_default(&mut self, flag: &str, value: impl std::fmt::Display) {
+        let set = self
+            .server_arg
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if !set {
+            self.server_arg.push(format!("{flag}={value}"));
+        }
+    }
+
     /// "server: 0, client: 1, postgres: unpinned" for the report.
     pub fn pinning(&self) -> String {
         let p = |c: &Option<String>| c.clone().unwrap_or_else(|| "unpinned".into());

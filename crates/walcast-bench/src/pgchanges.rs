@@ -130,7 +130,11 @@ pub async fn run(plan: Plan) -> Result<()> {
         common.harness.pinning()
     );
     let load_start = harness::loadavg();
-    let mut h = Harness::start(&common.harness).await?;
+    // Every subscriber joins from 127.0.0.1: one "client" to the per-client join limit.
+    let mut args = common.harness.clone();
+    args.server_default("--max-joins-per-second-per-client", 100_000);
+    args.server_default("--max-joins-per-second", 100_000);
+    let mut h = Harness::start(&args).await?;
     let rows = ((common.warmup_secs + plan.duration_secs) as f64 * plan.rate).round() as u64;
     let measured_from = (common.warmup_secs as f64 * plan.rate).round() as u64 + 1;
     let log = Arc::new(CommitLog::new(Instant::now(), rows));

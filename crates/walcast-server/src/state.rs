@@ -50,6 +50,9 @@ pub struct Limits {
     pub private_only: bool,
     /// Presence is on for every channel (`--presence-enabled`).
     pub presence_enabled: bool,
+    /// How DELETEs on RLS tables without their old row are delivered (joins warn
+    /// subscribers who would miss them).
+    pub rls_deletes: crate::authz::rls::RlsDeletes,
 }
 
 /// Shared by everything in `walcast serve`.

@@ -565,6 +565,49 @@ async fn rls_deletes_without_the_old_row_are_dropped_unless_the_key_is_opted_in(
         ],
         "primary-key: the key alone, to whoever may SELECT the table"
     );
+    // Said once at join, with status ok (the channel is live): which table, and the fix.
+    let notices = |s: &Subscriber| -> Vec<String> {
+        s.system
+            .iter()
+            .filter(|m| {
+                m["message"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("DeletesNotDelivered"))
+            })
+            .map(|m| {
+                assert_eq!(m["status"], "ok", "{m}");
+                assert_eq!(m["extension"], "postgres_changes", "{m}");
+                m["message"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    };
+    let warned = notices(&a);
+    assert_eq!(warned.len(), 1, "{:?}", a.system);
+    assert!(
+        warned[0].contains("public.t ") && warned[0].contains("REPLICA IDENTITY FULL"),
+        "{warned:?}"
+    );
+    assert_eq!(
+        notices(&b),
+        Vec::<String>::new(),
+        "the key goes out: nothing missed"
+    );
+    // Once the table logs the whole old row, nothing is missed and nothing is said. The
+    // change after the ALTER carries the new Relation, so joins after it see the new identity.
+    sql.batch_execute("ALTER TABLE t REPLICA IDENTITY FULL; INSERT INTO t VALUES (4, 1)")
+        .await
+        .expect("replica identity full");
+    while !a.events.iter().any(|e| e["record"]["id"] == 4) {
+        a.next_frame().await;
+    }
+    let mut c = Subscriber::join(safe.port, "full", &claims, &tables).await;
+    sql.batch_execute("INSERT INTO t VALUES (5, 1)")
+        .await
+        .expect("insert");
+    while !c.events.iter().any(|e| e["record"]["id"] == 5) {
+        c.next_frame().await;
+    }
+    assert_eq!(notices(&c), Vec::<String>::new(), "{:?}", c.system);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

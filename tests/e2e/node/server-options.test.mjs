@@ -9,7 +9,7 @@ import { createClient } from '@supabase/supabase-js'
 import WebSocket from 'ws'
 import {
   mintToken, suffix, subscribe, subscribed, delay, newClient, closeClients, ensureRoles,
-  createTable, sql, listen,
+  createTable, sql, listen, collectSystem,
 } from './helpers.mjs'
 import { startOwnServer } from './own-server.mjs'
 
@@ -105,10 +105,12 @@ test('--rls-deletes=primary-key delivers the key of a DELETE on an RLS table', a
   const key = mintToken({ role: 'authenticated', claims: { sub: 'ann' } })
   const keyed = clientOf(server.http, key).channel(`del-${suffix()}`)
   const keyedLog = listen(keyed, { event: '*', schema: 'public', table: name })
+  const keyedSystem = collectSystem(keyed)
   await subscribed(keyed)
   // The same subscription on the suite's server (default: drop).
   const safe = newClient(key).channel(`del-${suffix()}`)
   const safeLog = listen(safe, { event: '*', schema: 'public', table: name })
+  const safeSystem = collectSystem(safe)
   await subscribed(safe)
 
   await sql(`INSERT INTO ${t} VALUES (1, 'ann')`)
@@ -120,4 +122,14 @@ test('--rls-deletes=primary-key delivers the key of a DELETE on an RLS table', a
   const kinds = (log) => log.items.map((p) => (p.eventType === 'DELETE' ? `DELETE ${JSON.stringify(p.old)}` : `${p.eventType} ${p.new.id}`))
   assert.deepEqual(kinds(keyedLog), ['INSERT 1', 'DELETE {"id":1}', 'INSERT 2'])
   assert.deepEqual(kinds(safeLog), ['INSERT 1', 'INSERT 2'])
+  // The default server said so at join, naming the table and the fix; the opted-in one had
+  // nothing to warn about.
+  const warnings = (log) => log.items.filter((m) => String(m.message).startsWith('DeletesNotDelivered'))
+  const [warned, ...more] = warnings(safeSystem)
+  assert.ok(warned, `a DeletesNotDelivered notice: ${JSON.stringify(safeSystem.items)}`)
+  assert.equal(more.length, 0)
+  assert.equal(warned.status, 'ok')
+  assert.equal(warned.extension, 'postgres_changes')
+  assert.match(warned.message, new RegExp(`public\\.${name} .*REPLICA IDENTITY FULL`))
+  assert.deepEqual(warnings(keyedSystem), [])
 })

@@ -119,6 +119,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         resume: args.limits.session_limits(),
         private_only: args.limits.private_only,
         presence_enabled: args.limits.presence_enabled,
+        rls_deletes: args.rls_deletes,
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())

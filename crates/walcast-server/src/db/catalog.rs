@@ -46,6 +46,9 @@ pub struct TableMeta {
     /// Primary-key columns (always sent when a binding selects columns).
     pub primary_key: Vec<String>,
     pub rls_enabled: bool,
+    /// `pg_class.relreplident`: `f` (full), `d` (default: the primary key), `i` (an index),
+    /// `n` (nothing). Only `f` gives DELETEs an old row that policies can judge.
+    pub replica_identity: char,
     /// Part of the streamed publication.
     pub published: bool,
 }
@@ -60,7 +63,8 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relrowsecurity,
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
        ARRAY(SELECT a.attname::text FROM pg_catalog.pg_index i
              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-             WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY a.attnum)
+             WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY a.attnum),
+       c.relreplident::text
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND n.nspname = $2 AND c.relname = $3";
@@ -91,6 +95,7 @@ pub async fn find_table(
             .map(|(name, type_oid)| walcast_core::filter::ColumnInfo { name, type_oid })
             .collect(),
         primary_key: row.try_get(7)?,
+        replica_identity: row.try_get::<_, String>(8)?.chars().next().unwrap_or('d'),
     }))
 }
 
@@ -112,6 +117,9 @@ pub async fn role_exists(client: &tokio_postgres::Client, role: &str) -> Result<
 pub struct TableAccess {
     pub select: bool,
     pub rls_enabled: bool,
+    /// Row-level security applies to this role here: it is on, and the role neither
+    /// bypasses it (superuser, `BYPASSRLS`) nor owns the table without `FORCE`.
+    pub rls_applies: bool,
     /// Columns the role may not SELECT (trimmed from payloads, refused in filters).
     pub hidden_columns: Vec<String>,
 }
@@ -139,7 +147,13 @@ pub async fn table_access(
                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                             AND NOT (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)
                                      AND pg_catalog.has_column_privilege($1, c.oid, a.attnum, 'SELECT'))
-                          ORDER BY a.attnum)
+                          ORDER BY a.attnum),
+                    c.relrowsecurity AND NOT COALESCE(
+                        (SELECT r.rolsuper OR r.rolbypassrls
+                                OR (pg_catalog.pg_has_role(r.oid, c.relowner, 'USAGE')
+                                    AND NOT c.relforcerowsecurity)
+                         FROM pg_catalog.pg_roles r WHERE r.rolname = $1),
+                        true)
              FROM pg_catalog.pg_class c WHERE c.oid = $2",
             &[&role, &table_oid],
         )
@@ -150,10 +164,12 @@ pub async fn table_access(
             select: r.try_get(0)?,
             rls_enabled: r.try_get(1)?,
             hidden_columns: r.try_get(2)?,
+            rls_applies: r.try_get(3)?,
         },
         None => TableAccess {
             select: false,
             rls_enabled: false,
+            rls_applies: false,
             hidden_columns: Vec::new(),
         },
     })

@@ -10,7 +10,8 @@ use walcast_core::filter;
 use walcast_core::subscription::{binding_id, Binding, EventFilter};
 use walcast_protocol::PostgresBinding;
 
-use crate::db::catalog::{find_table, role_exists, table_access};
+use crate::authz::rls::RlsDeletes;
+use crate::db::catalog::{find_table, role_exists, table_access, TableAccess, TableMeta};
 use crate::state::AppState;
 
 /// The `postgres_changes` system error a channel gets while the replication stream is down
@@ -47,11 +48,65 @@ fn unable(entry: &PostgresBinding, exception: impl std::fmt::Display) -> String 
     )
 }
 
-/// The bindings that passed, and a `system` error text for each entry that did not.
+/// The bindings that passed, a `system` error text for each entry that did not, and
+/// notices for bindings that are live but will miss some changes (sent with status `ok`).
 #[derive(Debug, Default)]
 pub struct Checked {
     pub bindings: Vec<Binding>,
     pub errors: Vec<String>,
+    pub notices: Vec<String>,
+}
+
+/// The join-time notice for a binding that will never see a table's DELETEs: row-level
+/// security judges each row, but the WAL carries no deleted row to judge (only
+/// `REPLICA IDENTITY FULL` logs it), so those DELETEs are dropped for this subscriber. Said
+/// once, at join, so the app does not go stale silently.
+fn missed_deletes(
+    meta: &TableMeta,
+    access: &TableAccess,
+    event: EventFilter,
+    deletes: RlsDeletes,
+) -> Option<String> {
+    if !matches!(event, EventFilter::All | EventFilter::Delete)
+        || !access.rls_applies
+        || meta.replica_identity == 'f'
+    {
+        return None;
+    }
+    let table = format!("{}.{}", quote_ident(&meta.schema), quote_ident(&meta.name));
+    // With the opt-in the key goes out, unless the WAL does not even carry a key.
+    let no_key = meta.replica_identity == 'n'
+        || (meta.replica_identity == 'd' && meta.primary_key.is_empty());
+    match deletes {
+        RlsDeletes::PrimaryKey if !no_key => None,
+        RlsDeletes::PrimaryKey => Some(format!(
+            "DeletesNotDelivered: DELETEs on {table} will not reach this channel: the table has row-level security and its replica identity logs no key for a deleted row. Run ALTER TABLE {table} REPLICA IDENTITY FULL so they can be authorized and delivered."
+        )),
+        RlsDeletes::Drop => Some(format!(
+            "DeletesNotDelivered: DELETEs on {table} will not reach this channel: the table has row-level security and REPLICA IDENTITY {}, so the deleted row is not in the WAL for the policies to judge. Run ALTER TABLE {table} REPLICA IDENTITY FULL (or start walcast with --rls-deletes=primary-key to send the primary key alone to every subscriber who may SELECT the table).",
+            match meta.replica_identity {
+                'n' => "NOTHING",
+                'i' => "USING INDEX",
+                _ => "DEFAULT",
+            }
+        )),
+    }
+}
+
+/// `name` as a Postgres identifier in a message (quoted only when it needs to be).
+fn quote_ident(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
 }
 
 /// Check every entry under `role`.
@@ -82,7 +137,10 @@ pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBin
     }
     for entry in entries {
         match check_entry(state, &client, role, entry).await {
-            Ok(b) => out.bindings.push(b),
+            Ok((b, notice)) => {
+                out.bindings.push(b);
+                out.notices.extend(notice);
+            }
             Err(e) => out.errors.push(e),
         }
     }
@@ -94,7 +152,7 @@ async fn check_entry(
     client: &tokio_postgres::Client,
     role: &str,
     entry: &PostgresBinding,
-) -> Result<Binding, String> {
+) -> Result<(Binding, Option<String>), String> {
     let (schema, table) = match (entry.schema.as_deref(), entry.table.as_deref()) {
             (None | Some(""), None | Some("")) => {
                 return Err(format!(
@@ -128,14 +186,17 @@ async fn check_entry(
             ));
         }
         // Access to each table is checked per change (default deny).
-        return Ok(Binding {
-            id,
-            event,
-            schema: schema.to_string(),
-            table: table.to_string(),
-            filter: None,
-            select: None,
-        });
+        return Ok((
+            Binding {
+                id,
+                event,
+                schema: schema.to_string(),
+                table: table.to_string(),
+                filter: None,
+                select: None,
+            },
+            None,
+        ));
     }
     let meta = find_table(client, &state.publication, schema, table)
         .await
@@ -201,12 +262,16 @@ async fn check_entry(
         }
         _ => None,
     };
-    Ok(Binding {
-        id,
-        event,
-        schema: meta.schema,
-        table: meta.name,
-        filter: compiled,
-        select,
-    })
+    let notice = missed_deletes(&meta, &access, event, state.limits.rls_deletes);
+    Ok((
+        Binding {
+            id,
+            event,
+            schema: meta.schema,
+            table: meta.name,
+            filter: compiled,
+            select,
+        },
+        notice,
+    ))
 }

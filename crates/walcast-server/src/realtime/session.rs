@@ -905,6 +905,16 @@ impl Session {
                 )
             });
         }
+        // After "Subscribed": the channel is live, these say what it will still miss.
+        for message in &auth.changes.notices {
+            after.push(self.system_frame(
+                &topic,
+                jr,
+                SystemExtension::PostgresChanges,
+                SystemStatus::Ok,
+                message,
+            ));
+        }
         let (broadcast, presence) = channel.receives();
         if let Some(r) = &channel.resumable {
             r.set_meta(Meta {

@@ -44,6 +44,7 @@ fn limits() -> Limits {
         resume: crate::realtime::resume::SessionLimits::default(),
         private_only: false,
         presence_enabled: false,
+        rls_deletes: Default::default(),
     }
 }
 
@@ -767,7 +768,7 @@ mod resume {
                 perms: None,
                 changes: Checked {
                     bindings,
-                    errors: Vec::new(),
+                    ..Checked::default()
                 },
             })),
         );
