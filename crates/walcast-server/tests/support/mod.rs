@@ -19,8 +19,16 @@ pub async fn exec_each(sql: &tokio_postgres::Client, statements: &[&str]) {
 
 use serde_json::Value;
 
+/// The binary under test: this build's, or `WALCAST_TEST_BIN` (to see a regression test fail
+/// against an older build, say).
+pub fn walcast_bin() -> std::path::PathBuf {
+    std::env::var_os("WALCAST_TEST_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_walcast").into())
+}
+
 pub fn walcast() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_walcast"));
+    let mut c = Command::new(walcast_bin());
     c.env(
         "RUST_LOG",
         std::env::var("WALCAST_TEST_LOG")

@@ -178,7 +178,7 @@ impl Server {
                 let mut c = std::process::Command::new("prlimit");
                 c.arg(format!("--nofile={n}:{n}"))
                     .arg("--")
-                    .arg(env!("CARGO_BIN_EXE_walcast"));
+                    .arg(super::walcast_bin());
                 let plain = super::walcast();
                 for (k, v) in plain.get_envs() {
                     if let (Some(v), Some(k)) = (v, k.to_str()) {
