@@ -414,6 +414,7 @@ fn private_join(t: &mut T, perms: ChannelPerms) {
         Outcome::Authorize(Ok(Authorized {
             perms: Some(perms),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
 }
@@ -490,6 +491,7 @@ fn a_new_token_reauthorizes_and_a_lost_read_closes_the_channel() {
                 ..Default::default()
             }),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
     assert!(t.out().is_empty(), "no reply to access_token");
@@ -507,6 +509,7 @@ fn a_new_token_reauthorizes_and_a_lost_read_closes_the_channel() {
                 ..Default::default()
             }),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
     let out = t.out();
@@ -769,6 +772,7 @@ mod resume {
                     bindings,
                     errors: Vec::new(),
                 },
+                replayed: Vec::new(),
             })),
         );
     }
