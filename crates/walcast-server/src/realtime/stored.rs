@@ -83,11 +83,11 @@ SELECT id::pg_catalog.text, event, payload::pg_catalog.text, binary_payload
 FROM realtime.messages
 WHERE topic = $1 AND private AND extension = 'broadcast' AND event IS NOT NULL
   AND (payload IS NOT NULL OR binary_payload IS NOT NULL)
-  AND inserted_at >= pg_catalog.to_timestamp($2::pg_catalog.float8 / 1000)
+  AND inserted_at >= pg_catalog.to_timestamp($2::pg_catalog.int8 / 1000.0)
   AND inserted_at < pg_catalog.now() + interval '1 minute'
   AND (expires_at IS NULL OR expires_at > pg_catalog.now())
 ORDER BY inserted_at DESC, id DESC
-LIMIT $3";
+LIMIT $3::pg_catalog.int8";
 
 /// The newest `replay.limit` stored broadcasts of the private topic `sub_topic` since
 /// `replay.since_ms`, oldest first. Run as walcast's own user: the caller checked that the
