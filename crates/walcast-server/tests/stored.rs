@@ -742,3 +742,67 @@ async fn expired_rows_are_deleted_on_schedule() {
         "rows past their expiry or the retention are deleted, the others kept"
     );
 }
+
+/// A live copy of a replayed row is dropped for the channel that got it replayed. To get a
+/// row replayed *and* delivered live to the same channel, its WAL copy must arrive after the
+/// join: a large transaction committed just before it keeps the pump busy meanwhile. A second
+/// channel that joins (without replay) after the first one's reply proves the timing: if the
+/// live copy reached it, it was published after both joined. Without that proof the attempt
+/// is repeated with a larger transaction (and the test fails if it never happens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_rows_live_copy_is_not_delivered_again() {
+    let (db, sql) = database().await;
+    let server = serve(&db, "dedup", &[]).await;
+    let r = roles(&db, &sql).await;
+    let reader_t = tok(&r.reader, "r");
+    exec(&sql, &["CREATE TABLE public.bulk (n int8)".into()]).await;
+    for (attempt, rows) in [200_000i64, 600_000, 1_500_000].into_iter().enumerate() {
+        let marker = format!("late-{attempt}");
+        // The big transaction, then R (replayable: inserted a second ago, committed now).
+        sql.execute(
+            "INSERT INTO public.bulk SELECT g FROM generate_series(1, $1::int8) g",
+            &[&rows],
+        )
+        .await
+        .expect("the big transaction");
+        sql.execute(
+            "INSERT INTO realtime.messages (id, topic, extension, event, payload, private, inserted_at) \
+             VALUES (gen_random_uuid(), 'room', 'broadcast', 'r', jsonb_build_object('m', $1::text), true, now() - interval '1 s')",
+            &[&marker],
+        )
+        .await
+        .expect("R");
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64
+            - 30_000;
+        let mut replayer = join_room(
+            &server,
+            &reader_t,
+            json!({"replay": {"since": since, "limit": 1}}),
+        )
+        .await;
+        let mut witness = join_room(&server, &reader_t, json!({})).await;
+        fence(&sql, attempt as i64).await;
+        let (_, meta, _, payload) = next_broadcast(&mut replayer, "the replayed row").await;
+        assert_eq!(json_of(&payload)["m"], marker.as_str());
+        assert_eq!(meta["replayed"], true);
+        // The witness: R live (then the fence), or the fence alone (timing missed).
+        let (event, _, _, payload) = next_broadcast(&mut witness, "R or the fence").await;
+        let timing_held = event == "r" && json_of(&payload)["m"] == marker.as_str();
+        let (event, ..) = next_broadcast(&mut replayer, "the fence").await;
+        if timing_held {
+            assert_eq!(
+                event, "fence",
+                "the live copy of a replayed row was delivered again"
+            );
+            return;
+        }
+        assert_eq!(event, "fence");
+        sql.execute("TRUNCATE public.bulk", &[])
+            .await
+            .expect("truncate");
+    }
+    panic!("R's WAL copy never arrived after the joins: the dedup was not exercised");
+}
