@@ -129,6 +129,12 @@ line(ts(0, 12, "Channels closed by the server / s", [
          (f"max by (quantile) (walcast_authz_check_seconds{Q})", "p{{quantile}}"),
          (f"histogram_quantile(0.99, sum by (le) (rate(walcast_authz_check_seconds_bucket{J}[$__rate_interval])))",
           "p0.99 (buckets)")], "s"))
+line(ts(0, 12, "Persisted sends / s by origin and outcome", [
+         (rate("walcast_broadcasts_stored_total", "origin, outcome"), "{{origin}} {{outcome}}")], "ops",
+        "Sends with persist: stored, refused by the INSERT policies (denied), or failed"),
+     ts(12, 12, "Stored broadcasts replayed / s", [
+         (rate("walcast_broadcasts_replayed_total"), "replayed")], "ops",
+        "Stored messages sent to channels joining with broadcast.replay"))
 
 row("Replication")
 line(ts(0, 8, "Replication lag (bytes)", [

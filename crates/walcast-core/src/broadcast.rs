@@ -66,6 +66,18 @@ pub struct Member {
     pub broadcast: bool,
     /// Receives presence diffs (false for a private channel without presence read).
     pub presence: bool,
+    /// Ids of the stored messages replayed to this channel at its join: a live copy of one
+    /// of them is not delivered again (at most the replay limit, so a scan is enough).
+    pub replayed: Option<Arc<[Box<str>]>>,
+}
+
+impl Member {
+    fn already_replayed(&self, id: Option<&str>) -> bool {
+        match (id, &self.replayed) {
+            (Some(id), Some(ids)) => ids.iter().any(|r| &**r == id),
+            _ => false,
+        }
+    }
 }
 
 /// What is broadcast.
@@ -141,7 +153,8 @@ pub struct FanoutStats {
     pub delivered: u64,
     /// Frames refused by full or closed outboxes.
     pub dropped: u64,
-    /// Members skipped because their protocol cannot carry the payload (binary to vsn 1).
+    /// Members skipped because their protocol cannot carry the payload (binary to vsn 1), or
+    /// because the message was replayed to them at their join.
     pub skipped: u64,
     /// Distinct frames serialized.
     pub encoded: u64,
@@ -390,14 +403,33 @@ impl Topics {
 
     /// Send `body` to every member of `key` that receives broadcasts, except `exclude`.
     pub fn publish(&self, key: &TopicKey, body: &Body, exclude: Option<MemberId>) -> FanoutStats {
-        self.publish_inner(key, body, exclude, None)
+        self.publish_inner(key, body, exclude, None, None)
+    }
+
+    /// [`Topics::publish`] for a message that is also stored under `id` (a persisted send):
+    /// members that already got it replayed are skipped.
+    pub fn publish_stored(
+        &self,
+        key: &TopicKey,
+        body: &Body,
+        id: &str,
+        exclude: Option<MemberId>,
+    ) -> FanoutStats {
+        self.publish_inner(key, body, exclude, None, Some(id))
     }
 
     /// Send a database broadcast (a committed `realtime.messages` row at `at`): as
     /// [`Topics::publish`], with the position handed to each outbox, so resumable sessions
-    /// can replay it.
-    pub fn publish_at(&self, key: &TopicKey, body: &Body, at: Position, xid: u32) -> FanoutStats {
-        self.publish_inner(key, body, None, Some((at, xid)))
+    /// can replay it. Members that got the row `id` replayed at their join are skipped.
+    pub fn publish_at(
+        &self,
+        key: &TopicKey,
+        body: &Body,
+        id: Option<&str>,
+        at: Position,
+        xid: u32,
+    ) -> FanoutStats {
+        self.publish_inner(key, body, None, Some((at, xid)), id)
     }
 
     fn publish_inner(
@@ -406,6 +438,7 @@ impl Topics {
         body: &Body,
         exclude: Option<MemberId>,
         at: Option<(Position, u32)>,
+        message_id: Option<&str>,
     ) -> FanoutStats {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         let Some(topic) = topics.get(key) else {
@@ -415,6 +448,10 @@ impl Topics {
         let mut cache = FrameCache::new(&topic.wire);
         for (id, m) in &topic.members {
             if !m.broadcast || Some(*id) == exclude {
+                continue;
+            }
+            if m.already_replayed(message_id) {
+                stats.skipped += 1;
                 continue;
             }
             match cache.get(m.vsn, |wire, vsn| broadcast_frame(wire, vsn, body)) {
@@ -511,6 +548,7 @@ mod tests {
             vsn,
             broadcast: true,
             presence: true,
+            replayed: None,
         }
     }
 
@@ -597,6 +635,39 @@ mod tests {
             // Same allocation, not just equal bytes.
             assert_eq!(b.as_ptr(), first.as_ptr());
         }
+    }
+
+    #[test]
+    fn a_replayed_message_is_not_delivered_live_again() {
+        let t = Topics::new(0);
+        let key = TopicKey::new("stored", true);
+        let (replayed, fresh) = (Arc::new(Sink::default()), Arc::new(Sink::default()));
+        let mut m = member(&replayed, vsn2());
+        m.replayed = Some(Arc::from(vec![Box::<str>::from("id-1")]));
+        t.join(&key, 1, m, JoinOptions::default(), || ()).unwrap();
+        t.join(
+            &key,
+            2,
+            member(&fresh, vsn2()),
+            JoinOptions::default(),
+            || (),
+        )
+        .unwrap();
+        let body = Body::User(UserBroadcast {
+            event: "e".into(),
+            encoding: PayloadEncoding::Json,
+            meta: Some(r#"{"id":"id-1"}"#.into()),
+            payload: Bytes::from_static(b"{}"),
+        });
+        let st = t.publish_at(&key, &body, Some("id-1"), Position::default(), 0);
+        assert_eq!((st.delivered, st.skipped), (1, 1));
+        assert!(replayed.take().is_empty());
+        assert_eq!(fresh.take().len(), 1);
+        // Another id reaches both; so does a live copy of a persisted send.
+        let st = t.publish_stored(&key, &body, "id-2", None);
+        assert_eq!((st.delivered, st.skipped), (2, 0));
+        let st = t.publish_stored(&key, &body, "id-1", None);
+        assert_eq!((st.delivered, st.skipped), (1, 1));
     }
 
     #[test]

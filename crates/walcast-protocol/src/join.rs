@@ -62,6 +62,8 @@ pub struct ReplayConfig {
     pub since: Option<i64>,
     /// `limit`: number of messages.
     pub limit: Option<i64>,
+    /// `since` or `limit` was given but is not an integer (the server refuses the replay).
+    pub invalid: bool,
 }
 
 /// `config.presence`.
@@ -193,10 +195,12 @@ fn replay(b: &RawObject<'_>, warn: &mut Warnings<'_>) -> Option<ReplayConfig> {
         warn.expected("config.broadcast.replay", "an object", lenient::kind(raw));
         return None;
     };
+    let mut invalid = false;
     let mut int = |key: &str| {
         let raw = r.get_non_null(key)?;
         lenient::integer(raw)
             .map_err(|found| {
+                invalid = true;
                 warn.expected(
                     &format!("config.broadcast.replay.{key}"),
                     "an integer",
@@ -207,7 +211,11 @@ fn replay(b: &RawObject<'_>, warn: &mut Warnings<'_>) -> Option<ReplayConfig> {
     };
     let since = int("since");
     let limit = int("limit");
-    Some(ReplayConfig { since, limit })
+    Some(ReplayConfig {
+        since,
+        limit,
+        invalid,
+    })
 }
 
 fn bindings(list: &RawValue, warn: &mut Warnings<'_>) -> Vec<PostgresBinding> {

@@ -44,7 +44,8 @@ fn realtime_js_2_119_join() {
         c.broadcast.replay,
         Some(ReplayConfig {
             since: Some(1_763_407_103_911),
-            limit: Some(10)
+            limit: Some(10),
+            invalid: false
         })
     );
     assert_eq!(c.presence.key, "");

@@ -61,7 +61,8 @@ fn invalid_shapes_fall_back_with_warnings() {
         j.config.broadcast.replay,
         Some(walcast_protocol::ReplayConfig {
             since: None,
-            limit: Some(3)
+            limit: Some(3),
+            invalid: true
         })
     );
     assert!(!j.config.presence.enabled);

@@ -102,6 +102,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MESSAGES_RETENTION_SECS", default_value_t = 3 * 24 * 3600)]
     pub messages_retention_secs: u64,
 
+    /// How often expired `realtime.messages` rows (past the retention or their stored
+    /// send's ttl) are deleted.
+    #[arg(long, env = "MESSAGES_SWEEP_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages_sweep_secs: u64,
+
     /// Require `Authorization: Bearer <token>` on /metrics.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,

@@ -31,6 +31,8 @@ pub const CHANNELS_CLOSED: &str = "walcast_channels_closed_total";
 pub const BROADCASTS: &str = "walcast_broadcasts_total";
 pub const BROADCAST_DELIVERIES: &str = "walcast_broadcast_deliveries_total";
 pub const PRESENCE_EVENTS: &str = "walcast_presence_events_total";
+pub const BROADCASTS_STORED: &str = "walcast_broadcasts_stored_total";
+pub const BROADCASTS_REPLAYED: &str = "walcast_broadcasts_replayed_total";
 pub const PENDING_EVICTED: &str = "walcast_pending_connections_closed_total";
 pub const SESSIONS_PARKED_TOTAL: &str = "walcast_session_channels_parked_total";
 pub const SESSIONS_PARKED: &str = "walcast_session_channels_parked";
@@ -148,6 +150,12 @@ fn zero_every_series() {
     for event in ["track", "untrack"] {
         counter!(PRESENCE_EVENTS, "event" => event).absolute(0);
     }
+    for origin in ["client", "http"] {
+        for outcome in ["stored", "denied", "failed"] {
+            counter!(BROADCASTS_STORED, "origin" => origin, "outcome" => outcome).absolute(0);
+        }
+    }
+    counter!(BROADCASTS_REPLAYED).absolute(0);
     // Registering the histograms makes them render (with no samples) before the first one.
     let _ = histogram!(COMMIT_TO_SEND);
     let _ = histogram!(AUTHZ_CHECK_SECONDS);
@@ -159,6 +167,14 @@ pub fn describe() {
     describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
     describe_gauge!(CHANNELS_JOINED, "Channels currently joined, by kind");
     describe_counter!(JOINS, "Successful channel joins");
+    describe_counter!(
+        BROADCASTS_STORED,
+        "Persisted sends (persist: true) by origin and outcome"
+    );
+    describe_counter!(
+        BROADCASTS_REPLAYED,
+        "Stored broadcasts replayed to joining channels"
+    );
     describe_counter!(JOIN_ERRORS, "Refused channel joins, by reason");
     describe_counter!(FRAMES_IN, "Frames received from clients, by kind");
     describe_counter!(FRAMES_OUT, "Frames written to clients, by kind");
@@ -379,6 +395,16 @@ pub fn authz_stopped(channels: u64) {
 pub fn broadcast(origin: &'static str, delivered: u64) {
     counter!(BROADCASTS, "origin" => origin).increment(1);
     counter!(BROADCAST_DELIVERIES, "origin" => origin).increment(delivered);
+}
+
+/// A persisted send: `origin` "client" or "http", `outcome` "stored", "denied", "failed".
+pub fn broadcast_stored(origin: &'static str, outcome: &'static str) {
+    counter!(BROADCASTS_STORED, "origin" => origin, "outcome" => outcome).increment(1);
+}
+
+/// Stored messages replayed to one joining channel.
+pub fn replayed(n: usize) {
+    counter!(BROADCASTS_REPLAYED).increment(n as u64);
 }
 
 /// `event`: "track", "untrack".

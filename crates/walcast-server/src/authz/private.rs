@@ -276,3 +276,89 @@ pub async fn can_write(
     })
     .await
 }
+
+/// A broadcast to keep in `realtime.messages` (a send with `persist`).
+#[derive(Debug, Clone)]
+pub struct ToStore<'a> {
+    pub sub_topic: &'a str,
+    pub event: &'a str,
+    /// JSON text, or raw bytes for a binary broadcast.
+    pub json: Option<&'a str>,
+    pub binary: Option<&'a [u8]>,
+    /// Seconds until the row may be deleted (`persist[ttl]`); `None`: the retention.
+    pub ttl_secs: Option<i64>,
+}
+
+/// Why a message was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The INSERT policies refused the row.
+    #[error("the INSERT policies of realtime.messages refused the message")]
+    Denied,
+    #[error(transparent)]
+    Failed(#[from] AuthzError),
+}
+
+/// Store `msg` as a private broadcast row written AS `identity` (its role and claims, so the
+/// INSERT policies of `realtime.messages` decide, as for `realtime.send`), marked
+/// `skip_broadcast` because the caller delivers it live itself. Returns the row's id.
+pub async fn store(
+    state: &AppState,
+    identity: &Identity,
+    msg: &ToStore<'_>,
+) -> Result<String, StoreError> {
+    let lease = pool(state)
+        .acquire()
+        .await
+        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    let client = lease.client();
+    let result = async {
+        let bypass = bypasses_rls(client, &identity.role).await?;
+        begin(client, identity, msg.sub_topic).await?;
+        if !bypass {
+            client
+                .batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(&identity.role)))
+                .await
+                .map_err(pg_err)?;
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let id_ref: &str = &id;
+        let ttl = msg.ttl_secs.map(|t| t as f64);
+        let params: [(&(dyn ToSql + Sync), Type); 6] = [
+            (&id_ref, Type::TEXT),
+            (&msg.sub_topic, Type::TEXT),
+            (&msg.event, Type::TEXT),
+            (&msg.json, Type::TEXT),
+            (&msg.binary, Type::BYTEA),
+            (&ttl, Type::FLOAT8),
+        ];
+        let inserted = client
+            .query_typed(
+                "INSERT INTO realtime.messages \
+                   (id, topic, extension, event, payload, binary_payload, private, skip_broadcast, expires_at) \
+                 VALUES ($1::pg_catalog.text::uuid, $2, 'broadcast', $3, $4::pg_catalog.text::jsonb, $5, true, true, \
+                   pg_catalog.now() + pg_catalog.make_interval(secs => $6))",
+                &params,
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Err(StoreError::Denied)
+            }
+            Err(e) => return Err(StoreError::Failed(pg_err(e))),
+        }
+        client.batch_execute("COMMIT").await.map_err(pg_err)?;
+        Ok(id)
+    }
+    .await;
+    // COMMIT ends the transaction (and its LOCAL role); after an error, roll back.
+    let clean = match &result {
+        Ok(_) => true,
+        Err(_) => client.batch_execute("ROLLBACK").await.is_ok(),
+    };
+    if clean {
+        lease.done();
+    }
+    result
+}

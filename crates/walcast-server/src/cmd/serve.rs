@@ -185,7 +185,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     tokio::spawn(crate::db::retention::run(
         sql.clone(),
         Duration::from_secs(args.messages_retention_secs),
-        Duration::from_secs(60),
+        Duration::from_secs(args.messages_sweep_secs),
         async move {
             let _ = retention_shutdown.changed().await;
         },

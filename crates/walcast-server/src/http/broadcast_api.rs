@@ -7,6 +7,8 @@
 //!          ─▶ validate, payload size ─▶ 422 {"errors":{…}}   (body over the frame limit: 413)
 //!          ─▶ rate window ─▶ 429 {"message":…}
 //!          ─▶ private topic? write check ─▶ batch: skip the message; single: 403
+//!          ─▶ single with persist=true / persist[ttl]=N (private only, else 422): store the
+//!             row as the caller (INSERT policies: 403) ─▶ delivered with meta {"id"}
 //!          ─▶ Topics::publish ─▶ 202, empty body
 //! ```
 //!
@@ -43,6 +45,7 @@ use crate::authz::roles::refusal_message;
 use crate::http::{bearer, ClientAddr, HttpState};
 use crate::realtime::broadcast::{can_write, Extension};
 use crate::realtime::limiter::{client_key, Refused};
+use crate::realtime::stored::StoreRefused;
 use crate::state::now_unix;
 
 /// The broadcast routes (merged into the main router).
@@ -347,20 +350,83 @@ async fn single_inner(
     let private = query
         .get("private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let persist = match persist_query(&query) {
+        Ok(p) => p,
+        Err(e) => return unprocessable("persist", e),
+    };
+    if persist.is_some() && !private {
+        return unprocessable("persist", "can only be used on private channels");
+    }
     let topic = topic.strip_prefix("realtime:").unwrap_or(&topic);
     if private && !can_write(&s.app, &claims, topic, Extension::Broadcast).await {
         return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
+    // A persisted message is stored first, as the caller (its INSERT policies decide), and
+    // delivered live with its row's id; the row is marked so its WAL copy is not delivered.
+    let id = match persist {
+        None => None,
+        Some(ttl_secs) => {
+            let identity = crate::authz::private::identity_of(&claims);
+            let (json, binary) = match encoding {
+                PayloadEncoding::Json => (std::str::from_utf8(&body).ok(), None),
+                PayloadEncoding::Binary => (None, Some(&body[..])),
+            };
+            let msg = crate::authz::private::ToStore {
+                sub_topic: topic,
+                event: &event,
+                json,
+                binary,
+                ttl_secs,
+            };
+            match crate::realtime::authorize::store(&s.app, &identity, &msg).await {
+                Ok(id) => {
+                    crate::metrics::broadcast_stored("http", "stored");
+                    Some(id)
+                }
+                Err(StoreRefused::Denied) => {
+                    crate::metrics::broadcast_stored("http", "denied");
+                    return message(StatusCode::FORBIDDEN, "Unauthorized");
+                }
+                Err(StoreRefused::Failed) => {
+                    crate::metrics::broadcast_stored("http", "failed");
+                    return message(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Realtime was unable to store the message",
+                    );
+                }
+            }
+        }
+    };
     let body = Body::User(UserBroadcast {
         event,
         encoding,
-        meta: None,
+        meta: id
+            .as_deref()
+            .map(|id| crate::realtime::broadcast::id_meta(id, false)),
         payload: body,
     });
-    let stats = s
-        .app
-        .topics
-        .publish(&TopicKey::new(topic, private), &body, None);
+    let key = TopicKey::new(topic, private);
+    let stats = match &id {
+        Some(id) => s.app.topics.publish_stored(&key, &body, id, None),
+        None => s.app.topics.publish(&key, &body, None),
+    };
     crate::metrics::broadcast("http", stats.delivered);
     accepted()
+}
+
+/// `persist=true` (stored until the retention) or `persist[ttl]=<seconds>`; `Ok(None)`
+/// when the message is not to be stored.
+fn persist_query(query: &HashMap<String, String>) -> Result<Option<Option<i64>>, &'static str> {
+    if let Some(ttl) = query.get("persist[ttl]") {
+        return match ttl.parse::<i64>() {
+            Ok(t) if t > 0 => Ok(Some(Some(t))),
+            _ => Err("ttl must be a positive integer number of seconds"),
+        };
+    }
+    match query.get("persist").map(|v| v.to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(v) if v == "true" => Ok(Some(None)),
+        Some(v) if v == "false" => Ok(None),
+        Some(_) => Err("is invalid"),
+    }
 }

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //!  Authorize: token role allowed? ─▶ private: read policies on realtime.messages
+//!             ─▶ replay asked: broadcast read? valid {since, limit}? ─▶ stored messages
 //!             ─▶ postgres_changes entries checked under the role (catalog, privileges, filters)
 //!  Write:     INSERT policies for the extension (+ presence read, when a first track enables it)
+//!  Store:     a persisted send's row, INSERTed as the channel's identity (its policies decide)
 //! ```
 //!
 //! Default deny: a check that cannot run refuses (a join error, or no write), never grants.
@@ -17,7 +19,10 @@ use crate::authz::roles::refusal_message;
 use crate::metrics;
 use crate::realtime::changes::build_bindings;
 use crate::realtime::session::{AuthorizeRequest, Authorized, Outcome, Refusal, WorkKind};
+use crate::realtime::stored::StoreRefused;
+use crate::realtime::stored::{self, Replay, StoredMessage, REPLAY_FAILED, REPLAY_INVALID};
 use crate::state::AppState;
+use walcast_protocol::{PayloadEncoding, ReplayConfig};
 
 /// The text Supabase uses when the project database cannot be reached.
 pub const DB_UNAVAILABLE: &str = "Realtime was unable to connect to the project database";
@@ -59,6 +64,46 @@ pub async fn run(state: &AppState, kind: WorkKind) -> Outcome {
                 presence_read,
             }
         }
+        WorkKind::Store {
+            identity,
+            name,
+            event,
+            encoding,
+            payload,
+            ttl_secs,
+        } => {
+            let (json, binary) = match encoding {
+                PayloadEncoding::Json => (std::str::from_utf8(&payload).ok(), None),
+                PayloadEncoding::Binary => (None, Some(&payload[..])),
+            };
+            let msg = private::ToStore {
+                sub_topic: &name,
+                event: &event,
+                json,
+                binary,
+                ttl_secs,
+            };
+            Outcome::Stored(store(state, &identity, &msg).await)
+        }
+    }
+}
+
+/// Store a persisted send; the refusal kinds the session answers with.
+pub async fn store(
+    state: &AppState,
+    identity: &Identity,
+    msg: &private::ToStore<'_>,
+) -> Result<String, StoreRefused> {
+    if msg.json.is_none() && msg.binary.is_none() {
+        return Err(StoreRefused::Failed);
+    }
+    match private::store(state, identity, msg).await {
+        Ok(id) => Ok(id),
+        Err(private::StoreError::Denied) => Err(StoreRefused::Denied),
+        Err(private::StoreError::Failed(e)) => {
+            tracing::warn!(error = ?e.to_string(), topic = ?msg.sub_topic, "UnableToPersistMessage: cannot store a persisted broadcast");
+            Err(StoreRefused::Failed)
+        }
     }
 }
 
@@ -81,12 +126,40 @@ async fn authorize(state: &AppState, req: AuthorizeRequest) -> Result<Authorized
     } else {
         None
     };
+    let replayed = match (&req.replay, &perms) {
+        (Some(config), Some(p)) => replay(state, &req.name, config, p).await?,
+        _ => Vec::new(),
+    };
     let changes = if req.entries.is_empty() {
         Default::default()
     } else {
         build_bindings(state, role, &req.entries).await
     };
-    Ok(Authorized { perms, changes })
+    Ok(Authorized {
+        perms,
+        changes,
+        replayed,
+    })
+}
+
+/// The stored messages a private join asked to replay, in Supabase's order of checks:
+/// broadcast read, then the parameters, then the query.
+async fn replay(
+    state: &AppState,
+    name: &str,
+    config: &ReplayConfig,
+    perms: &private::ChannelPerms,
+) -> Result<Vec<StoredMessage>, Refusal> {
+    if !perms.broadcast_read {
+        return Err(Refusal::new("unauthorized", unauthorized_read(name)));
+    }
+    let Some(replay) = Replay::from_config(config) else {
+        return Err(Refusal::new("replay", REPLAY_INVALID));
+    };
+    stored::replay(&state.sql, name, replay).await.map_err(|e| {
+        tracing::warn!(error = ?format!("{e:#}"), topic = ?name, "cannot read stored messages to replay");
+        Refusal::new("replay", REPLAY_FAILED)
+    })
 }
 
 /// Read permissions of a private channel, or the refusal.

@@ -102,8 +102,11 @@ pub fn is_message_row(change: &Change) -> bool {
 }
 
 /// Deliver one inserted `realtime.messages` row with `extension = 'broadcast'` to its topic:
-/// kind 4 with metadata `{"id":…}` to vsn 2.0.0 members, text with `meta` to vsn 1.0.0.
-/// Rows of other extensions, or without a topic, event or JSON payload, deliver nothing.
+/// kind 4 with metadata `{"id":…}` to vsn 2.0.0 members, text with `meta` to vsn 1.0.0. A
+/// `binary_payload` row (`realtime.send_binary`) goes as a binary kind 4 frame to vsn 2.0.0
+/// members only. Rows of other extensions, without a topic, event or payload, or marked
+/// `skip_broadcast` (a persisted send walcast already delivered live) deliver nothing, and
+/// channels that got the row replayed at their join are skipped.
 pub fn deliver_message_row(topics: &Topics, change: &Change) -> Option<FanoutStats> {
     let record = change.record.as_deref()?;
     let column = |name: &str| -> Option<&Value> {
@@ -114,32 +117,74 @@ pub fn deliver_message_row(topics: &Topics, change: &Change) -> Option<FanoutSta
     if text("extension") != Some("broadcast") {
         return None;
     }
-    let (Some(topic), Some(event), Some(id), Some(payload)) =
-        (text("topic"), text("event"), text("id"), text("payload"))
+    if text("skip_broadcast") == Some("t") {
+        return None;
+    }
+    let payload = match (text("payload"), text("binary_payload")) {
+        (Some(json), _) => Some((
+            PayloadEncoding::Json,
+            Bytes::copy_from_slice(json.as_bytes()),
+        )),
+        (None, Some(hex)) => decode_bytea(hex).map(|b| (PayloadEncoding::Binary, Bytes::from(b))),
+        (None, None) => None,
+    };
+    let (Some(topic), Some(event), Some(id), Some((encoding, payload))) =
+        (text("topic"), text("event"), text("id"), payload)
     else {
         tracing::debug!("ignoring a realtime.messages row without topic, event, id or payload");
         return None;
     };
     // `private` defaults to true in the table; a NULL is as private as it gets.
     let private = text("private").is_none_or(|p| p != "f");
-    let mut meta = String::with_capacity(id.len() + 10);
-    meta.push_str("{\"id\":");
-    walcast_core::write_json_string(id, &mut meta);
-    meta.push('}');
     let body = Body::User(UserBroadcast {
         event: event.to_owned(),
-        encoding: PayloadEncoding::Json,
-        meta: Some(meta),
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        encoding,
+        meta: Some(id_meta(id, false)),
+        payload,
     });
     let stats = topics.publish_at(
         &TopicKey::new(topic, private),
         &body,
+        Some(id),
         change.position(),
         change.xid,
     );
     crate::metrics::broadcast("database", stats.delivered);
     Some(stats)
+}
+
+/// The metadata object of a stored message: `{"id":…}`, or `{"replayed":true,"id":…}` when
+/// it is sent by a join's replay.
+pub fn id_meta(id: &str, replayed: bool) -> String {
+    let mut meta = String::with_capacity(id.len() + 26);
+    meta.push_str(if replayed {
+        "{\"replayed\":true,\"id\":"
+    } else {
+        "{\"id\":"
+    });
+    walcast_core::write_json_string(id, &mut meta);
+    meta.push('}');
+    meta
+}
+
+/// A `bytea` column in Postgres' text output (`\x` and hex digits); `None` for anything else
+/// (the legacy escape format is not produced with the default `bytea_output`).
+pub fn decode_bytea(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |c: u8| -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    };
+    hex.chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 #[cfg(test)]
@@ -211,6 +256,7 @@ mod tests {
             vsn: Vsn::V1,
             broadcast: true,
             presence: true,
+            replayed: None,
         };
         topics
             .join(

@@ -2,7 +2,7 @@
 //! limits) and its driver, one task per connection ([`socket`]) with its bounded send queue
 //! ([`outbox`]); the database work a session asks for ([`authorize`], postgres_changes join
 //! checks in [`changes`]); broadcast and presence rules ([`broadcast`]); rate limits
-//! ([`limiter`]).
+//! ([`limiter`]); stored broadcasts and their replay at join ([`stored`]).
 
 pub mod authorize;
 pub mod broadcast;
@@ -14,3 +14,4 @@ pub mod resume;
 pub mod session;
 pub mod session_store;
 pub mod socket;
+pub mod stored;

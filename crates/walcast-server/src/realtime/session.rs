@@ -39,7 +39,7 @@ use walcast_core::hub::{ChannelTarget, Framing, Identity, OutFrame, Outbox};
 use walcast_protocol::outbound::{self, SystemExtension, SystemStatus};
 use walcast_protocol::{
     encode_push, join_reply_ok, BroadcastPush, FrameAction, FrameError, Inbound, InboundFrame,
-    JoinPayload, PostgresBinding, PresencePush, Vsn,
+    JoinPayload, PostgresBinding, PresencePush, ReplayConfig, Vsn,
 };
 
 use crate::authz::private::{identity_of, ChannelPerms, Extension};
@@ -49,8 +49,14 @@ use crate::realtime::channel::{Channel, ChannelRealtime, Channels};
 use crate::realtime::limiter::{RateWindow, Refused};
 use crate::realtime::outbox::SocketOutbox;
 use crate::realtime::resume::{who_of, ChannelSpec, Claim, Meta, Park, SessionKey};
+use crate::realtime::stored::{
+    persist_unauthorized, Persist, StoreRefused, StoredMessage, PERSIST_FAILED, PERSIST_INVALID,
+    PERSIST_PUBLIC, PERSIST_VSN1, REPLAY_PUBLIC,
+};
 use crate::state::AppState;
+use bytes::Bytes;
 use walcast_core::Position;
+use walcast_protocol::PayloadEncoding;
 
 /// The longest wire topic (`realtime:<name>`), as in Supabase (a kind 4 frame stores its
 /// length in one byte).
@@ -110,6 +116,15 @@ pub enum WorkKind {
         ext: Extension,
         presence_read: bool,
     },
+    /// Store a persisted send in `realtime.messages` as the channel's identity.
+    Store {
+        identity: Arc<Identity>,
+        name: Arc<str>,
+        event: String,
+        encoding: PayloadEncoding,
+        payload: Bytes,
+        ttl_secs: Option<i64>,
+    },
 }
 
 /// What a join or a token change needs checked.
@@ -123,6 +138,9 @@ pub struct AuthorizeRequest {
     pub presence: bool,
     /// postgres_changes entries to check under the identity (empty: none).
     pub entries: Vec<PostgresBinding>,
+    /// `config.broadcast.replay` of a private channel's join: read the stored messages to
+    /// replay after the reply (a new token replays nothing).
+    pub replay: Option<ReplayConfig>,
 }
 
 /// The answer to [`WorkKind::Authorize`].
@@ -132,6 +150,8 @@ pub struct Authorized {
     pub perms: Option<ChannelPerms>,
     /// The bindings that passed and an error text for each entry that did not.
     pub changes: Checked,
+    /// Stored messages to send right after the join reply, oldest first.
+    pub replayed: Vec<StoredMessage>,
 }
 
 /// A refused join or token: the metric label and the client-facing message (a join error's
@@ -159,6 +179,8 @@ pub enum Outcome {
         allowed: bool,
         presence_read: Option<bool>,
     },
+    /// The stored row's id, or why it was not stored.
+    Stored(Result<String, StoreRefused>),
 }
 
 /// A topic with an operation in flight, and the frames that arrived for it meanwhile.
@@ -182,6 +204,16 @@ enum BusyState {
     },
     /// A first broadcast or track on a private channel, waiting for its write check.
     Writing(Extension),
+    /// A persisted broadcast being stored; delivered live once its row is committed.
+    Storing(Box<PendingStore>),
+}
+
+/// A persisted send waiting for its row.
+struct PendingStore {
+    frame: InboundFrame,
+    body: Body,
+    exclude: Option<u64>,
+    ack: bool,
 }
 
 struct PendingJoin {
@@ -698,6 +730,10 @@ impl Session {
             );
             return self.refuse_join(now, &frame, r, VecDeque::new());
         }
+        if join.config.broadcast.replay.is_some() && !join.config.private {
+            let r = Refusal::new("replay", REPLAY_PUBLIC);
+            return self.refuse_join(now, &frame, r, VecDeque::new());
+        }
         // The server may turn presence on for every channel (as a Supabase project can).
         join.config.presence.enabled |= self.state.limits.presence_enabled;
         let identity = Arc::new(identity_of(&claims));
@@ -707,6 +743,7 @@ impl Session {
             private: join.config.private,
             presence: join.config.presence.enabled,
             entries: join.config.postgres_changes.clone(),
+            replay: join.config.broadcast.replay,
         };
         let pending = PendingJoin {
             join_ref: frame.join_ref,
@@ -752,6 +789,10 @@ impl Session {
                 Outcome::Authorize(result),
             ) => {
                 self.finish_reauth(&busy.topic, token, exp, identity, result);
+                self.drain(now, busy.queued);
+            }
+            (BusyState::Storing(p), Outcome::Stored(result)) => {
+                self.finish_store(&busy.topic, *p, result);
                 self.drain(now, busy.queued);
             }
             (
@@ -866,6 +907,7 @@ impl Session {
         let jr = channel.join_ref.as_deref();
         // What follows the reply on the wire, in order.
         let mut after = Vec::new();
+        let mut replay_frames = Vec::new();
         if let Some(lost) = lost {
             metrics::session_resync(lost.label());
             after.push(self.system_frame(
@@ -886,6 +928,15 @@ impl Session {
             ));
         }
         let bindings = auth.changes.bindings;
+        // Stored messages replayed right after the reply (and the system messages), before
+        // anything live: they are queued under the topic lock with the reply.
+        for m in &auth.replayed {
+            if let Some(f) =
+                walcast_core::broadcast::broadcast_frame(&topic, self.vsn, &m.replay_body())
+            {
+                replay_frames.push(f);
+            }
+        }
         if !bindings.is_empty() {
             after.push(if self.state.is_streaming() {
                 self.system_frame(
@@ -927,7 +978,16 @@ impl Session {
             vsn: self.vsn,
             broadcast,
             presence,
+            replayed: (!auth.replayed.is_empty()).then(|| {
+                auth.replayed
+                    .iter()
+                    .map(|m| Box::from(m.id.as_str()))
+                    .collect()
+            }),
         };
+        if !auth.replayed.is_empty() {
+            metrics::replayed(auth.replayed.len());
+        }
         let presence_state = (channel.realtime.presence_enabled && presence).then_some(jr);
         let max = self.state.limits.max_members_per_channel;
         let opts = JoinOptions {
@@ -949,6 +1009,9 @@ impl Session {
                         outbox.push(OutFrame::text(reply));
                         for f in after {
                             outbox.push(OutFrame::text(f));
+                        }
+                        for f in replay_frames {
+                            outbox.push(f);
                         }
                     };
                     match resumable {
@@ -1015,6 +1078,7 @@ impl Session {
             } else {
                 Vec::new()
             },
+            replay: None,
         };
         let state = BusyState::Reauthorizing {
             token: Arc::from(token),
@@ -1175,16 +1239,58 @@ impl Session {
         let Some(ch) = self.channels.get(&frame.topic) else {
             return;
         };
+        let persist = match &push {
+            BroadcastPush::Json(j) => Persist::of_object(j.payload.get()),
+            BroadcastPush::Binary(b) => b
+                .meta
+                .as_deref()
+                .map_or(Persist::No, |m| Persist::of_object(m.get())),
+        };
+        let ack = ch.realtime.ack;
         if ch.perms.is_some_and(|p| p.broadcast_write != Some(true)) {
-            // Dropped without a reply, even with ack (the reference server does the same).
+            // Dropped without a reply, even with ack (the reference server does the same);
+            // a persisting send with ack is told why, so the client's send() can say it.
             metrics::delivery_dropped("unauthorized");
+            if ack && persist != Persist::No {
+                let reason = persist_unauthorized(ch.name());
+                self.reply_persist_error(frame, &reason);
+            }
             return;
         }
+        let refused = match persist {
+            Persist::No => None,
+            Persist::Invalid => Some(PERSIST_INVALID),
+            Persist::Yes(_) if !ch.realtime.key.private => Some(PERSIST_PUBLIC),
+            Persist::Yes(_) if self.vsn == Vsn::V1 => Some(PERSIST_VSN1),
+            Persist::Yes(_) => None,
+        };
+        if let Some(reason) = refused {
+            if ack {
+                self.reply_persist_error(frame, reason);
+            }
+            return;
+        }
+        // What a stored row holds: the user event and payload (a text push's inner payload).
+        let stored = match (&push, persist) {
+            (_, Persist::No | Persist::Invalid) => None,
+            (BroadcastPush::Binary(b), Persist::Yes(ttl)) => {
+                Some((b.event.clone(), b.encoding, b.payload.clone(), ttl))
+            }
+            (BroadcastPush::Json(j), Persist::Yes(ttl)) => {
+                inner_payload(j.payload.get()).map(|p| {
+                    (
+                        j.event.clone().unwrap_or_default(),
+                        PayloadEncoding::Json,
+                        Bytes::from(p),
+                        ttl,
+                    )
+                })
+            }
+        };
         let body = match push {
             BroadcastPush::Json(j) => Body::Map(String::from(Box::<str>::from(j.payload))),
             BroadcastPush::Binary(b) => Body::User(b.into()),
         };
-        let ack = ch.realtime.ack;
         if body.payload_len() > self.state.limits.broadcast.max_payload_bytes {
             if ack {
                 self.reply(
@@ -1195,6 +1301,38 @@ impl Session {
             return;
         }
         let exclude = (!ch.realtime.self_broadcast).then_some(ch.id);
+        if let Some((event, encoding, payload, ttl_secs)) = stored {
+            // Delivered once stored (so the live copy carries the row's id); the topic's
+            // later frames wait, keeping their order.
+            let kind = WorkKind::Store {
+                identity: ch.identity.clone(),
+                name: Arc::from(ch.name()),
+                event,
+                encoding,
+                payload,
+                ttl_secs,
+            };
+            let topic = ch.topic.clone();
+            let pending = PendingStore {
+                frame: InboundFrame {
+                    join_ref: frame.join_ref.clone(),
+                    msg_ref: frame.msg_ref.clone(),
+                    topic: frame.topic.clone(),
+                    event: frame.event.clone(),
+                    payload: Inbound::Leave,
+                },
+                body,
+                exclude,
+                ack,
+            };
+            self.start(
+                topic,
+                BusyState::Storing(Box::new(pending)),
+                Some(kind),
+                VecDeque::new(),
+            );
+            return;
+        }
         let stats = self.state.topics.publish(&ch.realtime.key, &body, exclude);
         metrics::broadcast("client", stats.delivered);
         if stats.dropped > 0 {
@@ -1202,6 +1340,55 @@ impl Session {
         }
         if ack {
             self.reply(frame, outbound::REPLY_OK_EMPTY);
+        }
+    }
+
+    /// `{"status":"error","response":{"error":<reason>}}`: the client's send() resolves with
+    /// `response.error` for persisting sends.
+    fn reply_persist_error(&self, frame: &InboundFrame, reason: &str) {
+        let mut response = String::with_capacity(reason.len() + 12);
+        response.push_str("{\"error\":");
+        walcast_core::write_json_string(reason, &mut response);
+        response.push('}');
+        self.reply(frame, &outbound::reply_error_response(&response));
+    }
+
+    fn finish_store(&mut self, topic: &str, p: PendingStore, result: Result<String, StoreRefused>) {
+        let Some(ch) = self.channels.get(topic) else {
+            return;
+        };
+        let id = match result {
+            Ok(id) => id,
+            Err(refused) => {
+                let (label, reason) = match refused {
+                    StoreRefused::Denied => ("denied", persist_unauthorized(ch.name())),
+                    StoreRefused::Failed => ("failed", PERSIST_FAILED.to_owned()),
+                };
+                metrics::broadcast_stored("client", label);
+                if p.ack {
+                    self.reply_persist_error(&p.frame, &reason);
+                }
+                return;
+            }
+        };
+        metrics::broadcast_stored("client", "stored");
+        let body = match p.body {
+            Body::User(mut u) => {
+                u.meta = Some(crate::realtime::broadcast::id_meta(&id, false));
+                Body::User(u)
+            }
+            map => map,
+        };
+        let stats = self
+            .state
+            .topics
+            .publish_stored(&ch.realtime.key, &body, &id, p.exclude);
+        metrics::broadcast("client", stats.delivered);
+        if stats.dropped > 0 {
+            metrics::delivery_dropped_n("slow_client", stats.dropped);
+        }
+        if p.ack {
+            self.reply(&p.frame, outbound::REPLY_OK_EMPTY);
         }
     }
 
@@ -1299,6 +1486,21 @@ impl Session {
             self.drain(now, busy.queued);
         }
     }
+}
+
+/// The `payload` member of a text broadcast push (`{"type","event","payload",...}`), as
+/// JSON text; `{}` when it has none.
+fn inner_payload(map: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Push<'a> {
+        #[serde(borrow)]
+        payload: Option<&'a serde_json::value::RawValue>,
+    }
+    let push: Push<'_> = serde_json::from_str(map).ok()?;
+    Some(
+        push.payload
+            .map_or_else(|| "{}".to_owned(), |p| p.get().to_owned()),
+    )
 }
 
 /// A join frame's refs and topic again (for a reply to a join that was pending).

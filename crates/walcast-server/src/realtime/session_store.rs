@@ -412,6 +412,7 @@ async fn restore_one(
                 vsn,
                 broadcast: true,
                 presence: false,
+                replayed: None,
             };
             let opts = JoinOptions {
                 presence_state: None,

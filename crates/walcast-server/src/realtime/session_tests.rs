@@ -415,6 +415,7 @@ fn private_join(t: &mut T, perms: ChannelPerms) {
         Outcome::Authorize(Ok(Authorized {
             perms: Some(perms),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
 }
@@ -491,6 +492,7 @@ fn a_new_token_reauthorizes_and_a_lost_read_closes_the_channel() {
                 ..Default::default()
             }),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
     assert!(t.out().is_empty(), "no reply to access_token");
@@ -508,6 +510,7 @@ fn a_new_token_reauthorizes_and_a_lost_read_closes_the_channel() {
                 ..Default::default()
             }),
             changes: Default::default(),
+            replayed: Vec::new(),
         })),
     );
     let out = t.out();
@@ -770,6 +773,7 @@ mod resume {
                     bindings,
                     ..Checked::default()
                 },
+                replayed: Vec::new(),
             })),
         );
     }
@@ -996,4 +1000,210 @@ mod resume {
         assert_eq!(state.sessions.parked(), 0);
         assert_eq!(state.hub.channel_count(), 0);
     }
+}
+
+// -------------------------------------------------------------------------------------------
+// Stored broadcasts: replay at join, persisted sends
+
+#[test]
+fn replay_on_a_public_channel_is_refused_in_supabases_words() {
+    let mut t = T::new(app(limits()));
+    t.join(
+        "1",
+        "realtime:room",
+        json!({"broadcast": {"replay": {"since": 0}}}),
+    );
+    assert!(t.work().is_empty(), "refused before any database work");
+    let out = t.out();
+    assert_eq!(reply_status(&out[0]), "error");
+    assert_eq!(
+        out[0][4]["response"]["reason"],
+        "UnableToReplayMessages: Replay is not allowed for public channels"
+    );
+}
+
+#[test]
+fn replayed_messages_follow_the_join_reply_and_their_live_copies_are_dropped() {
+    let state = app(limits());
+    let mut t = T::new(state.clone());
+    t.join(
+        "1",
+        "realtime:room",
+        json!({"private": true, "broadcast": {"replay": {"since": 1000, "limit": 2}}}),
+    );
+    let work = t.work();
+    let WorkKind::Authorize(req) = &work[0].kind else {
+        panic!("an authorize work item")
+    };
+    assert_eq!(
+        req.replay.map(|r| (r.since, r.limit)),
+        Some((Some(1000), Some(2)))
+    );
+    let stored = |id: &str, payload: &'static str| StoredMessage {
+        id: id.into(),
+        event: "ev".into(),
+        encoding: PayloadEncoding::Json,
+        payload: Bytes::from_static(payload.as_bytes()),
+    };
+    t.done(
+        work[0].op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(ChannelPerms {
+                broadcast_read: true,
+                ..Default::default()
+            }),
+            changes: Default::default(),
+            replayed: vec![stored("m1", r#"{"n":1}"#), stored("m2", r#"{"n":2}"#)],
+        })),
+    );
+    let mut frames = Vec::new();
+    while let Some(f) = t.reader.pop() {
+        frames.push(f);
+    }
+    assert_eq!(frames.len(), 3, "reply, then the two replayed messages");
+    let OutFrame::Text(reply) = &frames[0] else {
+        panic!("the join reply comes first")
+    };
+    let reply: Value = serde_json::from_slice(reply).expect("json");
+    assert_eq!(reply_status(&reply), "ok");
+    for (f, (id, n)) in frames[1..].iter().zip([("m1", 1), ("m2", 2)]) {
+        let OutFrame::Binary(b) = f else {
+            panic!("kind 4 to a vsn 2.0.0 socket")
+        };
+        assert_eq!(b[0], 4);
+        let text = String::from_utf8_lossy(b);
+        let meta = format!(r#"{{"replayed":true,"id":"{id}"}}"#);
+        assert!(text.contains(&meta), "{text}");
+        assert!(text.ends_with(&format!(r#"{{"n":{n}}}"#)), "{text}");
+    }
+    // The WAL copy of a replayed row is not delivered again; another row is.
+    let key = TopicKey::new("room", true);
+    let body = stored("m1", "{}").replay_body();
+    let st = state
+        .topics
+        .publish_at(&key, &body, Some("m1"), Default::default(), 0);
+    assert_eq!((st.delivered, st.skipped), (0, 1));
+    let st = state
+        .topics
+        .publish_at(&key, &body, Some("m3"), Default::default(), 0);
+    assert_eq!(st.delivered, 1);
+}
+
+#[test]
+fn persisting_sends_that_cannot_be_stored_are_answered_with_the_reason() {
+    let mut t = T::new(app(limits()));
+    t.join("1", "realtime:pub", json!({"broadcast": {"ack": true}}));
+    let op = t.work()[0].op;
+    t.ok(op);
+    t.out();
+    t.send(json!(["1", "2", "realtime:pub", "broadcast",
+        {"type": "broadcast", "event": "e", "payload": {}, "persist": true}]));
+    let out = t.out();
+    assert_eq!(reply_status(&out[0]), "error");
+    assert_eq!(
+        out[0][4]["response"]["error"],
+        "Realtime send() cannot store a message on a public channel."
+    );
+    // A private channel whose token may not write.
+    t.join(
+        "3",
+        "realtime:room",
+        json!({"private": true, "broadcast": {"ack": true}}),
+    );
+    let op = t.work()[0].op;
+    t.done(
+        op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(ChannelPerms {
+                broadcast_read: true,
+                broadcast_write: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    );
+    t.out();
+    t.send(json!(["3", "4", "realtime:room", "broadcast",
+        {"type": "broadcast", "event": "e", "payload": {}, "persist": {"ttl": 60}}]));
+    let out = t.out();
+    assert_eq!(
+        out[0][4]["response"]["error"],
+        "Unauthorized: You do not have permissions to write to this Channel topic: room"
+    );
+}
+
+#[test]
+fn a_persisted_send_is_stored_as_its_sender_before_it_is_delivered() {
+    let state = app(limits());
+    let mut t = T::new(state);
+    t.join(
+        "1",
+        "realtime:room",
+        json!({"private": true, "broadcast": {"ack": true, "self": true}}),
+    );
+    let op = t.work()[0].op;
+    t.done(
+        op,
+        Outcome::Authorize(Ok(Authorized {
+            perms: Some(ChannelPerms {
+                broadcast_read: true,
+                broadcast_write: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    );
+    t.out();
+    t.send(json!(["1", "2", "realtime:room", "broadcast",
+        {"type": "broadcast", "event": "e", "payload": {"a": 1}, "persist": {"ttl": 30}}]));
+    assert!(t.out().is_empty(), "nothing before the row is stored");
+    let work = t.work();
+    let WorkKind::Store {
+        name,
+        event,
+        payload,
+        ttl_secs,
+        ..
+    } = &work[0].kind
+    else {
+        panic!("a store work item")
+    };
+    assert_eq!(
+        (&**name, event.as_str(), &payload[..], *ttl_secs),
+        ("room", "e", &br#"{"a":1}"#[..], Some(30))
+    );
+    // A frame for the topic meanwhile waits behind the store.
+    t.send(json!(["1", "3", "realtime:room", "broadcast",
+        {"type": "broadcast", "event": "after", "payload": {}}]));
+    assert!(t.out().is_empty());
+    t.done(work[0].op, Outcome::Stored(Ok("id-1".into())));
+    let out = t.out();
+    let seen: Vec<String> = out
+        .iter()
+        .map(|f| match f[3].as_str() {
+            Some("broadcast") => format!("broadcast:{}", f[4]["event"]),
+            Some(e) => format!("{e}:{}", f[1]),
+            None => String::new(),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "broadcast:\"e\"",
+            "phx_reply:\"2\"",
+            "broadcast:\"after\"",
+            "phx_reply:\"3\""
+        ]
+    );
+    // A row the policies refused is neither delivered nor acknowledged as sent.
+    t.send(json!(["1", "4", "realtime:room", "broadcast",
+        {"type": "broadcast", "event": "e", "payload": {}, "persist": true}]));
+    let op = t.work()[0].op;
+    t.done(op, Outcome::Stored(Err(StoreRefused::Denied)));
+    let out = t.out();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0][4]["response"]["error"],
+        "Unauthorized: You do not have permissions to write to this Channel topic: room"
+    );
 }
