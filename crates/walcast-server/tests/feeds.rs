@@ -205,6 +205,29 @@ impl Sse {
         }
     }
 
+    /// Read until the raw body text contains `needle` (comments included); false after
+    /// `limit` or when the stream ended.
+    async fn wait_text(&mut self, needle: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let open = self.decode();
+            if self.text.contains(needle) {
+                return true;
+            }
+            if !open {
+                return false;
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            let mut buf = [0u8; 4096];
+            match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Err(_) | Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(n)) => self.raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
     async fn next(&mut self) -> Event {
         self.next_within(WAIT)
             .await
@@ -839,4 +862,38 @@ async fn broadcast_topics_stream_as_server_sent_events() {
     .err()
     .expect("refused");
     assert_eq!(status, 403, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_gets_retry_first_and_a_keepalive_comment() {
+    let (db, sql) = database().await;
+    let role = name(&db, "reader");
+    exec(
+        &sql,
+        &["CREATE TABLE items (id bigint PRIMARY KEY, v text)".to_string()],
+    )
+    .await;
+    reader_role(&sql, &role, &["items"]).await;
+    let server = serve(&db, "quiet", &[]).await;
+    let mut feed = Sse::open(
+        server.port,
+        &changes_path(&tok(&role, "u1"), "items", ""),
+        &[],
+    )
+    .await
+    .expect("opens");
+    assert!(feed.wait_text("retry: ", WAIT).await, "retry: first");
+    assert!(feed.text.starts_with("retry: "), "{:?}", feed.text);
+    // Nothing happens on the table: a comment line comes within the 15 s interval (plus
+    // slack for a loaded machine), keeping proxies from closing the stream.
+    assert!(
+        feed.wait_text(": keepalive\n\n", Duration::from_secs(25))
+            .await,
+        "a keepalive comment; got {:?}",
+        feed.text
+    );
+    // The stream is still live afterwards.
+    insert(&sql, "items", 1..=1).await;
+    feed.text.clear();
+    assert_eq!(ids_of(&feed.take(1, "change").await), [1]);
 }
