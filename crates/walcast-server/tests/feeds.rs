@@ -862,6 +862,38 @@ async fn broadcast_topics_stream_as_server_sent_events() {
     .err()
     .expect("refused");
     assert_eq!(status, 403, "{body}");
+    // With read and write policies for the topic, the private stream opens and delivers.
+    exec(
+        &sql,
+        &[
+            format!("CREATE POLICY vault_read ON realtime.messages FOR SELECT TO {role} USING (realtime.topic() = 'vault')"),
+            format!("CREATE POLICY vault_write ON realtime.messages FOR INSERT TO {role} WITH CHECK (realtime.topic() = 'vault')"),
+        ],
+    )
+    .await;
+    let mut vault = Sse::open(
+        server.port,
+        &format!("/api/broadcast?topic=vault&private=true&apikey={t}"),
+        &[],
+    )
+    .await
+    .expect("a reader of the private topic gets its stream");
+    let resp = server
+        .rest_broadcast(
+            &t,
+            &json!({"messages": [
+                {"topic": "vault", "event": "public-twin", "payload": {"n": 0}},
+                {"topic": "vault", "event": "secret", "payload": {"n": 1}, "private": true}
+            ]}),
+        )
+        .await;
+    assert_eq!(resp.status, 202, "{resp:?}");
+    let got = vault.take(1, "broadcast").await;
+    assert_eq!(
+        got[0].data,
+        json!({"event": "secret", "payload": {"n": 1}}),
+        "the public topic of the same name is another topic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
