@@ -579,17 +579,7 @@ pub async fn aligned(feed: &Feed) -> Result<(snapshot::Snapshot, Position), Resp
             )
         })?;
         let xids = &snap.xids;
-        let last_visible = queued
-            .iter()
-            .filter(|(_, xid)| xids.sees(*xid))
-            .map(|(at, _)| *at)
-            .max();
-        let first_invisible = queued
-            .iter()
-            .filter(|(_, xid)| !xids.sees(*xid))
-            .map(|(at, _)| *at)
-            .min();
-        let interleaved = matches!((last_visible, first_invisible), (Some(v), Some(i)) if i < v);
+        let snapshot::Alignment { end, interleaved } = snapshot::align(feed.floor, &queued, xids);
         if interleaved && attempt < ATTEMPTS {
             tracing::debug!(
                 attempt,
@@ -601,7 +591,6 @@ pub async fn aligned(feed: &Feed) -> Result<(snapshot::Snapshot, Position), Resp
             tracing::warn!("snapshot visibility kept interleaving with commit order; streaming every change the snapshot did not see");
         }
         feed.outbox.remove_changes(|_, xid| xids.sees(xid));
-        let end = snapshot::end_position(feed.floor, last_visible);
         return Ok((snap, end));
     }
     Err(refuse(

@@ -313,9 +313,33 @@ async fn table_of(
     }))
 }
 
-/// Where a stream aligned with a snapshot resumes: changes at or below it are in the rows.
-pub fn end_position(floor: Position, dropped: impl IntoIterator<Item = Position>) -> Position {
-    dropped.into_iter().fold(floor, Position::max)
+/// How the queued changes (position, xid; all above the feed's floor) line up with a
+/// snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Alignment {
+    /// `snapshot_end`'s id: the last queued change the snapshot saw, or the floor.
+    pub end: Position,
+    /// A change the snapshot did not see precedes one it saw: resuming from `end` would
+    /// skip the former, so the snapshot should be read again.
+    pub interleaved: bool,
+}
+
+/// Align `queued` with `xids` (see the module docs).
+pub fn align(floor: Position, queued: &[(Position, u32)], xids: &Xids) -> Alignment {
+    let last_seen = queued
+        .iter()
+        .filter(|(_, xid)| xids.sees(*xid))
+        .map(|(at, _)| *at)
+        .max();
+    let first_unseen = queued
+        .iter()
+        .filter(|(_, xid)| !xids.sees(*xid))
+        .map(|(at, _)| *at)
+        .min();
+    Alignment {
+        end: last_seen.map_or(floor, |p| p.max(floor)),
+        interleaved: matches!((last_seen, first_unseen), (Some(v), Some(i)) if i < v),
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +359,52 @@ mod tests {
         assert!(!x.sees(7000));
         assert_eq!(Xids::parse("5:5:").unwrap().xip, Vec::<u64>::new());
         assert!(Xids::parse("5:x:").is_none());
+    }
+
+    #[test]
+    fn alignment_ends_after_the_seen_changes_and_flags_interleaving() {
+        use walcast_pgoutput::Lsn;
+        let x = Xids::parse("100:110:104").unwrap();
+        let floor = Position::new(Lsn(10), 0);
+        let p = |lsn: u64| Position::new(Lsn(lsn), 0);
+        assert_eq!(
+            align(floor, &[], &x),
+            Alignment {
+                end: floor,
+                interleaved: false
+            }
+        );
+        // Seen (101, 102) then unseen (104 running, 111 after xmax): end after the seen.
+        let a = align(
+            floor,
+            &[(p(11), 101), (p(12), 102), (p(13), 104), (p(14), 111)],
+            &x,
+        );
+        assert_eq!(
+            a,
+            Alignment {
+                end: p(12),
+                interleaved: false
+            }
+        );
+        // Nothing seen: the stream continues from the floor.
+        let a = align(floor, &[(p(13), 104), (p(14), 111)], &x);
+        assert_eq!(
+            a,
+            Alignment {
+                end: floor,
+                interleaved: false
+            }
+        );
+        // 104 committed first but left the running set after 105: interleaved.
+        let a = align(floor, &[(p(13), 104), (p(14), 105)], &x);
+        assert_eq!(
+            a,
+            Alignment {
+                end: p(14),
+                interleaved: true
+            }
+        );
     }
 
     #[test]
