@@ -166,6 +166,22 @@ line(ts(0, 8, "Session channels parked", [
 line(ts(0, 24, "Replayed deliveries / s", [
          (rate("walcast_session_replayed_deliveries_total"), "replayed")], "ops"), h=6)
 
+row("Change feeds (SSE, long-poll)")
+line(ts(0, 8, "Feeds open", [
+         (f"sum by (transport) (walcast_feeds_open{J})", "{{transport}}"),
+         (rate("walcast_feed_opened_total", "transport"), "opened / s: {{transport}}")],
+        desc="GET /api/changes (sse, longpoll) and GET /api/broadcast (broadcast) feeds"),
+     ts(8, 8, "Feed events / s", [
+         (rate("walcast_feed_events_total", "kind"), "{{kind}}"),
+         (rate("walcast_feed_replayed_changes_total"), "replayed from history")], "ops"),
+     ts(16, 8, "Feeds refused and overflowed / s", [
+         (rate("walcast_feed_refused_total", "reason"), "refused: {{reason}}"),
+         (rate("walcast_feed_overflows_total"), "overflowed")], "ops",
+        "Refusals (409 resync, 400, 401, 403, 429, ...) and streams ended for a slow reader"))
+line(ts(0, 24, "Change history", [
+         (f"max by (instance) (walcast_feed_history_bytes{J})", "{{instance}}")], "bytes",
+        "Bytes of recent changes kept for feeds to resume from (--history-bytes)"), h=6)
+
 
 def variable(name, query, all_=False):
     v = {"name": name, "label": name, "type": "query", "datasource": DS,

@@ -350,6 +350,11 @@ impl Hub {
         }
     }
 
+    /// The rendering limits (change feeds render replayed changes with them).
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
     /// Everything at or below `p` committed before now (a WAL position read from the server):
     /// channels subscribed from now on start after it.
     pub fn advance(&self, p: Position) {

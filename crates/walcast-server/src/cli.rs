@@ -264,6 +264,11 @@ pub struct LimitArgs {
     /// Bytes all sessions together may buffer for their rejoins.
     #[arg(long, env = "RESUME_TOTAL_BYTES", default_value_t = 256 * 1_048_576)]
     pub resume_total_bytes: usize,
+
+    /// Bytes of recent changes kept for change feeds (SSE, long-poll) to resume from; a
+    /// Last-Event-ID or offset older than what is kept gets 409 ResyncRequired.
+    #[arg(long, env = "HISTORY_BYTES", default_value_t = crate::feed::DEFAULT_HISTORY_BYTES)]
+    pub history_bytes: usize,
 }
 
 impl LimitArgs {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cmd;
 pub mod db;
 pub mod env_compat;
+pub mod feed;
 pub mod http;
 pub mod metrics;
 pub mod realtime;

@@ -41,6 +41,32 @@ pub const SESSIONS_EXPIRED: &str = "walcast_session_channels_expired_total";
 pub const SESSIONS_RESYNC: &str = "walcast_session_resyncs_total";
 pub const SESSION_BUFFERED_BYTES: &str = "walcast_session_buffered_bytes";
 pub const SESSION_REPLAYED: &str = "walcast_session_replayed_deliveries_total";
+pub const FEEDS_OPEN: &str = "walcast_feeds_open";
+pub const FEEDS_OPENED: &str = "walcast_feed_opened_total";
+pub const FEEDS_REFUSED: &str = "walcast_feed_refused_total";
+pub const FEED_EVENTS: &str = "walcast_feed_events_total";
+pub const FEED_REPLAYED: &str = "walcast_feed_replayed_changes_total";
+pub const FEED_OVERFLOWS: &str = "walcast_feed_overflows_total";
+pub const FEED_HISTORY_BYTES: &str = "walcast_feed_history_bytes";
+
+/// Feed transports (label `transport`).
+pub const FEED_TRANSPORTS: [&str; 3] = ["sse", "longpoll", "broadcast"];
+/// Why a feed was refused (label `reason`).
+pub const FEED_REFUSALS: [&str; 11] = [
+    "bad_request",
+    "unauthorized",
+    "privileged_role",
+    "forbidden",
+    "max_connections",
+    "rate",
+    "resync",
+    "unavailable",
+    "overflow",
+    "shutting_down",
+    "member_limit",
+];
+/// Feed event kinds (label `kind`).
+pub const FEED_EVENT_KINDS: [&str; 3] = ["change", "snapshot", "broadcast"];
 
 /// Label values of the labelled series, so each exists (at 0) from start-up: dashboards
 /// and `absent()` alerts then work on an idle server.
@@ -164,6 +190,7 @@ fn zero_every_series() {
 /// Register descriptions (shown as `# HELP` lines) and create every series at 0.
 pub fn describe() {
     zero_every_series();
+    describe_feeds();
     describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
     describe_gauge!(CHANNELS_JOINED, "Channels currently joined, by kind");
     describe_counter!(JOINS, "Successful channel joins");
@@ -229,6 +256,71 @@ pub fn describe() {
         SESSION_REPLAYED,
         "Deliveries replayed to resumed session channels"
     );
+}
+
+pub fn describe_feeds() {
+    for t in FEED_TRANSPORTS {
+        gauge!(FEEDS_OPEN, "transport" => t).increment(0.0);
+        counter!(FEEDS_OPENED, "transport" => t).increment(0);
+    }
+    for r in FEED_REFUSALS {
+        counter!(FEEDS_REFUSED, "reason" => r).increment(0);
+    }
+    for k in FEED_EVENT_KINDS {
+        counter!(FEED_EVENTS, "kind" => k).increment(0);
+    }
+    counter!(FEED_REPLAYED).increment(0);
+    counter!(FEED_OVERFLOWS).increment(0);
+    describe_gauge!(
+        FEEDS_OPEN,
+        "Change and broadcast feeds (SSE, long-poll) open now, by transport"
+    );
+    describe_counter!(FEEDS_OPENED, "Feeds opened, by transport");
+    describe_counter!(FEEDS_REFUSED, "Feed requests refused, by reason");
+    describe_counter!(FEED_EVENTS, "Events sent on feeds, by kind");
+    describe_counter!(FEED_REPLAYED, "Changes replayed to feeds from the history");
+    describe_counter!(
+        FEED_OVERFLOWS,
+        "Feeds ended because their outbox overflowed"
+    );
+    describe_gauge!(
+        FEED_HISTORY_BYTES,
+        "Bytes held by the change history feeds resume from"
+    );
+}
+
+/// `transport`: one of [`FEED_TRANSPORTS`].
+pub fn feed_opened(transport: &'static str) {
+    counter!(FEEDS_OPENED, "transport" => transport).increment(1);
+    gauge!(FEEDS_OPEN, "transport" => transport).increment(1.0);
+}
+
+pub fn feed_closed(transport: &'static str) {
+    gauge!(FEEDS_OPEN, "transport" => transport).decrement(1.0);
+}
+
+/// `reason`: one of [`FEED_REFUSALS`].
+pub fn feed_refused(reason: &'static str) {
+    counter!(FEEDS_REFUSED, "reason" => reason).increment(1);
+}
+
+/// `kind`: one of [`FEED_EVENT_KINDS`].
+pub fn feed_events(kind: &'static str, n: u64) {
+    if n > 0 {
+        counter!(FEED_EVENTS, "kind" => kind).increment(n);
+    }
+}
+
+pub fn feed_replayed(n: usize) {
+    counter!(FEED_REPLAYED).increment(n as u64);
+}
+
+pub fn feed_overflowed() {
+    counter!(FEED_OVERFLOWS).increment(1);
+}
+
+pub fn feed_history_bytes(bytes: usize) {
+    gauge!(FEED_HISTORY_BYTES).set(bytes as f64);
 }
 
 pub fn session_parked() {

@@ -83,6 +83,8 @@ pub struct AppState {
     pub token_roles: TokenRoles,
     /// Channels of sockets opened with a `session_id`, live and parked.
     pub sessions: Arc<crate::realtime::resume::Sessions>,
+    /// Change feeds (SSE, long-poll): the history they resume from.
+    pub feeds: Arc<crate::feed::Feeds>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -117,6 +119,7 @@ impl AppState {
                 limits.resume.clone(),
             )),
             authz,
+            feeds: Arc::default(),
             jwt,
             hub,
             sql,

@@ -229,8 +229,15 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             }
         });
     }
+    // Change feeds resume from the history the pump records, from what is committed now on.
+    state.feeds.history.set_capacity(args.limits.history_bytes);
+    state.feeds.set_rls_deletes(args.rls_deletes);
+    if state.hub.routed_through() > walcast_core::Position::ZERO {
+        state.feeds.history.begin(state.hub.routed_through());
+    }
     let mut pump = tokio::spawn(
         Pump::new(replicator, types, hub, sql, state.authz.clone())
+            .with_history(state.feeds.clone())
             .with_topics(state.topics.clone())
             .with_health(state.health.clone())
             .with_rls_deletes(args.rls_deletes)

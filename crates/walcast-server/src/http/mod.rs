@@ -57,6 +57,7 @@ pub fn router(state: HttpState) -> Router {
     let max_body = state.app.limits.max_frame_bytes;
     Router::new()
         .merge(crate::http::broadcast_api::routes(max_body))
+        .merge(crate::feed::routes())
         .route("/socket/websocket", get(websocket))
         .route("/realtime/v1/websocket", get(websocket))
         .route("/healthz", get(healthz))

@@ -100,6 +100,8 @@ pub struct Pump {
     /// or a keepalive's or non-transactional message's position. Once the lanes are empty,
     /// everything up to it has been delivered.
     read_through: Lsn,
+    /// Change feeds: every decoded change is recorded in their history before routing.
+    feeds: Option<Arc<crate::feed::Feeds>>,
 }
 
 impl Pump {
@@ -129,7 +131,14 @@ impl Pump {
             checks: FuturesUnordered::new(),
             gathering_since: None,
             streamed: false,
+            feeds: None,
         }
+    }
+
+    /// Record every change in the feeds' history (before it is routed).
+    pub fn with_history(mut self, feeds: Arc<crate::feed::Feeds>) -> Pump {
+        self.feeds = Some(feeds);
+        self
     }
 
     /// Deliver `realtime.messages` rows (database broadcasts) to these topics.
@@ -271,6 +280,10 @@ impl Pump {
             StreamEvent::SlotRecreated => {
                 tracing::warn!("the replication slot was created again; telling every postgres_changes channel to refetch");
                 self.hub.notify_all(SystemStatus::Error, RESYNC_REQUIRED);
+                if let Some(feeds) = &self.feeds {
+                    // Changes were lost: no feed may resume across the gap.
+                    feeds.history.lost();
+                }
             }
         }
         if !self.streamed && self.replicator.backend_pid().is_some() {
@@ -377,6 +390,12 @@ impl Pump {
 
     fn on_change(&mut self, change: Change) {
         metrics::change_decoded(change.kind.as_str());
+        let change = Arc::new(change);
+        if let Some(feeds) = &self.feeds {
+            // Before routing: a feed subscribing after this change was routed finds it here.
+            feeds.history.record(&change);
+            metrics::feed_history_bytes(feeds.history.bytes());
+        }
         if let Some(topics) = &self.topics {
             if crate::realtime::broadcast::is_message_row(&change) {
                 crate::realtime::broadcast::deliver_message_row(topics, &change);
@@ -417,7 +436,6 @@ impl Pump {
             return;
         }
         tracing::trace!(table = ?change.table.name, routes = routed.len(), identities = identities.len(), decided = now_decided.iter().filter(|d| d.is_some()).count(), "routed");
-        let change = Arc::new(change);
         let txn = self.txns.current();
         let laned: Vec<bool> = now_decided.iter().map(Option::is_none).collect();
         let parts = routed.split_off(&laned);
