@@ -50,6 +50,11 @@ pub struct Limits {
     pub private_only: bool,
     /// Presence is on for every channel (`--presence-enabled`).
     pub presence_enabled: bool,
+    /// Cap on how long a `postgres_changes_options.wait` join is held
+    /// (`--postgres-changes-wait-max-ms`).
+    pub postgres_changes_wait_max: Duration,
+    /// How long `replication_ready` waits for the stream (`--replication-ready-timeout-ms`).
+    pub replication_ready_timeout: Duration,
 }
 
 /// Shared by everything in `walcast serve`.
