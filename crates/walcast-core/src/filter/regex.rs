@@ -51,8 +51,13 @@ pub const MAX_PATTERN_CHARS: usize = 1_000;
 pub const MAX_DEPTH: usize = 64;
 /// Largest repetition bound (Postgres's `DUPMAX`).
 const DUPMAX: u32 = 255;
-/// Ceiling on the compiled automaton's heap, in bytes.
-pub const NFA_SIZE_LIMIT: usize = 2 << 20;
+/// Ceiling on the compiled automaton's heap, in bytes. Small patterns need a few KiB; the
+/// ceiling is what a short pattern with nested bounds (`(a{255}){255}`) could otherwise
+/// make a subscription hold.
+pub const NFA_SIZE_LIMIT: usize = 256 << 10;
+/// Ceiling on the lazy DFA's cache, per pattern and per thread matching with it; when a
+/// value needs more, matching falls back to the PikeVM (still linear, slower).
+const LAZY_DFA_CACHE: usize = 256 << 10;
 
 /// A compiled `match`/`imatch` pattern.
 #[derive(Debug, Clone)]
@@ -95,11 +100,11 @@ pub fn compile_regex(pattern: &str, icase: bool) -> Result<RegexPattern, FilterE
         )));
     }
     let hir = parse(pattern, icase).map_err(err)?;
+    // Full DFAs and the one-pass DFA keep regex-automata's small default limits: they are
+    // built at subscribe time and held for the subscription's life.
     let config = meta::Config::new()
         .nfa_size_limit(Some(NFA_SIZE_LIMIT))
-        .onepass_size_limit(Some(NFA_SIZE_LIMIT))
-        .dfa_size_limit(Some(NFA_SIZE_LIMIT))
-        .hybrid_cache_capacity(NFA_SIZE_LIMIT);
+        .hybrid_cache_capacity(LAZY_DFA_CACHE);
     let re = meta::Builder::new()
         .configure(config)
         .build_from_hir(&hir)
@@ -728,6 +733,13 @@ mod tests {
         assert!(compile_regex(&long, false).is_err());
         // Nested bounds that would blow the automaton up are refused, not built.
         assert!(compile_regex("((((a{255}){255}){255}){255})", false).is_err());
+        assert!(compile_regex("(.{255}){255}", false).is_err());
+        // While a long, ordinary pattern is fine.
+        assert!(compile_regex(
+            &format!("^({})$", ["[[:alpha:]]{1,20}"; 20].join("|")),
+            false
+        )
+        .is_ok());
     }
 
     #[test]
