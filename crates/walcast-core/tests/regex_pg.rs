@@ -257,7 +257,7 @@ async fn match_and_imatch_agree_with_postgres() -> TestResult {
     let seed: u64 = std::env::var("WALCAST_REGEX_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_0f_7e6e);
+        .unwrap_or(0x5eed_f07e);
     let count: usize = std::env::var("WALCAST_REGEX_PATTERNS")
         .ok()
         .and_then(|s| s.parse().ok())
