@@ -266,6 +266,15 @@ async fn match_and_imatch_agree_with_postgres() -> TestResult {
         .fresh_database()
         .await?;
     let client = db.connect().await?;
+    // The column types walcast accepts `match`/`imatch` on all have `~` and `~*` (the
+    // differential below runs on text; these values are text-like the same way).
+    let row = client
+        .query_one(
+            "SELECT 'a'::\"char\" ~ 'a', 'ab'::name ~* 'B', 'ab'::varchar ~ '^a'",
+            &[],
+        )
+        .await?;
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1) && row.get::<_, bool>(2));
     let mut rng = Rng(seed.wrapping_mul(2).wrapping_add(1));
     let mut tally = Tally::default();
     let mut failures = Vec::new();
