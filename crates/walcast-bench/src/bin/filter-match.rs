@@ -32,10 +32,22 @@ const CASES: &[(&str, &str)] = &[
     ("like, for comparison", "s=like.%needle%"),
     ("match: literal", "s=match.needle"),
     ("match: anchored", r#"s=match."^[a-z]+@example\.com$""#),
-    ("imatch: classes + bounds", r#"s=imatch."\mneedle[[:digit:]]{1,3}\M""#),
-    ("match: alternation", "s=match.(alpha|beta|gamma|delta|needle)z"),
-    ("match: (a|a)*(a|aa)*(a+)+b (exponential for a backtracker)", "s=match.^(a|a)*(a|aa)*(a+)+b$"),
-    ("match: .*.*.*=.* (cubic for a backtracker)", "s=match..*.*.*=.*x"),
+    (
+        "imatch: classes + bounds",
+        r#"s=imatch."\mneedle[[:digit:]]{1,3}\M""#,
+    ),
+    (
+        "match: alternation",
+        "s=match.(alpha|beta|gamma|delta|needle)z",
+    ),
+    (
+        "match: (a|a)*(a|aa)*(a+)+b (exponential for a backtracker)",
+        "s=match.^(a|a)*(a|aa)*(a+)+b$",
+    ),
+    (
+        "match: .*.*.*=.* (cubic for a backtracker)",
+        "s=match..*.*.*=.*x",
+    ),
 ];
 
 fn change(value: &str) -> Change {
