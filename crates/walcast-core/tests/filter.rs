@@ -154,8 +154,9 @@ fn grammar_errors_read_well() {
     assert!(err("=eq.1").contains("column name is empty"));
     assert!(err("a=eq").contains("expected `operator.value`"));
     assert!(err("a=foo.1").contains("unknown operator `foo`"));
-    assert!(err("a=match.^x").contains("not supported"));
-    assert!(err("a=not.imatch.x").contains("not supported"));
+    // Regular expressions parse here; patterns are checked against the column at compile.
+    assert!(filter::parse("a=match.^x").is_ok());
+    assert!(filter::parse("a=not.imatch.x").is_ok());
     assert!(err("a=in.1,2").contains("parentheses"));
     assert!(err("a=in.(1,2").contains("parentheses"));
     assert!(err("a=in.(1,,2)").contains("empty value"));
@@ -201,6 +202,9 @@ fn compile_errors_name_column_value_and_type() {
     assert!(err("id=like.1%").contains("like and ilike need a text column"));
     assert!(err("doc=eq.{}").contains("json has no equality operator"));
     assert!(err("body=like.abc\\").contains("escape character"));
+    assert!(err("id=match.^1").contains("match and imatch need a text, varchar or name column"));
+    assert!(err("body=match.a(").contains("invalid regular expression `a(`"));
+    assert!(err("body=imatch.(a)\\1").contains("is not supported: back-references"));
     // What does compile.
     for ok in [
         "id=eq.-9223372036854775808",
@@ -305,6 +309,17 @@ fn typed_comparisons() {
     assert!(!accepts("c=like.ab", BPCHAR, Some("ab  ")));
     assert!(accepts("c=like.ab%", BPCHAR, Some("ab  ")));
     assert!(accepts("c=not.like.x%", TEXT, Some("abc")));
+    // Regular expressions: Postgres's ~ and ~* (C locale).
+    assert!(accepts("c=match.^a.*z$", TEXT, Some("abcz")));
+    assert!(!accepts("c=match.^A", TEXT, Some("abc")));
+    assert!(accepts("c=imatch.^A", TEXT, Some("abc")));
+    assert!(accepts(r#"c=match."^a{1,2}$""#, TEXT, Some("aa")));
+    assert!(accepts("c=not.match.x", TEXT, Some("abc")));
+    assert!(!accepts("c=match.x", TEXT, None), "NULL never matches");
+    assert!(
+        !accepts("c=not.match.x", TEXT, None),
+        "nor does its negation"
+    );
 }
 
 #[test]

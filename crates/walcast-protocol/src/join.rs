@@ -40,6 +40,19 @@ pub struct JoinConfig {
     pub postgres_changes: Vec<PostgresBinding>,
     /// `config.private`: RLS-authorized channel.
     pub private: bool,
+    /// `config.postgres_changes_options`.
+    pub postgres_changes_options: PostgresChangesOptions,
+}
+
+/// `config.postgres_changes_options`: how the join reply relates to the bindings going live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostgresChangesOptions {
+    /// `wait`: hold the join reply until the postgres_changes bindings are live (or refuse
+    /// the join when they cannot be in time).
+    pub wait: bool,
+    /// `timeout`: how long to hold it, in milliseconds; positive. Absent (or invalid) stays
+    /// `None`: the default and the server's ceiling are server policy.
+    pub timeout_ms: Option<u64>,
 }
 
 /// `config.broadcast`.
@@ -163,6 +176,9 @@ fn parse_config(raw: &RawValue, warn: &mut Warnings<'_>) -> JoinConfig {
         }
     }
     config.private = flag(&obj, "private", "config.private", warn);
+    if let Some(o) = section(&obj, "postgres_changes_options", warn) {
+        config.postgres_changes_options = postgres_changes_options(&o, warn);
+    }
     if let Some(list) = obj.get_non_null("postgres_changes") {
         config.postgres_changes = bindings(list, warn);
     }
@@ -216,6 +232,31 @@ fn replay(b: &RawObject<'_>, warn: &mut Warnings<'_>) -> Option<ReplayConfig> {
         limit,
         invalid,
     })
+}
+
+fn postgres_changes_options(o: &RawObject<'_>, warn: &mut Warnings<'_>) -> PostgresChangesOptions {
+    let wait = flag(o, "wait", "config.postgres_changes_options.wait", warn);
+    let timeout_ms = o
+        .get_non_null("timeout")
+        .and_then(|raw| match lenient::integer(raw) {
+            Ok(ms) if ms > 0 => u64::try_from(ms).ok(),
+            Ok(_) => {
+                warn.0.push(
+                    "config.postgres_changes_options.timeout: expected a positive integer"
+                        .to_owned(),
+                );
+                None
+            }
+            Err(found) => {
+                warn.expected(
+                    "config.postgres_changes_options.timeout",
+                    "an integer",
+                    found,
+                );
+                None
+            }
+        });
+    PostgresChangesOptions { wait, timeout_ms }
 }
 
 fn bindings(list: &RawValue, warn: &mut Warnings<'_>) -> Vec<PostgresBinding> {

@@ -81,7 +81,8 @@ pub use inbound::{
     decode_text_within, Inbound, InboundFrame,
 };
 pub use join::{
-    BroadcastConfig, JoinConfig, JoinPayload, PostgresBinding, PresenceConfig, ReplayConfig,
+    BroadcastConfig, JoinConfig, JoinPayload, PostgresBinding, PostgresChangesOptions,
+    PresenceConfig, ReplayConfig,
 };
 pub use outbound::{encode_push, encode_user_broadcast_binary, join_reply_ok};
 pub use presence::{PresencePush, TRACK_PAYLOAD_NOT_A_MAP};

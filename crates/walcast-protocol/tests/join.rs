@@ -198,3 +198,33 @@ fn echo_is_verbatim_in_order_with_ids() {
         r#"{"status":"ok","response":{"postgres_changes":[]}}"#
     );
 }
+
+#[test]
+fn postgres_changes_options_wait_and_timeout() {
+    let j = join(r#"{"config":{"postgres_changes_options":{"wait":"true","timeout":2500}}}"#);
+    assert!(j.warnings.is_empty(), "{:?}", j.warnings);
+    assert!(j.config.postgres_changes_options.wait);
+    assert_eq!(j.config.postgres_changes_options.timeout_ms, Some(2500));
+    // Absent: no wait, the server's default timeout.
+    let j = join(r#"{"config":{}}"#);
+    assert!(!j.config.postgres_changes_options.wait);
+    assert_eq!(j.config.postgres_changes_options.timeout_ms, None);
+    // A timeout that is not a positive integer falls back to the default, with a warning.
+    for bad in ["0", "-5", "\"soon\"", "1.5"] {
+        let j = join(&format!(
+            r#"{{"config":{{"postgres_changes_options":{{"wait":true,"timeout":{bad}}}}}}}"#
+        ));
+        assert!(j.config.postgres_changes_options.wait, "{bad}");
+        assert_eq!(j.config.postgres_changes_options.timeout_ms, None, "{bad}");
+        assert_eq!(j.warnings.len(), 1, "{bad}: {:?}", j.warnings);
+        assert!(
+            j.warnings[0].starts_with("config.postgres_changes_options.timeout"),
+            "{:?}",
+            j.warnings
+        );
+    }
+    // Not an object: ignored with a warning.
+    let j = join(r#"{"config":{"postgres_changes_options":true}}"#);
+    assert!(!j.config.postgres_changes_options.wait);
+    assert_eq!(j.warnings.len(), 1, "{:?}", j.warnings);
+}

@@ -252,6 +252,19 @@ pub struct LimitArgs {
     #[arg(long, env = "PRESENCE_ENABLED")]
     pub presence_enabled: bool,
 
+    /// Longest a join with `config.postgres_changes_options.wait` is held for its bindings to
+    /// go live, in milliseconds: the client's `timeout` (15000 when absent) is capped by it,
+    /// and past it the join is refused with `PostgresChangesSubscribeTimeout` (Supabase's
+    /// default cap: 20 s).
+    #[arg(long, env = "POSTGRES_CHANGES_WAIT_MAX_MS", default_value_t = 20_000)]
+    pub postgres_changes_wait_max_ms: u64,
+
+    /// How long a channel joined with `config.broadcast.replication_ready` waits for the
+    /// replication stream before it is closed with `Replication connection was not
+    /// established in time`, in milliseconds (Supabase: one minute).
+    #[arg(long, env = "REPLICATION_READY_TIMEOUT_MS", default_value_t = 60_000)]
+    pub replication_ready_timeout_ms: u64,
+
     /// How long a channel of a socket opened with `session_id` outlives the socket, buffering
     /// what it matches for the rejoin (session resume), in seconds.
     #[arg(long, env = "RESUME_WINDOW_SECS", default_value_t = 120)]

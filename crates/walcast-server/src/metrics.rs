@@ -78,7 +78,7 @@ const JWT_LABELS: [&str; 6] = [
     "expired",
     "claims",
 ];
-const JOIN_ERROR_REASONS: [&str; 11] = [
+const JOIN_ERROR_REASONS: [&str; 13] = [
     "restarting",
     "topic",
     "too_many_channels",
@@ -90,6 +90,8 @@ const JOIN_ERROR_REASONS: [&str; 11] = [
     "privileged_role",
     "internal",
     "unknown",
+    "changes_wait_timeout",
+    "changes_refused",
 ];
 const UPGRADE_REFUSALS: [&str; 5] = [
     "vsn",
@@ -98,7 +100,7 @@ const UPGRADE_REFUSALS: [&str; 5] = [
     "privileged_role",
     "session_id",
 ];
-const CHANNEL_CLOSE_REASONS: [&str; 7] = [
+const CHANNEL_CLOSE_REASONS: [&str; 8] = [
     "events_rate",
     "token_expired",
     "presence_rate",
@@ -106,6 +108,7 @@ const CHANNEL_CLOSE_REASONS: [&str; 7] = [
     "token",
     "revoked",
     "authz",
+    "replication_not_ready",
 ];
 const CHANGE_KINDS: [&str; 4] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
 const ORIGINS: [&str; 3] = ["client", "http", "database"];

@@ -53,6 +53,11 @@ pub struct Limits {
     /// How DELETEs on RLS tables without their old row are delivered (joins warn
     /// subscribers who would miss them).
     pub rls_deletes: crate::authz::rls::RlsDeletes,
+    /// Cap on how long a `postgres_changes_options.wait` join is held
+    /// (`--postgres-changes-wait-max-ms`).
+    pub postgres_changes_wait_max: Duration,
+    /// How long `replication_ready` waits for the stream (`--replication-ready-timeout-ms`).
+    pub replication_ready_timeout: Duration,
 }
 
 /// Shared by everything in `walcast serve`.

@@ -25,10 +25,15 @@ function freePort() {
   })
 }
 
-/** Start walcast with `args` on top of the suite's database and secret; wait for /readyz. */
-export async function startOwnServer(args = []) {
+/**
+ * Start walcast with `args` on top of the suite's database and secret; wait for /readyz.
+ * With `slot`, stream from that existing slot (not a temporary one of its own); with
+ * `probe: '/healthz'`, return once it serves HTTP, streaming or not (e.g. on a slot another
+ * server holds).
+ */
+export async function startOwnServer(args = [], { slot: existing, probe = '/readyz' } = {}) {
   const port = await freePort()
-  const slot = `e2e_own_${suffix()}`
+  const slot = existing ?? `e2e_own_${suffix()}`
   const child = spawn(
     binary(),
     [
@@ -39,7 +44,7 @@ export async function startOwnServer(args = []) {
       '--bind', '127.0.0.1',
       '--publication', 'walcast',
       '--slot', slot,
-      '--temporary-slot',
+      ...(existing ? [] : ['--temporary-slot']),
       '--channel-error-backoff-ms', '0',
       ...args,
     ],
@@ -55,7 +60,7 @@ export async function startOwnServer(args = []) {
   for (;;) {
     if (exited !== null) throw new Error(`walcast ${args.join(' ')} exited with ${exited}:\n${log}`)
     try {
-      const r = await fetch(`${http}/readyz`)
+      const r = await fetch(`${http}${probe}`)
       if (r.status === 200) break
     } catch {
       // not listening yet
@@ -65,6 +70,7 @@ export async function startOwnServer(args = []) {
   }
   return {
     http,
+    slot,
     log: () => log,
     async stop() {
       if (exited !== null) return

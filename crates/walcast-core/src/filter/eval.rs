@@ -5,6 +5,7 @@ use std::cmp::Ordering;
 
 use super::grammar::*;
 use super::like::{compile_like, like_match, LikePattern};
+use super::regex::{compile_regex, RegexPattern};
 use super::scalar::*;
 use crate::change::{Change, ChangeKind, Value};
 use crate::pg_type::{Oid, TypeKind, TypeRegistry};
@@ -178,6 +179,8 @@ enum Test {
         pattern: LikePattern,
         fold: bool,
     },
+    /// `match`/`imatch` (case folding is compiled into the pattern).
+    Regex(Box<RegexPattern>),
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +262,16 @@ fn compile_condition(
                 fold,
             }
         }
+        Operation::Match(pattern) | Operation::IMatch(pattern) => {
+            // text, varchar, name, "char": the types whose `~` is plain text matching.
+            if class != Class::Text {
+                return Err(refuse(
+                    ": match and imatch need a text, varchar or name column",
+                ));
+            }
+            let icase = matches!(cond.op, Operation::IMatch(_));
+            Test::Regex(Box::new(compile_regex(pattern, icase)?))
+        }
     };
     Ok(CompiledCondition {
         column: col.name.as_str().into(),
@@ -337,6 +350,9 @@ impl CompiledCondition {
             };
             return Some(hit != self.negate);
         }
+        if let Test::Regex(pattern) = &self.test {
+            return Some(pattern.is_match(text?) != self.negate);
+        }
         // A value that no longer parses as the compiled type (the column's type changed
         // since subscribe) cannot be compared: treat it as no match, whatever the negation.
         let value = match text {
@@ -384,7 +400,7 @@ impl CompiledCondition {
                 }
             }
             // Handled above, before the value is normalized.
-            Test::Like { .. } => None,
+            Test::Like { .. } | Test::Regex(_) => None,
         };
         if self.negate {
             result.map(|b| !b)

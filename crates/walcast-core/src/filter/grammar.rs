@@ -24,11 +24,17 @@ pub enum FilterError {
     #[error("invalid condition `{condition}`: expected `operator.value` after `=`")]
     MissingValue { condition: String },
     /// An operator we do not know.
-    #[error("unknown operator `{operator}` (supported: eq, neq, lt, lte, gt, gte, in, like, ilike, is, isdistinct, each optionally prefixed with `not.`)")]
+    #[error("unknown operator `{operator}` (supported: eq, neq, lt, lte, gt, gte, in, like, ilike, match, imatch, is, isdistinct, each optionally prefixed with `not.`)")]
     UnknownOperator { operator: String },
-    /// An operator we know but refuse.
-    #[error("operator `{operator}` (regular expression) is not supported; use `like` or `ilike`")]
-    UnsupportedOperator { operator: String },
+    /// A `match`/`imatch` pattern Postgres itself would reject.
+    #[error("invalid regular expression `{pattern}`: {reason}")]
+    InvalidRegex {
+        pattern: String,
+        reason: &'static str,
+    },
+    /// A `match`/`imatch` pattern Postgres accepts but walcast cannot evaluate exactly.
+    #[error("regular expression `{pattern}` is not supported: {what}")]
+    UnsupportedRegex { pattern: String, what: &'static str },
     /// `in` without its parentheses, or with text after them.
     #[error("invalid `in` filter `{value}`: values must be in parentheses, e.g. `in.(1,2,3)`")]
     InList { value: String },
@@ -136,6 +142,10 @@ pub enum Operation {
     Is(IsValue),
     Like(String),
     ILike(String),
+    /// `match`: Postgres's `~` (POSIX regular expression).
+    Match(String),
+    /// `imatch`: Postgres's `~*` (case-insensitive).
+    IMatch(String),
     IsDistinct(String),
 }
 
@@ -147,6 +157,8 @@ impl Operation {
             Operation::Is(_) => "is",
             Operation::Like(_) => "like",
             Operation::ILike(_) => "ilike",
+            Operation::Match(_) => "match",
+            Operation::IMatch(_) => "imatch",
             Operation::IsDistinct(_) => "isdistinct",
         }
     }
@@ -264,11 +276,8 @@ fn parse_condition(segment: &str) -> Result<Condition, FilterError> {
                 })
             }
         }),
-        "match" | "imatch" => {
-            return Err(FilterError::UnsupportedOperator {
-                operator: op.to_owned(),
-            })
-        }
+        "match" => Operation::Match(unquote(value, segment)?),
+        "imatch" => Operation::IMatch(unquote(value, segment)?),
         _ => {
             return Err(FilterError::UnknownOperator {
                 operator: op.to_owned(),

@@ -22,6 +22,7 @@
 //!            | "is." ( "null" | "true" | "false" | "unknown" )   (case-insensitive)
 //!            | ( "like" | "ilike" ) "." value              (% or * = any run, _ = one char,
 //!                                                           \ escapes the next char)
+//!            | ( "match" | "imatch" ) "." value            (Postgres's ~ and ~*; see `regex`)
 //!            | "isdistinct." value
 //! cmp_op     = "eq" | "neq" | "lt" | "lte" | "gt" | "gte"
 //! value      = quoted | raw                                (raw: the rest of the condition)
@@ -33,10 +34,10 @@
 //!
 //! Conditions are split on `,` except inside `( … )` or `" … "`; they are ANDed. An empty
 //! condition (`a=eq.1,,b=eq.2`, a trailing comma) is an error. Each condition is trimmed, so
-//! a value that must keep leading or trailing spaces has to be quoted. `match`/`imatch` (regular
-//! expressions) are recognised and refused with a clear error: Postgres's ARE dialect is not
-//! something we can reproduce faithfully, and a filter that silently disagrees with SQL is
-//! worse than one that is refused.
+//! a value that must keep leading or trailing spaces has to be quoted. `match`/`imatch` take
+//! a Postgres regular expression (ARE); the subset whose meaning is reproduced exactly is
+//! evaluated, and anything else is refused at subscribe time with the reason (see `regex`):
+//! a filter that silently disagrees with SQL is worse than one that is refused.
 //!
 //! # Evaluation
 //!
@@ -80,6 +81,8 @@
 //!     keeps its padding, as `bpcharlike` does); `ilike` lower-cases both sides with Unicode
 //!     case mapping, which is what a UTF-8 `LC_CTYPE` does (a database with `LC_CTYPE=C`
 //!     only folds ASCII letters).
+//!   - `match/imatch`: text, varchar and name columns, matched as `~`/`~*` under the `C`
+//!     locale (ASCII classes and case folding; see `regex`).
 //!
 //! Invariants: parsing and evaluation never panic on any input (everything here is external
 //! input: the filter comes from a client, the values from the WAL); nothing is indexed
@@ -88,17 +91,19 @@
 //! the longest `%`-delimited run with a `_` between two literals (so the factor is 1 for runs
 //! up to 64 characters, and c is never searched beyond the value's length), since the runs
 //! are searched left to right, each from where the previous one ended, and never again from
-//! the start (see `like`).
+//! the start (see `like`); `match`/`imatch` run a size-bounded automaton, never a backtracker,
+//! so they are O(automaton × value) with the automaton bounded at compile time (see `regex`).
 //!
 //! # Modules
 //!
 //! [`grammar`] parses the text, [`eval`] compiles it against the columns and evaluates it,
-//! `scalar` parses typed values (numbers, booleans, uuids, timestamps) and `like` matches
-//! `like`/`ilike` patterns.
+//! `scalar` parses typed values (numbers, booleans, uuids, timestamps), `like` matches
+//! `like`/`ilike` patterns and `regex` compiles `match`/`imatch` patterns.
 
 pub mod eval;
 pub mod grammar;
 mod like;
+pub mod regex;
 mod scalar;
 
 pub use eval::{ColumnInfo, CompiledFilter};

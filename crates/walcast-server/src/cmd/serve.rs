@@ -120,6 +120,8 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         private_only: args.limits.private_only,
         presence_enabled: args.limits.presence_enabled,
         rls_deletes: args.rls_deletes,
+        postgres_changes_wait_max: Duration::from_millis(args.limits.postgres_changes_wait_max_ms),
+        replication_ready_timeout: Duration::from_millis(args.limits.replication_ready_timeout_ms),
         allowed_origins: args.limits.allowed_origins.as_deref().map(|list| {
             list.split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())

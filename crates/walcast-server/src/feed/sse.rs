@@ -348,6 +348,7 @@ pub async fn broadcast(
         vsn: Vsn::V1,
         broadcast: true,
         presence: false,
+        replayed: None,
     };
     let max =
         (app.limits.max_members_per_channel > 0).then_some(app.limits.max_members_per_channel);

@@ -4,7 +4,9 @@
 //! error texts: schema/table present, filter grammar, the table exists and is in the
 //! publication, the channel's role may SELECT it, filter columns and values fit the column
 //! types, selected columns exist. Valid entries are registered; each invalid one is reported
-//! as a `system` error without affecting the others, and the join itself still succeeds.
+//! as a `system` error without affecting the others, and the join itself still succeeds
+//! (unless it asked for `postgres_changes_options.wait`: then the first error refuses it, see
+//! the session).
 
 use walcast_core::filter;
 use walcast_core::subscription::{binding_id, Binding, EventFilter};

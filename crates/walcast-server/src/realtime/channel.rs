@@ -38,6 +38,9 @@ pub struct Channel {
     pub events: RateWindow,
     /// Under a session: the channel's outbox that outlives the socket.
     pub resumable: Option<Arc<crate::realtime::resume::Resumable>>,
+    /// `config.broadcast.replication_ready` not yet answered: the deadline by which the
+    /// replication stream must be up, else the channel is closed.
+    pub replication_ready: Option<Instant>,
 }
 
 /// A channel's broadcast and presence settings and caches.
@@ -176,6 +179,7 @@ mod tests {
             perms: None,
             events: RateWindow::new(Instant::now()),
             resumable: None,
+            replication_ready: None,
         }
     }
 

@@ -15,6 +15,15 @@
 //! order, once it is done; frames for other topics and heartbeats are handled at once. The
 //! session itself never waits: database work is described as [`Work`] and run by the driver.
 //!
+//! Readiness options: a join with `config.postgres_changes_options.wait` (and entries) keeps
+//! its topic busy after its check until the replication stream is up, so its reply means the
+//! bindings are live; at the applied timeout (the client's, capped by
+//! `--postgres-changes-wait-max-ms`) it is refused with `PostgresChangesSubscribeTimeout`,
+//! and an entry that failed its check refuses it with `RealtimeDisabledForConfiguration`. A
+//! channel joined with `config.broadcast.replication_ready` gets a `system` message once the
+//! stream is up, or is closed at `--replication-ready-timeout-ms`. Both look at the stream on
+//! each tick (at most [`STREAM_POLL`] apart while one is pending).
+//!
 //! Invariants:
 //! - Each `ref` is answered at most once, and per topic replies and pushes keep the order the
 //!   client sent the frames in (a busy topic's frames wait for its operation).
@@ -206,6 +215,9 @@ enum BusyState {
     Writing(Extension),
     /// A persisted broadcast being stored; delivered live once its row is committed.
     Storing(Box<PendingStore>),
+    /// An authorized join with `postgres_changes_options.wait`, its reply held until the
+    /// replication stream is live (or `deadline` passes: `PostgresChangesSubscribeTimeout`).
+    Waiting(Box<HeldJoin>),
 }
 
 /// A persisted send waiting for its row.
@@ -215,6 +227,24 @@ struct PendingStore {
     exclude: Option<u64>,
     ack: bool,
 }
+
+/// A join held for its postgres_changes bindings to go live.
+struct HeldJoin {
+    pending: PendingJoin,
+    auth: Authorized,
+    deadline: Instant,
+    /// The applied timeout (the client's, capped by the server's), as the error names it.
+    timeout_ms: u64,
+}
+
+/// The `wait` timeout a client gets when it names none (as realtime-js and Supabase do).
+pub const DEFAULT_CHANGES_WAIT_MS: u64 = 15_000;
+/// How often a held join or a pending `replication_ready` looks at the stream again.
+const STREAM_POLL: Duration = Duration::from_millis(100);
+/// The `system` message of `config.broadcast.replication_ready` (Supabase's words).
+pub const REPLICATION_READY: &str = "Replication connection established";
+/// The channel's closing message when the stream is not up within the timeout.
+pub const REPLICATION_NOT_READY: &str = "Replication connection was not established in time";
 
 struct PendingJoin {
     join_ref: Option<String>,
@@ -314,8 +344,17 @@ impl Session {
             deadline = deadline.min(now.at + Duration::from_secs(left));
         }
         for b in &self.busy {
-            if let BusyState::Refusing { at, .. } = b.state {
-                deadline = deadline.min(at);
+            match &b.state {
+                BusyState::Refusing { at, .. } => deadline = deadline.min(*at),
+                BusyState::Waiting(h) => {
+                    deadline = deadline.min(h.deadline.min(now.at + STREAM_POLL))
+                }
+                _ => {}
+            }
+        }
+        for ch in self.channels.iter() {
+            if let Some(at) = ch.replication_ready {
+                deadline = deadline.min(at.min(now.at + STREAM_POLL));
             }
         }
         deadline
@@ -765,7 +804,7 @@ impl Session {
     fn joining(&self) -> usize {
         self.busy
             .iter()
-            .filter(|b| matches!(b.state, BusyState::Joining(_)))
+            .filter(|b| matches!(b.state, BusyState::Joining(_) | BusyState::Waiting(_)))
             .count()
     }
 
@@ -843,6 +882,45 @@ impl Session {
             );
             return self.refuse_join(now, &frame, r, queued);
         }
+        // `postgres_changes_options.wait`: the reply says the bindings are live, so every
+        // entry must have passed, and the stream must be up (else the reply is held).
+        let options = p.join.config.postgres_changes_options;
+        if options.wait && !p.join.config.postgres_changes.is_empty() {
+            if let Some(first) = auth.changes.errors.first() {
+                let r = Refusal::new(
+                    "changes_refused",
+                    format!("RealtimeDisabledForConfiguration: {first}"),
+                );
+                return self.refuse_join(now, &frame, r, queued);
+            }
+            if !self.state.is_streaming() {
+                let timeout_ms = options
+                    .timeout_ms
+                    .unwrap_or(DEFAULT_CHANGES_WAIT_MS)
+                    .min(self.state.limits.postgres_changes_wait_max.as_millis() as u64);
+                tracing::debug!(topic = ?topic, timeout_ms, "join held until the replication stream is up");
+                let held = HeldJoin {
+                    pending: p,
+                    auth,
+                    deadline: now.at + Duration::from_millis(timeout_ms),
+                    timeout_ms,
+                };
+                return self.start(topic, BusyState::Waiting(Box::new(held)), None, queued);
+            }
+        }
+        self.commit_join(now, topic, p, auth, queued);
+    }
+
+    /// Register an authorized join everywhere and send its reply and what follows it.
+    fn commit_join(
+        &mut self,
+        now: Now,
+        topic: Arc<str>,
+        p: PendingJoin,
+        auth: Authorized,
+        queued: VecDeque<InboundFrame>,
+    ) {
+        let frame = join_frame(&topic, &p);
         let name = topic.strip_prefix("realtime:").unwrap_or(&topic).to_owned();
         let entries = p.join.config.postgres_changes.clone();
         // Under a session: take over the channel it kept, or start one it can keep.
@@ -903,11 +981,27 @@ impl Session {
             perms: auth.perms,
             events: RateWindow::new(now.at),
             resumable,
+            replication_ready: None,
         };
+        // `config.broadcast.replication_ready`: said at once when the stream is up, else
+        // once it is (or the channel closes at the deadline; see `on_tick`).
+        let ready_now = p.join.config.broadcast.replication_ready && self.state.is_streaming();
+        if p.join.config.broadcast.replication_ready && !ready_now {
+            channel.replication_ready = Some(now.at + self.state.limits.replication_ready_timeout);
+        }
         let jr = channel.join_ref.as_deref();
         // What follows the reply on the wire, in order.
         let mut after = Vec::new();
         let mut replay_frames = Vec::new();
+        if ready_now {
+            after.push(self.system_frame(
+                &topic,
+                jr,
+                SystemExtension::System,
+                SystemStatus::Ok,
+                REPLICATION_READY,
+            ));
+        }
         if let Some(lost) = lost {
             metrics::session_resync(lost.label());
             after.push(self.system_frame(
@@ -1484,6 +1578,60 @@ impl Session {
                 self.send(reply);
             }
             self.drain(now, busy.queued);
+        }
+        // Held joins: released once the stream is up, refused at their deadline.
+        let streaming = self.state.is_streaming();
+        while let Some(i) = self.busy.iter().position(
+            |b| matches!(&b.state, BusyState::Waiting(h) if streaming || h.deadline <= now.at),
+        ) {
+            let busy = self.busy.swap_remove(i);
+            let BusyState::Waiting(held) = busy.state else {
+                continue;
+            };
+            let HeldJoin {
+                pending,
+                auth,
+                timeout_ms,
+                ..
+            } = *held;
+            if streaming {
+                self.commit_join(now, busy.topic, pending, auth, busy.queued);
+            } else {
+                let frame = join_frame(&busy.topic, &pending);
+                let r = Refusal::new(
+                    "changes_wait_timeout",
+                    format!("PostgresChangesSubscribeTimeout: Timed out after {timeout_ms}ms waiting for the postgres_changes subscription"),
+                );
+                self.refuse_join(now, &frame, r, busy.queued);
+            }
+            if self.exit.is_some() {
+                return;
+            }
+        }
+        // `replication_ready` channels: told once the stream is up, closed at the deadline.
+        let pending: Vec<(Arc<str>, Instant)> = self
+            .channels
+            .iter()
+            .filter_map(|c| c.replication_ready.map(|at| (c.topic.clone(), at)))
+            .collect();
+        for (topic, at) in pending {
+            if streaming {
+                let Some(ch) = self.channels.get_mut(&topic) else {
+                    continue;
+                };
+                ch.replication_ready = None;
+                let jr = ch.join_ref.clone();
+                self.send(self.system_frame(
+                    &topic,
+                    jr.as_deref(),
+                    SystemExtension::System,
+                    SystemStatus::Ok,
+                    REPLICATION_READY,
+                ));
+            } else if at <= now.at {
+                metrics::channel_closed("replication_not_ready");
+                self.close_channel(&topic, REPLICATION_NOT_READY);
+            }
         }
     }
 }

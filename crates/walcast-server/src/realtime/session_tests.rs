@@ -45,6 +45,8 @@ fn limits() -> Limits {
         private_only: false,
         presence_enabled: false,
         rls_deletes: Default::default(),
+        postgres_changes_wait_max: Duration::from_secs(20),
+        replication_ready_timeout: Duration::from_secs(60),
     }
 }
 
@@ -1206,4 +1208,301 @@ fn a_persisted_send_is_stored_as_its_sender_before_it_is_delivered() {
         out[0][4]["response"]["error"],
         "Unauthorized: You do not have permissions to write to this Channel topic: room"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// postgres_changes_options.wait and broadcast.replication_ready
+
+mod readiness {
+    use super::*;
+    use crate::realtime::changes::Checked;
+    use std::sync::atomic::Ordering as AtomicOrdering;
+    use walcast_core::subscription::{Binding, EventFilter};
+
+    const ENTRY: &str = r#"{"event":"*","schema":"public","table":"todos"}"#;
+
+    fn checked(errors: Vec<String>) -> Outcome {
+        let bindings = if errors.is_empty() {
+            vec![Binding {
+                id: 1,
+                event: EventFilter::All,
+                schema: "public".into(),
+                table: "todos".into(),
+                filter: None,
+                select: None,
+            }]
+        } else {
+            Vec::new()
+        };
+        Outcome::Authorize(Ok(Authorized {
+            perms: None,
+            changes: Checked {
+                bindings,
+                errors,
+                ..Checked::default()
+            },
+            ..Default::default()
+        }))
+    }
+
+    /// Join `realtime:room` with one entry and `extra` merged into the config; the check
+    /// answers `outcome`.
+    fn join(t: &mut T, extra: Value, outcome: Outcome) {
+        let mut config =
+            json!({"postgres_changes": [serde_json::from_str::<Value>(ENTRY).expect("entry")]});
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        t.join("1", "realtime:room", config);
+        let work = t.work();
+        assert_eq!(work.len(), 1);
+        t.done(work[0].op, outcome);
+    }
+
+    fn messages(frames: &[Value]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| match f[3].as_str() {
+                Some("system") => format!(
+                    "system {} {} {}",
+                    f[4]["extension"].as_str().unwrap_or(""),
+                    f[4]["status"].as_str().unwrap_or(""),
+                    f[4]["message"].as_str().unwrap_or("")
+                ),
+                Some("phx_reply") => format!("reply {}", reply_status(f)),
+                other => other.unwrap_or("").to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn wait_replies_at_once_when_the_stream_is_up() {
+        let mut t = T::new(app(limits()));
+        join(
+            &mut t,
+            json!({"postgres_changes_options": {"wait": true}}),
+            checked(vec![]),
+        );
+        assert_eq!(
+            messages(&t.out()),
+            [
+                "reply ok",
+                "system postgres_changes ok Subscribed to PostgreSQL"
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_holds_the_reply_until_the_stream_is_up() {
+        let state = app(limits());
+        state.streaming.store(false, AtomicOrdering::Release);
+        let mut t = T::new(state.clone());
+        join(
+            &mut t,
+            json!({"postgres_changes_options": {"wait": true}}),
+            checked(vec![]),
+        );
+        assert!(t.out().is_empty(), "the reply is held");
+        // Frames for the topic wait behind the held join; others do not.
+        t.send(json!(["1", "b", "realtime:room", "broadcast", {"type": "broadcast", "event": "e", "payload": {}}]));
+        t.send(json!([null, "h", "phoenix", "heartbeat", {}]));
+        assert_eq!(events(&t.out()), ["phoenix:phx_reply"]);
+        assert!(t.session.next_deadline(t.now) <= t.now.at + Duration::from_millis(100));
+        t.later(Duration::from_secs(2));
+        t.session.on_tick(t.now);
+        assert!(t.out().is_empty(), "still held while the stream is down");
+        state.streaming.store(true, AtomicOrdering::Release);
+        t.later(Duration::from_millis(100));
+        t.session.on_tick(t.now);
+        let out = t.out();
+        assert_eq!(
+            messages(&out),
+            [
+                "reply ok",
+                "system postgres_changes ok Subscribed to PostgreSQL",
+            ]
+        );
+        assert_eq!(out[0][1], "1", "the join's own ref");
+        assert_eq!(t.session.channel_count(), 1);
+    }
+
+    #[test]
+    fn wait_refuses_the_join_at_the_timeout_capped_by_the_server() {
+        for (asked, applied) in [
+            (Some(300u64), 300u64),
+            (None, 15_000),
+            (Some(90_000), 20_000),
+        ] {
+            let state = app(limits());
+            state.streaming.store(false, AtomicOrdering::Release);
+            let mut t = T::new(state);
+            let options = match asked {
+                Some(ms) => json!({"wait": true, "timeout": ms}),
+                None => json!({"wait": true}),
+            };
+            join(
+                &mut t,
+                json!({"postgres_changes_options": options}),
+                checked(vec![]),
+            );
+            t.later(Duration::from_millis(applied - 1));
+            t.session.on_tick(t.now);
+            assert!(t.out().is_empty(), "held until {applied} ms");
+            t.later(Duration::from_millis(1));
+            t.session.on_tick(t.now);
+            let out = t.out();
+            assert_eq!(events(&out), ["realtime:room:phx_reply"]);
+            assert_eq!(reply_status(&out[0]), "error");
+            assert_eq!(
+                out[0][4]["response"]["reason"],
+                format!("PostgresChangesSubscribeTimeout: Timed out after {applied}ms waiting for the postgres_changes subscription")
+            );
+            assert_eq!(t.session.channel_count(), 0);
+        }
+    }
+
+    #[test]
+    fn wait_refuses_a_join_whose_entry_failed_its_check() {
+        let state = app(limits());
+        state.streaming.store(false, AtomicOrdering::Release);
+        let mut t = T::new(state);
+        let error = "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [event: *, schema: public, table: todos, filters: [], select: ]";
+        join(
+            &mut t,
+            json!({"postgres_changes_options": {"wait": true}}),
+            checked(vec![error.to_string()]),
+        );
+        let out = t.out();
+        assert_eq!(reply_status(&out[0]), "error");
+        assert_eq!(
+            out[0][4]["response"]["reason"],
+            format!("RealtimeDisabledForConfiguration: {error}")
+        );
+        // Without wait, the join succeeds and the error is a system message.
+        let mut t = T::new(app(limits()));
+        join(&mut t, json!({}), checked(vec![error.to_string()]));
+        assert_eq!(
+            messages(&t.out()),
+            [
+                "reply ok".to_string(),
+                format!("system postgres_changes error {error}")
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_without_postgres_changes_changes_nothing() {
+        let state = app(limits());
+        state.streaming.store(false, AtomicOrdering::Release);
+        let mut t = T::new(state);
+        t.join(
+            "1",
+            "realtime:room",
+            json!({"postgres_changes_options": {"wait": true}}),
+        );
+        let op = t.work()[0].op;
+        t.ok(op);
+        assert_eq!(messages(&t.out()), ["reply ok"]);
+    }
+
+    #[test]
+    fn replication_ready_is_announced_after_the_reply() {
+        let mut t = T::new(app(limits()));
+        t.join(
+            "1",
+            "realtime:room",
+            json!({"broadcast": {"replication_ready": true}}),
+        );
+        let op = t.work()[0].op;
+        t.ok(op);
+        let out = t.out();
+        assert_eq!(
+            messages(&out),
+            [
+                "reply ok",
+                "system system ok Replication connection established"
+            ]
+        );
+        assert_eq!(out[1][4]["channel"], "room");
+        assert_eq!(out[1][0], "1", "pushed with the channel's join_ref");
+        // Before the postgres_changes status when both apply.
+        let mut t = T::new(app(limits()));
+        join(
+            &mut t,
+            json!({"broadcast": {"replication_ready": true}}),
+            checked(vec![]),
+        );
+        assert_eq!(
+            messages(&t.out()),
+            [
+                "reply ok",
+                "system system ok Replication connection established",
+                "system postgres_changes ok Subscribed to PostgreSQL"
+            ]
+        );
+    }
+
+    #[test]
+    fn replication_ready_waits_for_the_stream_then_says_so() {
+        let state = app(limits());
+        state.streaming.store(false, AtomicOrdering::Release);
+        let mut t = T::new(state.clone());
+        t.join(
+            "1",
+            "realtime:room",
+            json!({"broadcast": {"replication_ready": true}}),
+        );
+        let op = t.work()[0].op;
+        t.ok(op);
+        assert_eq!(messages(&t.out()), ["reply ok"]);
+        assert!(t.session.next_deadline(t.now) <= t.now.at + Duration::from_millis(100));
+        t.later(Duration::from_secs(30));
+        t.session.on_tick(t.now);
+        assert!(t.out().is_empty());
+        state.streaming.store(true, AtomicOrdering::Release);
+        t.session.on_tick(t.now);
+        assert_eq!(
+            messages(&t.out()),
+            ["system system ok Replication connection established"]
+        );
+        // Said once.
+        t.later(Duration::from_secs(60));
+        t.send(json!([null, "h", "phoenix", "heartbeat", {}]));
+        t.session.on_tick(t.now);
+        assert_eq!(events(&t.out()), ["phoenix:phx_reply"]);
+        assert_eq!(t.session.channel_count(), 1);
+    }
+
+    #[test]
+    fn replication_ready_closes_the_channel_at_the_timeout() {
+        let mut l = limits();
+        l.replication_ready_timeout = Duration::from_secs(5);
+        let state = app(l);
+        state.streaming.store(false, AtomicOrdering::Release);
+        let mut t = T::new(state);
+        t.join(
+            "1",
+            "realtime:room",
+            json!({"broadcast": {"replication_ready": true}}),
+        );
+        let op = t.work()[0].op;
+        t.ok(op);
+        t.out();
+        t.later(Duration::from_millis(4_900));
+        t.session.on_tick(t.now);
+        assert!(t.out().is_empty());
+        t.later(Duration::from_millis(100));
+        t.session.on_tick(t.now);
+        let out = t.out();
+        assert_eq!(
+            messages(&out),
+            [
+                "system system error Replication connection was not established in time",
+                "phx_close"
+            ]
+        );
+        assert_eq!(t.session.channel_count(), 0);
+    }
 }

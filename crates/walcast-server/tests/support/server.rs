@@ -167,6 +167,16 @@ impl Server {
     /// [`Server::start`] with extra arguments, environment and a descriptor limit. Panics
     /// with the server's log when it exits before it is ready (e.g. an unknown flag).
     pub async fn start_with(database_url: &str, slot: &str, opts: Options) -> Server {
+        Server::spawn_until(database_url, slot, opts, "/readyz").await
+    }
+
+    /// [`Server::start_with`], returning once the server answers HTTP (`/healthz`) whether
+    /// or not its replication stream is up (e.g. a server whose slot another one holds).
+    pub async fn start_serving(database_url: &str, slot: &str, opts: Options) -> Server {
+        Server::spawn_until(database_url, slot, opts, "/healthz").await
+    }
+
+    async fn spawn_until(database_url: &str, slot: &str, opts: Options, probe: &str) -> Server {
         let port = free_port();
         let log =
             std::env::temp_dir().join(format!("walcast-serve-{}-{port}.log", std::process::id()));
@@ -214,7 +224,7 @@ impl Server {
         let mut server = Server { child, port, log };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok((200, _)) = server.get("/readyz").await {
+            if let Ok((200, _)) = server.get(probe).await {
                 return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
