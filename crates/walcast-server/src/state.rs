@@ -80,6 +80,10 @@ pub struct AppState {
     pub token_roles: TokenRoles,
     /// Channels of sockets opened with a `session_id`, live and parked.
     pub sessions: Arc<crate::realtime::resume::Sessions>,
+    /// What joins read from the catalog (the pump invalidates it on Relation messages).
+    pub catalog: Arc<crate::db::catalog_cache::CatalogCache>,
+    /// Private-channel read checks, batched into shared round trips.
+    pub private_reads: crate::authz::private::ReadBatcher,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -97,6 +101,11 @@ impl AppState {
         token_roles: TokenRoles,
     ) -> AppState {
         let authz = Arc::new(ExclusivePool::new(sql.config().clone(), "walcast authz", 4));
+        let catalog = Arc::new(crate::db::catalog_cache::CatalogCache::new(
+            sql.clone(),
+            &publication,
+        ));
+        let private_reads = crate::authz::private::ReadBatcher::new(authz.clone());
         let now = std::time::Instant::now();
         AppState {
             join_limits: Limited::new(
@@ -114,6 +123,8 @@ impl AppState {
                 limits.resume.clone(),
             )),
             authz,
+            catalog,
+            private_reads,
             jwt,
             hub,
             sql,
