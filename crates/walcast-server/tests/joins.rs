@@ -212,23 +212,29 @@ async fn a_revoke_is_seen_by_the_next_join_after_the_tables_relation_message() {
         ],
     )
     .await;
-    let (mut watch, status) = join_changes(&server, &observer, "o", "realtime:o", insert_on("t")).await;
+    let (mut watch, status) =
+        join_changes(&server, &observer, "o", "realtime:o", insert_on("t")).await;
     assert_eq!(status.0, "ok", "{status:?}");
     // The first join caches the role's privilege on t.
     let started = std::time::Instant::now();
     let (_first, status) = join_changes(&server, &r, "a", "realtime:a", insert_on("t")).await;
     assert_eq!(status.0, "ok", "allowed before the revoke: {status:?}");
 
-    sql.batch_execute(&format!("REVOKE SELECT ON t FROM {r}; INSERT INTO t VALUES (1, 'x')"))
-        .await
-        .expect("revoke, then a change on t");
+    sql.batch_execute(&format!(
+        "REVOKE SELECT ON t FROM {r}; INSERT INTO t VALUES (1, 'x')"
+    ))
+    .await
+    .expect("revoke, then a change on t");
     row_arrives(&mut watch, "realtime:o", "t", 1).await;
     let (_second, status) = join_changes(&server, &r, "b", "realtime:b", insert_on("t")).await;
     assert!(
         started.elapsed() < CATALOG_TTL,
         "the test took longer than CATALOG_TTL: it proves nothing about invalidation"
     );
-    assert_eq!(status.0, "error", "a join after REVOKE + change was allowed: {status:?}");
+    assert_eq!(
+        status.0, "error",
+        "a join after REVOKE + change was allowed: {status:?}"
+    );
     assert!(
         status.1.contains("permission denied for table t"),
         "{status:?}"
@@ -242,18 +248,19 @@ async fn an_added_column_is_seen_by_the_next_join_after_the_tables_relation_mess
     let (db, sql) = database().await;
     let server = serve(&db, "jcolumn").await;
     let observer = tables_and_observer(&db, &sql).await;
-    let (mut watch, status) = join_changes(&server, &observer, "o", "realtime:o", insert_on("t")).await;
+    let (mut watch, status) =
+        join_changes(&server, &observer, "o", "realtime:o", insert_on("t")).await;
     assert_eq!(status.0, "ok", "{status:?}");
     let started = std::time::Instant::now();
-    let select = |col: &str| json!([{"event": "INSERT", "schema": "public", "table": "t", "select": [col]}]);
-    let (_first, status) = join_changes(&server, &observer, "a", "realtime:a", select("body")).await;
+    let select =
+        |col: &str| json!([{"event": "INSERT", "schema": "public", "table": "t", "select": [col]}]);
+    let (_first, status) =
+        join_changes(&server, &observer, "a", "realtime:a", select("body")).await;
     assert_eq!(status.0, "ok", "{status:?}");
 
-    sql.batch_execute(
-        "ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (1, 'x', 'y')",
-    )
-    .await
-    .expect("add a column, then a change on t");
+    sql.batch_execute("ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (1, 'x', 'y')")
+        .await
+        .expect("add a column, then a change on t");
     let row = row_arrives(&mut watch, "realtime:o", "t", 1).await;
     assert_eq!(row["extra"], "y", "{row}");
     let (mut second, status) =
@@ -262,7 +269,10 @@ async fn an_added_column_is_seen_by_the_next_join_after_the_tables_relation_mess
         started.elapsed() < CATALOG_TTL,
         "the test took longer than CATALOG_TTL: it proves nothing about invalidation"
     );
-    assert_eq!(status.0, "ok", "the new column was not known to the join: {status:?}");
+    assert_eq!(
+        status.0, "ok",
+        "the new column was not known to the join: {status:?}"
+    );
     sql.batch_execute("INSERT INTO t VALUES (2, 'x2', 'y2')")
         .await
         .expect("insert");
@@ -331,10 +341,20 @@ async fn concurrent_joins_share_catalog_queries_and_get_their_own_answers() {
         let t = tok(role, &format!("user{i}"));
         clients.push((server.connect(&t).await, t));
     }
-    let misses_before = metric(&server, "walcast_catalog_cache_lookups_total", &["outcome=\"miss\"", "kind=\"table_access\""]).await;
+    let misses_before = metric(
+        &server,
+        "walcast_catalog_cache_lookups_total",
+        &["outcome=\"miss\"", "kind=\"table_access\""],
+    )
+    .await;
     // Every join is on the wire before any answer is read.
     for (i, (c, t)) in clients.iter_mut().enumerate() {
-        send_join(c, &format!("realtime:c{i}"), payload(t, false, insert_on("t"))).await;
+        send_join(
+            c,
+            &format!("realtime:c{i}"),
+            payload(t, false, insert_on("t")),
+        )
+        .await;
     }
     for (i, (c, _)) in clients.iter_mut().enumerate() {
         let topic = format!("realtime:c{i}");
@@ -345,7 +365,10 @@ async fn concurrent_joins_share_catalog_queries_and_get_their_own_answers() {
             assert_eq!(status.0, "ok", "{topic} (may read t): {status:?}");
         } else {
             assert_eq!(status.0, "error", "{topic} (may not read t): {status:?}");
-            assert!(status.1.contains("permission denied for table t"), "{status:?}");
+            assert!(
+                status.1.contains("permission denied for table t"),
+                "{status:?}"
+            );
         }
     }
     let lookups = |kind: &'static str, outcome: &'static str| {
@@ -354,7 +377,10 @@ async fn concurrent_joins_share_catalog_queries_and_get_their_own_answers() {
             metric(
                 server,
                 "walcast_catalog_cache_lookups_total",
-                &[&format!("kind=\"{kind}\""), &format!("outcome=\"{outcome}\"")],
+                &[
+                    &format!("kind=\"{kind}\""),
+                    &format!("outcome=\"{outcome}\""),
+                ],
             )
             .await
         }
@@ -433,7 +459,10 @@ async fn a_policy_change_applies_to_the_next_private_join() {
     .await
     .expect("create policy");
     let reply = private_join(&server, &member, "u1", "room-u2").await;
-    assert_eq!(reply["status"], "ok", "refused after CREATE POLICY: {reply}");
+    assert_eq!(
+        reply["status"], "ok",
+        "refused after CREATE POLICY: {reply}"
+    );
 }
 
 /// Eighty private joins at once under two roles, each token allowed or denied by its own
@@ -521,7 +550,12 @@ async fn a_policy_function_cannot_leak_settings_into_the_next_check() {
     }
     let room = |i: usize| if i % 2 == 0 { "evil" } else { "innocent" };
     for (i, (c, t)) in clients.iter_mut().enumerate() {
-        send_join(c, &format!("realtime:{}", room(i)), payload(t, true, json!([]))).await;
+        send_join(
+            c,
+            &format!("realtime:{}", room(i)),
+            payload(t, true, json!([])),
+        )
+        .await;
     }
     for (i, (c, _)) in clients.iter_mut().enumerate() {
         let reply = join_reply(c, &format!("realtime:{}", room(i))).await;

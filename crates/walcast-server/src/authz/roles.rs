@@ -95,9 +95,11 @@ impl TokenRoles {
         let name = role.to_string();
         Ok(self
             .cache
-            .get(&name.clone(), |_| true, move || async move {
-                read_role(&sql, &name).await
-            })
+            .get(
+                &name.clone(),
+                |_| true,
+                move || async move { read_role(&sql, &name).await },
+            )
             .await?)
     }
 

@@ -128,11 +128,10 @@ where
                         }
                     }
                     let fut = load();
-                    let load: Load<V> = async move {
-                        fut.await.map_err(|e| LoadError::new(format!("{e:#}")))
-                    }
-                    .boxed()
-                    .shared();
+                    let load: Load<V> =
+                        async move { fut.await.map_err(|e| LoadError::new(format!("{e:#}"))) }
+                            .boxed()
+                            .shared();
                     entries.insert(
                         key.clone(),
                         Slot {
@@ -307,12 +306,25 @@ mod tests {
 
         let failing = || async { anyhow::bail!("no connection") };
         assert!(cache.get(&2, |_| true, failing).await.is_err());
-        assert_eq!(cache.get(&2, |_| true, counting(&calls, 3)).await.unwrap(), 3);
+        assert_eq!(
+            cache.get(&2, |_| true, counting(&calls, 3)).await.unwrap(),
+            3
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
 
-        cache.get(&3, |v| *v != 0, counting(&calls, 0)).await.unwrap();
-        cache.get(&3, |v| *v != 0, counting(&calls, 0)).await.unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 5, "rejected answers are not reused");
+        cache
+            .get(&3, |v| *v != 0, counting(&calls, 0))
+            .await
+            .unwrap();
+        cache
+            .get(&3, |v| *v != 0, counting(&calls, 0))
+            .await
+            .unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "rejected answers are not reused"
+        );
     }
 
     #[tokio::test]
@@ -326,7 +338,11 @@ mod tests {
         assert!(futures_util::poll!(pending.as_mut()).is_pending());
         cache.retain(|_, v| v.is_some());
         assert_eq!(cache.len(), 1);
-        assert_eq!(pending.await.unwrap(), 2, "a forgotten load still answers its waiters");
+        assert_eq!(
+            pending.await.unwrap(),
+            2,
+            "a forgotten load still answers its waiters"
+        );
         assert_eq!(cache.peek(&2), None);
     }
 }
