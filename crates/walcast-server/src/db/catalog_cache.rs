@@ -14,8 +14,9 @@
 //!
 //! Invariants:
 //! - Single flight: concurrent callers needing the same key share one query (a
-//!   [`futures_util::future::Shared`] future). It runs on the shared [`SqlPool`], which
-//!   pipelines, so one cancelled caller never cancels it for the others while any remains.
+//!   [`futures_util::future::Shared`] future over a task of its own on the shared
+//!   [`SqlPool`]): callers that go away (a socket closing mid-join) never cancel it for the
+//!   others, nor leave it half-run.
 //! - Age bound: an entry is reused only while less than [`CATALOG_TTL`] has passed since its
 //!   query *started*, so what a join acts on reflects the catalog as it was at most
 //!   `CATALOG_TTL` ago. A REVOKE, an ALTER TABLE or a dropped table is seen by every join
@@ -127,11 +128,18 @@ where
                             entries.clear();
                         }
                     }
-                    let fut = load();
-                    let load: Load<V> =
-                        async move { fut.await.map_err(|e| LoadError::new(format!("{e:#}"))) }
-                            .boxed()
-                            .shared();
+                    // Run by a task of its own: the query finishes even when every caller
+                    // waiting for it went away (a paused future could hold a pooled
+                    // connection's lock until some later caller polled it again).
+                    let task = tokio::spawn(load());
+                    let load: Load<V> = async move {
+                        match task.await {
+                            Ok(answer) => answer.map_err(|e| LoadError::new(format!("{e:#}"))),
+                            Err(e) => Err(LoadError::new(format!("catalog look-up task: {e}"))),
+                        }
+                    }
+                    .boxed()
+                    .shared();
                     entries.insert(
                         key.clone(),
                         Slot {
