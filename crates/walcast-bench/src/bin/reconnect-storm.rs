@@ -341,11 +341,10 @@ async fn run(mut o: Opts) -> Result<()> {
     let ms = |us: u64| us as f64 / 1000.0;
     println!("reconnect-storm: {}", harness::command_line());
     println!(
-        "  {} sockets, {} users, {} channels{}; {}; load before {load_start}",
+        "  {} sockets, {} users, {} channels, one INSERT binding each; {}; load before {load_start}",
         o.sockets,
         o.users,
         if o.private { "private" } else { "public" },
-        ", one INSERT binding each",
         o.harness.pinning()
     );
     println!(
