@@ -88,7 +88,13 @@ fn token(sub: &str) -> Result<String> {
     )?)
 }
 
-fn join_frame(topic: &str, token: &str, private: bool) -> String {
+/// A join; `changes`: with the one INSERT binding on `public.bench`.
+fn join_frame(topic: &str, token: &str, private: bool, changes: bool) -> String {
+    let bindings = if changes {
+        serde_json::json!([{"event": "INSERT", "schema": "public", "table": "bench"}])
+    } else {
+        serde_json::json!([])
+    };
     serde_json::json!([
         "1",
         "1",
@@ -98,7 +104,7 @@ fn join_frame(topic: &str, token: &str, private: bool) -> String {
             "config": {
                 "broadcast": {"self": false, "ack": false},
                 "presence": {"key": "", "enabled": false},
-                "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "bench"}],
+                "postgres_changes": bindings,
                 "private": private
             },
             "access_token": token
@@ -175,12 +181,18 @@ async fn run(mut o: Opts) -> Result<()> {
         .map(|u| token(&format!("user-{u}")))
         .collect::<Result<_>>()?;
 
-    // The bystander: its own channel, joined before anything else.
+    // The bystander: a plain channel of its own (no postgres_changes, so the storm meets a
+    // cold table cache, as after a deploy), joined before anything else.
     let path = |t: &str| format!("/socket/websocket?apikey={t}&vsn=2.0.0");
     let bystander_token = token("bystander")?;
     let mut bystander = RawWs::connect(addr, None, &path(&bystander_token), 4096).await?;
     bystander
-        .send_text(&join_frame("realtime:bystander", &bystander_token, false))
+        .send_text(&join_frame(
+            "realtime:bystander",
+            &bystander_token,
+            false,
+            false,
+        ))
         .await?;
     until(&mut bystander, join_status)
         .await?
@@ -222,7 +234,7 @@ async fn run(mut o: Opts) -> Result<()> {
                     return;
                 }
             };
-            let frame = join_frame(&format!("realtime:storm-{i}"), &t, private);
+            let frame = join_frame(&format!("realtime:storm-{i}"), &t, private, true);
             let Ok(released) = go
                 .wait_for(Option::is_some)
                 .await
