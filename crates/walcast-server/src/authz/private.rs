@@ -4,12 +4,12 @@
 //! ```text
 //!  join (and each new access_token) ─▶ read_perms ─▶ ReadBatcher ─▶ ChannelPerms, cached on the channel
 //!    BEGIN                                          (one transaction for ≤ READ_BATCH_MAX checks)
+//!      INSERT every check's probe rows (topic, 'broadcast' [, 'presence'])  ← as walcast's own user
 //!      per check: SAVEPOINT
-//!        set_config: realtime.topic, request.jwt.claims, request.jwt.claim.sub / .role (LOCAL)
-//!        INSERT probe rows (topic, 'broadcast' [, 'presence'])   ← as walcast's own user
-//!        SET LOCAL ROLE "<role>"
-//!        SELECT id FROM realtime.messages WHERE id IN (probes)   ← the SELECT policies decide
-//!      ROLLBACK TO SAVEPOINT                                      ← settings, role, probes gone
+//!        set_config: realtime.topic, request.jwt.claims, request.jwt.claim.sub / .role,
+//!                    role (all LOCAL: the check runs as the token's role)
+//!        SELECT id FROM realtime.messages WHERE id IN (its probes) ← the SELECT policies decide
+//!      ROLLBACK TO SAVEPOINT                                      ← settings, role gone
 //!    ROLLBACK                                                     ← probes never persist
 //!  first broadcast / track ─▶ can_write: same session setup, then as the role
 //!      INSERT (topic, extension) ─▶ ok = allowed, insufficient_privilege = denied; ROLLBACK
@@ -288,14 +288,18 @@ async fn gather(
     }
 }
 
+/// The check's settings and its role (`set_config('role', …, true)` is `SET LOCAL ROLE` with
+/// the name as a bound parameter), all undone by the savepoint's rollback.
 const SET_SETTINGS_SQL: &str = "SELECT pg_catalog.set_config('realtime.topic', $1, true), \
      pg_catalog.set_config('request.jwt.claims', $2, true), \
      pg_catalog.set_config('request.jwt.claim.sub', $3, true), \
-     pg_catalog.set_config('request.jwt.claim.role', $4, true)";
+     pg_catalog.set_config('request.jwt.claim.role', $4, true), \
+     pg_catalog.set_config('role', $4, true)";
 
 const INSERT_PROBES_SQL: &str = "INSERT INTO realtime.messages (id, topic, extension, event, payload, private) \
-     SELECT p.id::uuid, $2, p.ext, 'walcast_probe', '{}'::jsonb, true \
-     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) AS p(id, ext)";
+     SELECT p.id::uuid, p.topic, p.ext, 'walcast_probe', '{}'::jsonb, true \
+     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.text[]), \
+     pg_catalog.unnest($3::pg_catalog.text[])) AS p(id, topic, ext)";
 
 const SELECT_PROBES_SQL: &str = "SELECT id::pg_catalog.text FROM realtime.messages \
      WHERE id = ANY ($1::pg_catalog.text[]::uuid[])";
@@ -308,18 +312,20 @@ const BYPASS_SQL: &str = "SELECT rolname::pg_catalog.text FROM pg_catalog.pg_rol
 /// ```text
 ///  BEGIN; SET LOCAL statement_timeout
 ///  roles among them with BYPASSRLS or SUPERUSER        (they pass without probing)
-///  per check: SAVEPOINT
-///             set_config(realtime.topic, request.jwt.claims, .claim.sub, .claim.role, LOCAL)
-///             INSERT its probe rows                     (as walcast's own user)
-///             SET LOCAL ROLE "<role>"
+///  INSERT every check's probe rows                      (as walcast's own user)
+///  SAVEPOINT
+///  per check: set_config(realtime.topic, request.jwt.claims, .claim.sub, .claim.role,
+///                        role: all LOCAL)
 ///             SELECT its probes                         (the SELECT policies decide)
-///             ROLLBACK TO SAVEPOINT; RELEASE            (settings, role, probes: all gone)
-///  ROLLBACK
+///             ROLLBACK TO SAVEPOINT; RELEASE; SAVEPOINT (settings, role, what policies did: gone)
+///  ROLLBACK                                             (probes never persist)
 /// ```
 ///
-/// The savepoint isolates the checks exactly as separate transactions did: whatever a
-/// policy function leaves behind (a `set_config`, local or not, a changed role, rows) is
-/// undone before the next check, and a check whose policy raises fails alone. Results are in
+/// Three statements per check. The savepoint isolates the checks exactly as separate
+/// transactions did: whatever a policy function leaves behind (a `set_config`, local or not,
+/// a changed role, rows) is undone before the next check, and a check whose policy raises
+/// fails alone. A check only asks for its own probe rows (random ids), so the others' rows
+/// in the table change nothing. Results are in
 /// the order of `checks`.
 pub async fn read_batch(
     pool: &ExclusivePool,
@@ -335,27 +341,29 @@ pub async fn read_batch(
     struct Probes {
         sub: String,
         ids: Vec<String>,
-        exts: Vec<&'static str>,
-        set_role: String,
     }
     let probes: Vec<Probes> = checks
         .iter()
-        .map(|c| {
-            let mut exts = vec![Extension::Broadcast.as_str()];
-            if c.presence {
-                exts.push(Extension::Presence.as_str());
-            }
-            Probes {
-                sub: claim_str(&c.identity.claims, "sub"),
-                ids: exts
-                    .iter()
-                    .map(|_| uuid::Uuid::new_v4().to_string())
-                    .collect(),
-                exts,
-                set_role: format!("SET LOCAL ROLE {}", quote_ident(&c.identity.role)),
-            }
+        .map(|c| Probes {
+            sub: claim_str(&c.identity.claims, "sub"),
+            ids: (0..if c.presence { 2 } else { 1 })
+                .map(|_| uuid::Uuid::new_v4().to_string())
+                .collect(),
         })
         .collect();
+    // Every probe row of the batch, inserted at once as walcast's own user.
+    let (mut all_ids, mut all_topics, mut all_exts) = (Vec::new(), Vec::new(), Vec::new());
+    for (c, p) in checks.iter().zip(&probes) {
+        for (k, id) in p.ids.iter().enumerate() {
+            all_ids.push(id.as_str());
+            all_topics.push(c.sub_topic.as_str());
+            all_exts.push(if k == 0 {
+                Extension::Broadcast.as_str()
+            } else {
+                Extension::Presence.as_str()
+            });
+        }
+    }
     let mut roles: Vec<&str> = checks.iter().map(|c| &*c.identity.role).collect();
     roles.sort_unstable();
     roles.dedup();
@@ -366,52 +374,61 @@ pub async fn read_batch(
     let begin = client.batch_execute(&setup);
     let bypass_params: [(&(dyn ToSql + Sync), Type); 1] = [(&roles, Type::TEXT_ARRAY)];
     let bypass = client.query_typed(BYPASS_SQL, &bypass_params);
+    let insert_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&all_ids, Type::TEXT_ARRAY),
+        (&all_topics, Type::TEXT_ARRAY),
+        (&all_exts, Type::TEXT_ARRAY),
+    ];
+    let insert = client.query_typed(INSERT_PROBES_SQL, &insert_params);
+    let first_savepoint = client.batch_execute("SAVEPOINT walcast_read");
+    let last = checks.len().saturating_sub(1);
     // Pipelined: every statement is sent (in order) before any reply is awaited; join!
     // polls each check's statements in order, and join_all polls the checks in order.
-    let per_check = checks.iter().zip(&probes).map(|(c, p)| async move {
-        let topic: &str = &c.sub_topic;
-        let claims: &str = &c.identity.claims;
-        let sub: &str = &p.sub;
-        let role: &str = &c.identity.role;
-        let settings: [(&(dyn ToSql + Sync), Type); 4] = [
-            (&topic, Type::TEXT),
-            (&claims, Type::TEXT),
-            (&sub, Type::TEXT),
-            (&role, Type::TEXT),
-        ];
-        let insert: [(&(dyn ToSql + Sync), Type); 3] = [
-            (&p.ids, Type::TEXT_ARRAY),
-            (&topic, Type::TEXT),
-            (&p.exts, Type::TEXT_ARRAY),
-        ];
-        let select: [(&(dyn ToSql + Sync), Type); 1] = [(&p.ids, Type::TEXT_ARRAY)];
-        let (savepoint, set, inserted, as_role, rows, restore) = tokio::join!(
-            client.batch_execute("SAVEPOINT walcast_read"),
-            client.query_typed(SET_SETTINGS_SQL, &settings),
-            client.query_typed(INSERT_PROBES_SQL, &insert),
-            client.batch_execute(&p.set_role),
-            client.query_typed(SELECT_PROBES_SQL, &select),
-            client.batch_execute(
+    let per_check = checks
+        .iter()
+        .zip(&probes)
+        .enumerate()
+        .map(|(i, (c, p))| async move {
+            let topic: &str = &c.sub_topic;
+            let claims: &str = &c.identity.claims;
+            let sub: &str = &p.sub;
+            let role: &str = &c.identity.role;
+            let settings: [(&(dyn ToSql + Sync), Type); 4] = [
+                (&topic, Type::TEXT),
+                (&claims, Type::TEXT),
+                (&sub, Type::TEXT),
+                (&role, Type::TEXT),
+            ];
+            let select: [(&(dyn ToSql + Sync), Type); 1] = [(&p.ids, Type::TEXT_ARRAY)];
+            // Back to the state before this check, and a fresh savepoint for the next one.
+            let restore = if i == last {
                 "ROLLBACK TO SAVEPOINT walcast_read; RELEASE SAVEPOINT walcast_read"
-            ),
-        );
-        let setup = savepoint
-            .and(set.map(drop))
-            .and(inserted.map(drop))
-            .and(as_role)
-            .and(restore);
-        // The probe's own error says most about the policy; a failing step before it
-        // (which makes the probe fail with 25P02) comes next.
-        match (rows, setup) {
-            (Ok(rows), Ok(())) => Ok(rows),
-            (Err(e), _) if e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => Err(pg_err(e)),
-            (_, Err(e)) | (Err(e), Ok(())) => Err(pg_err(e)),
-        }
-    });
+            } else {
+                "ROLLBACK TO SAVEPOINT walcast_read; RELEASE SAVEPOINT walcast_read; \
+                 SAVEPOINT walcast_read"
+            };
+            let (set, rows, restored) = tokio::join!(
+                client.query_typed(SET_SETTINGS_SQL, &settings),
+                client.query_typed(SELECT_PROBES_SQL, &select),
+                client.batch_execute(restore),
+            );
+            let setup = set.map(drop).and(restored);
+            // The probe's own error says most about the policy; a failing step before it
+            // (which makes the probe fail with 25P02) comes next.
+            match (rows, setup) {
+                (Ok(rows), Ok(())) => Ok(rows),
+                (Err(e), _) if e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                    Err(pg_err(e))
+                }
+                (_, Err(e)) | (Err(e), Ok(())) => Err(pg_err(e)),
+            }
+        });
     let end = client.batch_execute("ROLLBACK");
-    let (b, bypass, results, e) = tokio::join!(
+    let (b, bypass, inserted, savepoint, results, e) = tokio::join!(
         begin,
         bypass,
+        insert,
+        first_savepoint,
         futures_util::future::join_all(per_check),
         end
     );
@@ -429,6 +446,9 @@ pub async fn read_batch(
         Ok(rows) => rows.iter().filter_map(|r| r.try_get(0).ok()).collect(),
         Err(err) => return all_fail(pg_err(err)),
     };
+    if let Err(err) = inserted.map(drop).and(savepoint) {
+        return all_fail(pg_err(err));
+    }
     checks
         .iter()
         .zip(probes)
@@ -443,17 +463,16 @@ pub async fn read_batch(
                 });
             }
             let rows = result?;
-            let visible = |ext: Extension| {
-                p.ids.iter().zip(&p.exts).any(|(id, e)| {
-                    *e == ext.as_str()
-                        && rows
-                            .iter()
-                            .any(|r| r.try_get::<_, String>(0).is_ok_and(|v| &v == id))
+            // Probe 0 is the broadcast row, probe 1 (when presence is probed) the presence row.
+            let visible = |k: usize| {
+                p.ids.get(k).is_some_and(|id| {
+                    rows.iter()
+                        .any(|r| r.try_get::<_, String>(0).is_ok_and(|v| &v == id))
                 })
             };
             Ok(ChannelPerms {
-                broadcast_read: visible(Extension::Broadcast),
-                presence_read: c.presence.then(|| visible(Extension::Presence)),
+                broadcast_read: visible(0),
+                presence_read: c.presence.then(|| visible(1)),
                 broadcast_write: None,
                 presence_write: None,
             })
