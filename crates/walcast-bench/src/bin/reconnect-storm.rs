@@ -182,21 +182,70 @@ async fn run(mut o: Opts) -> Result<()> {
         .collect::<Result<_>>()?;
 
     // The bystander: a plain channel of its own (no postgres_changes, so the storm meets a
-    // cold table cache, as after a deploy), joined before anything else.
+    // cold table cache, as after a deploy), joined before anything else. It lives on a
+    // thread and runtime of its own: behind the 10,000 storm sockets in this process's run
+    // queue, its round trips would measure the load generator, not the server.
     let path = |t: &str| format!("/socket/websocket?apikey={t}&vsn=2.0.0");
     let bystander_token = token("bystander")?;
-    let mut bystander = RawWs::connect(addr, None, &path(&bystander_token), 4096).await?;
-    bystander
-        .send_text(&join_frame(
-            "realtime:bystander",
-            &bystander_token,
-            false,
-            false,
-        ))
-        .await?;
-    until(&mut bystander, join_status)
-        .await?
-        .map_err(|e| anyhow::anyhow!("the bystander's join was refused: {e}"))?;
+    let bystander_path = path(&bystander_token);
+    let (beat_ready_tx, beat_ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    let (beat_go_tx, beat_go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (beat_stop_tx, beat_stop_rx) = watch::channel(false);
+    let interval = Duration::from_millis(o.heartbeat_ms.max(1));
+    let beats = std::thread::spawn(move || -> Result<Histogram<u64>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let joined = async {
+                let mut ws = RawWs::connect(addr, None, &bystander_path, 4096).await?;
+                ws.send_text(&join_frame(
+                    "realtime:bystander",
+                    &bystander_token,
+                    false,
+                    false,
+                ))
+                .await?;
+                until(&mut ws, join_status)
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("the bystander's join was refused: {e}"))?;
+                anyhow::Ok(ws)
+            };
+            let mut bystander = match joined.await {
+                Ok(ws) => {
+                    let _ = beat_ready_tx.send(Ok(()));
+                    ws
+                }
+                Err(e) => {
+                    let _ = beat_ready_tx.send(Err(anyhow::anyhow!("{e:#}")));
+                    return Err(e);
+                }
+            };
+            let _ = beat_go_rx.await;
+            let mut rtt = Histogram::<u64>::new(3)?;
+            let mut r = 0u64;
+            let mut next = tokio::time::Instant::now();
+            while !*beat_stop_rx.borrow() {
+                r += 1;
+                let want = format!("\"hb{r}\"");
+                let sent = Instant::now();
+                bystander
+                    .send_text(&format!(r#"[null,"hb{r}","phoenix","heartbeat",{{}}]"#))
+                    .await?;
+                until(&mut bystander, |f| {
+                    memchr::memmem::find(f, want.as_bytes()).map(|_| ())
+                })
+                .await?;
+                rtt.record(sent.elapsed().as_micros().max(1) as u64)?;
+                next += interval;
+                tokio::time::sleep_until(next.max(tokio::time::Instant::now())).await;
+            }
+            anyhow::Ok(rtt)
+        })
+    });
+    beat_ready_rx
+        .await
+        .context("the bystander thread ended early")??;
 
     // Phase 1: every socket open, waiting for the signal.
     let (go_tx, go_rx) = watch::channel::<Option<Instant>>(None);
@@ -298,29 +347,7 @@ async fn run(mut o: Opts) -> Result<()> {
     ]);
     let released = Instant::now();
     go_tx.send(Some(released))?;
-    let (beat_stop_tx, beat_stop_rx) = watch::channel(false);
-    let interval = Duration::from_millis(o.heartbeat_ms.max(1));
-    let beats = tokio::spawn(async move {
-        let mut rtt = Histogram::<u64>::new(3)?;
-        let mut r = 0u64;
-        let mut next = tokio::time::Instant::now();
-        while !*beat_stop_rx.borrow() {
-            r += 1;
-            let want = format!("\"hb{r}\"");
-            let sent = Instant::now();
-            bystander
-                .send_text(&format!(r#"[null,"hb{r}","phoenix","heartbeat",{{}}]"#))
-                .await?;
-            until(&mut bystander, |f| {
-                memchr::memmem::find(f, want.as_bytes()).map(|_| ())
-            })
-            .await?;
-            rtt.record(sent.elapsed().as_micros().max(1) as u64)?;
-            next += interval;
-            tokio::time::sleep_until(next.max(tokio::time::Instant::now())).await;
-        }
-        anyhow::Ok(rtt)
-    });
+    let _ = beat_go_tx.send(());
     let deadline = released + Duration::from_secs(o.timeout_secs);
     loop {
         let answered = live_at.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -341,7 +368,9 @@ async fn run(mut o: Opts) -> Result<()> {
     let storm = released.elapsed();
     let cpu = cpu.finish();
     beat_stop_tx.send(true)?;
-    let rtt = beats.await??;
+    let rtt = beats
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bystander thread panicked"))??;
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
