@@ -520,3 +520,46 @@ pub fn pending_evicted() {
 pub fn authz_check_seconds(seconds: f64) {
     histogram!(AUTHZ_CHECK_SECONDS).record(seconds);
 }
+
+// Joins: the catalog cache and batched private-channel read checks (db::catalog_cache,
+// authz::private). Kept in one block so other branches' additions merge cleanly.
+
+pub const CATALOG_CACHE: &str = "walcast_catalog_cache_lookups_total";
+pub const PRIVATE_READ_BATCHES: &str = "walcast_private_read_batches_total";
+pub const PRIVATE_READ_CHECKS: &str = "walcast_private_read_checks_total";
+/// `kind` label values of [`CATALOG_CACHE`].
+const CATALOG_KINDS: [&str; 3] = ["role", "table", "table_access"];
+
+/// Describe the join series and create them at 0 (`serve` calls it after [`describe`]).
+pub fn describe_joins() {
+    describe_counter!(
+        CATALOG_CACHE,
+        "Catalog look-ups made by joins, by kind and outcome (hit: answered from the cache or shared with a query in flight; miss: queried)"
+    );
+    describe_counter!(
+        PRIVATE_READ_BATCHES,
+        "Round trips that evaluated private-channel read checks"
+    );
+    describe_counter!(
+        PRIVATE_READ_CHECKS,
+        "Private-channel read checks evaluated (one per join or token refresh)"
+    );
+    for kind in CATALOG_KINDS {
+        for outcome in ["hit", "miss"] {
+            counter!(CATALOG_CACHE, "kind" => kind, "outcome" => outcome).absolute(0);
+        }
+    }
+    counter!(PRIVATE_READ_BATCHES).absolute(0);
+    counter!(PRIVATE_READ_CHECKS).absolute(0);
+}
+
+/// `kind`: one of [`CATALOG_KINDS`]; `outcome`: "hit" or "miss".
+pub fn catalog_cache(kind: &'static str, outcome: &'static str) {
+    counter!(CATALOG_CACHE, "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// One private read batch of `checks` checks.
+pub fn private_read_batch(checks: usize) {
+    counter!(PRIVATE_READ_BATCHES).increment(1);
+    counter!(PRIVATE_READ_CHECKS).increment(checks as u64);
+}

@@ -90,6 +90,10 @@ pub struct AppState {
     pub sessions: Arc<crate::realtime::resume::Sessions>,
     /// Change feeds (SSE, long-poll): the history they resume from.
     pub feeds: Arc<crate::feed::Feeds>,
+    /// What joins read from the catalog (the pump invalidates it on Relation messages).
+    pub catalog: Arc<crate::db::catalog_cache::CatalogCache>,
+    /// Private-channel read checks, batched into shared round trips.
+    pub private_reads: crate::authz::private::ReadBatcher,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -107,6 +111,11 @@ impl AppState {
         token_roles: TokenRoles,
     ) -> AppState {
         let authz = Arc::new(ExclusivePool::new(sql.config().clone(), "walcast authz", 4));
+        let catalog = Arc::new(crate::db::catalog_cache::CatalogCache::new(
+            sql.clone(),
+            &publication,
+        ));
+        let private_reads = crate::authz::private::ReadBatcher::new(authz.clone());
         let now = std::time::Instant::now();
         AppState {
             join_limits: Limited::new(
@@ -125,6 +134,8 @@ impl AppState {
             )),
             authz,
             feeds: Arc::default(),
+            catalog,
+            private_reads,
             jwt,
             hub,
             sql,

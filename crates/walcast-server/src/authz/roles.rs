@@ -7,20 +7,21 @@
 //! `--allowed-token-roles`. `BYPASSRLS` roles (Supabase's `service_role`) are the documented
 //! way to read past row-level security and stay allowed.
 //!
-//! Role attributes are cached for [`ROLE_TTL`]: `ALTER ROLE … SUPERUSER` takes effect within
-//! that time.
+//! Role attributes are cached for [`ROLE_TTL`] (the catalog cache's bound,
+//! [`crate::db::catalog_cache::CATALOG_TTL`]): `ALTER ROLE … SUPERUSER` or `DROP ROLE` takes
+//! effect within that time. The look-up is single-flight: a reconnect storm of thousands of
+//! sockets with the same role reads `pg_roles` once. Past
+//! [`crate::db::catalog_cache::MAX_ENTRIES`] roles the cache starts over (roles come from
+//! verified tokens, so that only bounds what a misconfigured issuer could cost).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::db::catalog_cache::{SingleFlight, CATALOG_TTL};
 use crate::db::sql::SqlPool;
 
 /// Longest role attributes are reused before they are read again.
-pub const ROLE_TTL: Duration = Duration::from_secs(10);
-/// Most roles cached; past it the cache starts over (roles come from verified tokens, so
-/// this only bounds what a misconfigured issuer could cost).
-const MAX_CACHED: usize = 10_000;
+pub const ROLE_TTL: Duration = CATALOG_TTL;
 
 /// What makes a role privileged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +57,50 @@ struct RoleInfo {
 }
 
 /// The operator's allow-list and the cached role attributes.
-#[derive(Debug, Default)]
 pub struct TokenRoles {
     allowed: Vec<String>,
-    cache: Mutex<HashMap<String, (RoleInfo, Instant)>>,
+    cache: SingleFlight<String, RoleInfo>,
+}
+
+impl Default for TokenRoles {
+    fn default() -> Self {
+        TokenRoles::new(Vec::new())
+    }
+}
+
+impl std::fmt::Debug for TokenRoles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRoles")
+            .field("allowed", &self.allowed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenRoles {
     pub fn new(allowed: Vec<String>) -> TokenRoles {
         TokenRoles {
             allowed,
-            cache: Mutex::default(),
+            cache: SingleFlight::new("role", ROLE_TTL),
         }
+    }
+
+    /// Whether a role of that name exists (token roles must be real roles), from the same
+    /// cached, single-flight read as [`TokenRoles::privilege`].
+    pub async fn exists(&self, sql: &Arc<SqlPool>, role: &str) -> anyhow::Result<bool> {
+        Ok(self.info(sql, role).await?.exists)
+    }
+
+    async fn info(&self, sql: &Arc<SqlPool>, role: &str) -> anyhow::Result<RoleInfo> {
+        let sql = sql.clone();
+        let name = role.to_string();
+        Ok(self
+            .cache
+            .get(
+                &name.clone(),
+                |_| true,
+                move || async move { read_role(&sql, &name).await },
+            )
+            .await?)
     }
 
     fn allowed(&self, role: &str) -> bool {
@@ -81,25 +114,18 @@ impl TokenRoles {
 
     /// Why `role` may not be used by clients, if it may not. `Err` when its attributes could
     /// not be read (the caller decides: a check that needs the database fails anyway).
-    pub async fn privilege(&self, sql: &SqlPool, role: &str) -> anyhow::Result<Option<Privilege>> {
+    pub async fn privilege(
+        &self,
+        sql: &Arc<SqlPool>,
+        role: &str,
+    ) -> anyhow::Result<Option<Privilege>> {
         if self.allowed(role) {
             return Ok(None);
         }
         if let Some(p) = self.by_name(role) {
             return Ok(Some(p));
         }
-        let info = match self.cached(role) {
-            Some(info) => info,
-            None => {
-                let info = read_role(sql, role).await?;
-                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() >= MAX_CACHED {
-                    cache.clear();
-                }
-                cache.insert(role.to_owned(), (info, Instant::now()));
-                info
-            }
-        };
+        let info = self.info(sql, role).await?;
         Ok(if info.superuser {
             Some(Privilege::Superuser)
         } else if info.replication {
@@ -128,11 +154,7 @@ impl TokenRoles {
     }
 
     fn cached(&self, role: &str) -> Option<RoleInfo> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(role)
-            .filter(|(_, at)| at.elapsed() < ROLE_TTL)
-            .map(|(info, _)| *info)
+        self.cache.peek(&role.to_string())
     }
 }
 

@@ -56,6 +56,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     crate::metrics::describe();
+    crate::metrics::describe_joins();
     // The recorder keeps histogram samples until a scrape or an upkeep drains them: run the
     // upkeep on a timer, so a server nobody scrapes does not grow without bound.
     {
@@ -242,6 +243,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             .with_history(state.feeds.clone())
             .with_topics(state.topics.clone())
             .with_health(state.health.clone())
+            .with_catalog(state.catalog.clone())
             .with_rls_deletes(args.rls_deletes)
             .run(async move {
                 let _ = pump_shutdown.changed().await;

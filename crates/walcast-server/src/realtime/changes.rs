@@ -13,7 +13,7 @@ use walcast_core::subscription::{binding_id, Binding, EventFilter};
 use walcast_protocol::PostgresBinding;
 
 use crate::authz::rls::RlsDeletes;
-use crate::db::catalog::{find_table, role_exists, table_access, TableAccess, TableMeta};
+use crate::db::catalog::{TableAccess, TableMeta};
 use crate::state::AppState;
 
 /// The `postgres_changes` system error a channel gets while the replication stream is down
@@ -111,19 +111,12 @@ fn quote_ident(name: &str) -> String {
     }
 }
 
-/// Check every entry under `role`.
+/// Check every entry under `role`. The catalog is read through the join caches
+/// ([`crate::db::catalog_cache`], role attributes in [`crate::authz::roles`]): what a join
+/// sees is at most [`crate::db::catalog_cache::CATALOG_TTL`] old.
 pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBinding]) -> Checked {
     let mut out = Checked::default();
-    let client = match state.sql.get().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = ?e.to_string(), "catalog connection failed during a join");
-            out.errors
-                .push("Realtime was unable to connect to the project database".to_string());
-            return out;
-        }
-    };
-    match role_exists(&client, role).await {
+    match state.token_roles.exists(&state.sql, role).await {
         Ok(true) => {}
         Ok(false) => {
             out.errors.push(unable(
@@ -133,12 +126,14 @@ pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBin
             return out;
         }
         Err(e) => {
-            out.errors.push(unable(&entries[0], e));
+            tracing::warn!(error = ?format!("{e:#}"), "catalog look-up failed during a join");
+            out.errors
+                .push("Realtime was unable to connect to the project database".to_string());
             return out;
         }
     }
     for entry in entries {
-        match check_entry(state, &client, role, entry).await {
+        match check_entry(state, role, entry).await {
             Ok((b, notice)) => {
                 out.bindings.push(b);
                 out.notices.extend(notice);
@@ -151,7 +146,6 @@ pub async fn build_bindings(state: &AppState, role: &str, entries: &[PostgresBin
 
 async fn check_entry(
     state: &AppState,
-    client: &tokio_postgres::Client,
     role: &str,
     entry: &PostgresBinding,
 ) -> Result<(Binding, Option<String>), String> {
@@ -200,7 +194,9 @@ async fn check_entry(
             None,
         ));
     }
-    let meta = find_table(client, &state.publication, schema, table)
+    let meta = state
+        .catalog
+        .table(schema, table)
         .await
         .map_err(|e| unable(entry, e))?;
     let Some(meta) = meta.filter(|m| m.published) else {
@@ -209,7 +205,9 @@ async fn check_entry(
                 describe(entry)
             ));
     };
-    let access = table_access(client, role, meta.oid)
+    let access = state
+        .catalog
+        .access(role, meta.oid)
         .await
         .map_err(|e| unable(entry, e))?;
     if !access.select {

@@ -94,6 +94,9 @@ pub struct Pump {
     gathering_since: Option<Instant>,
     /// The stream ran at least once (a loss is then "lost", not "starting").
     streamed: bool,
+    /// What joins cached from the catalog: forgotten with the policies (Relation messages,
+    /// new connections).
+    catalog: Option<Arc<crate::db::catalog_cache::CatalogCache>>,
     /// DELETEs that policies cannot judge (`--rls-deletes`).
     rls_deletes: crate::authz::rls::RlsDeletes,
     /// How far the stream has been read outside transactions: the end of the last commit,
@@ -120,6 +123,7 @@ impl Pump {
             sql,
             authz,
             policies: Arc::default(),
+            catalog: None,
             rls_deletes: Default::default(),
             scratch: DispatchScratch::default(),
             topics: None,
@@ -150,6 +154,12 @@ impl Pump {
     /// What DELETEs the policies cannot judge become.
     pub fn with_rls_deletes(mut self, deletes: crate::authz::rls::RlsDeletes) -> Pump {
         self.rls_deletes = deletes;
+        self
+    }
+
+    /// Invalidate the joins' catalog cache where the policy cache is invalidated.
+    pub fn with_catalog(mut self, catalog: Arc<crate::db::catalog_cache::CatalogCache>) -> Pump {
+        self.catalog = Some(catalog);
         self
     }
 
@@ -322,6 +332,9 @@ impl Pump {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        if let Some(catalog) = &self.catalog {
+            catalog.clear();
+        }
     }
 
     async fn handle(&mut self, decoded: Decoded) {
@@ -337,6 +350,11 @@ impl Pump {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .forget_table(table.relation_id);
+                // The same point tells joins: DDL, GRANT/REVOKE and policy changes on the
+                // table all send its Relation message again (see db::catalog_cache).
+                if let Some(catalog) = &self.catalog {
+                    catalog.forget_table(table.relation_id);
+                }
                 if !unresolved_types.is_empty() {
                     self.resolve(&unresolved_types).await;
                 }
