@@ -390,13 +390,21 @@ impl Pump {
         // with nothing waiting in its lane.
         let identities = routed.identities().to_vec();
         let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
+        // Grouped once per change: per identity it would be identities × routes (with one
+        // user per identity, users² per row).
+        let by_identity = if self.lanes.anyone_waiting() {
+            routed.subscribers_by_identity()
+        } else {
+            Vec::new()
+        };
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
             for (k, identity) in identities.iter().enumerate() {
                 let key = lane_key(identity);
                 let queued = self.lanes.busy(key)
-                    || (!self.lanes.is_empty()
-                        && self.lanes.waiting_elsewhere(key, &routed.subscribers_of(k)));
+                    || by_identity
+                        .get(k)
+                        .is_some_and(|subs| self.lanes.waiting_elsewhere(key, subs));
                 let decided = if queued {
                     None
                 } else {
@@ -486,6 +494,7 @@ impl Pump {
                     items.push((item.seq, item.change.clone()));
                 }
             }
+            lane.recount();
             lane.checking = true;
             let work = LaneWork {
                 key,
@@ -566,6 +575,7 @@ impl Pump {
                     }
                 };
             }
+            lane.recount();
             if unavailable {
                 lane.unavailable(now);
                 tracing::warn!(role = ?lane.identity.role, retry_at = ?lane.retry_at,
