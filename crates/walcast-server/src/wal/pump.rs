@@ -412,7 +412,19 @@ impl Pump {
                         Some(p) => match (&p.rows, p.select) {
                             (_, false) | (RowRule::Nothing, _) => Some(Access::Deny),
                             (RowRule::All, true) => Some(rls::access(&p, true, true)),
-                            (RowRule::Check(_), true) => None,
+                            // A recognized shape whose values this identity has: decided
+                            // here, no check (authz/shape.rs).
+                            (RowRule::Check(c), true) => p.shape.as_ref().and_then(|shape| {
+                                let values = policies.derived_values(identity, shape)?;
+                                Some(crate::authz::shape::decide(
+                                    &p,
+                                    &c.reads,
+                                    shape,
+                                    &values,
+                                    &change,
+                                    self.rls_deletes,
+                                ))
+                            }),
                         },
                         None => None,
                     }
