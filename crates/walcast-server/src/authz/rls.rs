@@ -292,18 +292,35 @@ pub async fn compile(
     role: &str,
     table: &Table,
 ) -> Result<TablePolicy, AuthzError> {
-    let lease = pool
+    let mut lease = pool
         .acquire()
         .await
         .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    // Prepared first: a query given as text is parsed in a round trip of its own before it
+    // runs, so pipelined beside the ROLLBACK below it would run after it, outside the
+    // transaction and its search_path.
+    let prepared = async {
+        let access = lease.prepare_cached(ACCESS_SQL, &[]).await?;
+        let policies = lease.prepare_cached(POLICIES_SQL, &[]).await?;
+        Ok::<_, tokio_postgres::Error>((access, policies))
+    }
+    .await;
+    let (access_sql, policies_sql) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            return Err(err);
+        }
+    };
     let client = lease.client();
     let relid = table.relation_id;
     // pg_catalog only: deparsed expressions and type names come out schema-qualified, so
     // they mean the same whatever search_path the check runs with.
     let begin = client.batch_execute("BEGIN READ ONLY; SET LOCAL search_path = pg_catalog");
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &relid];
-    let access = client.query_opt(ACCESS_SQL, &params);
-    let policies = client.query(POLICIES_SQL, &params);
+    let access = client.query_opt(&access_sql, &params);
+    let policies = client.query(&policies_sql, &params);
     let end = client.batch_execute("ROLLBACK");
     let (b, a, p, e) = tokio::join!(begin, access, policies, end);
     if let Err(err) = b.as_ref().and(e.as_ref()) {

@@ -521,19 +521,26 @@ pub async fn derive(
     let sub: &str = &sub;
     let role: &str = &identity.role;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&claims, &sub, &role];
-    let (b, c, row, e) = tokio::join!(
-        client.batch_execute(&setup),
-        client.query(rls::SET_CLAIMS_SQL, &params),
-        client.query_one(&sql, &[]),
-        client.batch_execute("ROLLBACK")
-    );
-    if let Err(err) = b.as_ref().and(e.as_ref()) {
-        let err = AuthzError::from_pg(err);
+    // One step after the other, not pipelined: a query given as text is parsed in a round
+    // trip of its own before it runs, so a ROLLBACK sent alongside would end the
+    // transaction first and the query would run without the role and the claims.
+    if let Err(err) = client.batch_execute(&setup).await {
+        let err = AuthzError::from_pg(&err);
+        lease.discard();
+        return Err(err);
+    }
+    let row = async {
+        client.query(rls::SET_CLAIMS_SQL, &params).await?;
+        client.query_one(&sql, &[]).await
+    }
+    .await;
+    if let Err(err) = client.batch_execute("ROLLBACK").await {
+        let err = AuthzError::from_pg(&err);
         lease.discard();
         return Err(err);
     }
     lease.done();
-    let row = match c.and(row) {
+    let row = match row {
         Ok(row) => row,
         Err(err) => {
             return match AuthzError::from_pg(&err) {
