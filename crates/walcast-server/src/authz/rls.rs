@@ -815,15 +815,26 @@ impl PolicyCache {
         self.derived.clear();
     }
 
-    /// The derived value of each of `shape`'s terms for `identity`, when all are known and
-    /// usable.
-    pub fn derived_values(
-        &self,
+    /// The derived value of each of `shape`'s terms for `identity` into `out`; whether all
+    /// are known and usable.
+    pub fn derived_values<'a>(
+        &'a self,
         identity: &Arc<Identity>,
         shape: &Shape,
-    ) -> Option<Vec<Option<&str>>> {
-        let (_, known) = self.derived.get(&(Arc::as_ptr(identity) as usize))?;
-        shape.resolve(|e| known.iter().find(|(x, _)| &**x == e).map(|(_, d)| d))
+        out: &mut Vec<Option<&'a str>>,
+    ) -> bool {
+        let Some((_, known)) = self.derived.get(&(Arc::as_ptr(identity) as usize)) else {
+            return false;
+        };
+        shape.resolve_into(
+            |e| {
+                known
+                    .iter()
+                    .find(|(x, _)| Arc::ptr_eq(x, e) || **x == **e)
+                    .map(|(_, d)| d)
+            },
+            out,
+        )
     }
 
     /// The expressions of `shape` not computed yet for `identity`.

@@ -412,20 +412,21 @@ fn render(t: &[Tok]) -> String {
 }
 
 impl Shape {
-    /// The derived value of each term for one identity, from `lookup` (by expression
-    /// text); `None` when one is missing or unusable (raised, or of another type than its
-    /// column).
-    pub fn resolve<'a>(
+    /// The derived value of each term for one identity into `out`, from `lookup` (by
+    /// expression); whether all are there and usable (not raised, and of the column's type).
+    pub fn resolve_into<'a>(
         &self,
-        lookup: impl Fn(&str) -> Option<&'a Derived>,
-    ) -> Option<Vec<Option<&'a str>>> {
-        self.terms
-            .iter()
-            .map(|t| match lookup(&t.expr)? {
-                Some((value, ty)) if *ty == t.type_name => Some(value.as_deref()),
-                _ => None,
-            })
-            .collect()
+        lookup: impl Fn(&Arc<str>) -> Option<&'a Derived>,
+        out: &mut Vec<Option<&'a str>>,
+    ) -> bool {
+        out.clear();
+        for t in &self.terms {
+            match lookup(&t.expr) {
+                Some(Some((value, ty))) if *ty == t.type_name => out.push(value.as_deref()),
+                _ => return false,
+            }
+        }
+        true
     }
 
     fn eval(&self, f: &Formula, row: &[Value], values: &[Option<&str>]) -> bool {
@@ -659,9 +660,11 @@ mod tests {
             Some((Some("a".into()), "text".into())),
             Some((Some("3".into()), "integer".into())),
         ];
-        let values = s
-            .resolve(|e| s.terms.iter().position(|t| &*t.expr == e).map(|i| &d[i]))
-            .unwrap();
+        let mut values = Vec::new();
+        assert!(s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &d[i]),
+            &mut values
+        ));
         assert!(s.visible(&row(Some("a"), None), &values));
         assert!(s.visible(&row(None, Some("3")), &values));
         assert!(!s.visible(&row(Some("b"), Some("4")), &values));
@@ -671,18 +674,18 @@ mod tests {
             Some((Some("a".into()), "text".into())),
             Some((Some("3".into()), "bigint".into())),
         ];
-        assert!(s
-            .resolve(|e| s
-                .terms
-                .iter()
-                .position(|t| &*t.expr == e)
-                .map(|i| &wrong[i]))
-            .is_none());
+        let mut none = Vec::new();
+        assert!(!s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &wrong[i]),
+            &mut none
+        ));
         // A NULL E matches nothing.
         let null: Vec<Derived> = vec![Some((None, "text".into())), Some((None, "integer".into()))];
-        let values = s
-            .resolve(|e| s.terms.iter().position(|t| &*t.expr == e).map(|i| &null[i]))
-            .unwrap();
+        let mut values = Vec::new();
+        assert!(s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &null[i]),
+            &mut values
+        ));
         assert!(!s.visible(&row(Some("a"), Some("3")), &values));
     }
 }

@@ -261,7 +261,10 @@ async fn by_shape(
     deletes: RlsDeletes,
 ) -> Option<Access> {
     let decide = |cache: &PolicyCache| {
-        let values = cache.derived_values(identity, shape)?;
+        let mut values = Vec::new();
+        if !cache.derived_values(identity, shape, &mut values) {
+            return None;
+        }
         Some(shape::decide(
             policy,
             &check.reads,

@@ -399,6 +399,9 @@ impl Pump {
         };
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            // Looked up once per role of this change, not once per identity (one per user).
+            let mut by_role: Vec<(&Arc<str>, Option<Arc<rls::TablePolicy>>)> = Vec::new();
+            let mut values = Vec::new();
             for (k, identity) in identities.iter().enumerate() {
                 let key = lane_key(identity);
                 let queued = self.lanes.busy(key)
@@ -408,14 +411,28 @@ impl Pump {
                 let decided = if queued {
                     None
                 } else {
-                    match policies.get(&identity.role, &change.table) {
+                    let role = &identity.role;
+                    let policy = match by_role
+                        .iter()
+                        .find(|(r, _)| Arc::ptr_eq(r, role) || **r == *role)
+                    {
+                        Some((_, p)) => p.clone(),
+                        None => {
+                            let p = policies.get(role, &change.table);
+                            by_role.push((role, p.clone()));
+                            p
+                        }
+                    };
+                    match policy {
                         Some(p) => match (&p.rows, p.select) {
                             (_, false) | (RowRule::Nothing, _) => Some(Access::Deny),
                             (RowRule::All, true) => Some(rls::access(&p, true, true)),
                             // A recognized shape whose values this identity has: decided
                             // here, no check (authz/shape.rs).
                             (RowRule::Check(c), true) => p.shape.as_ref().and_then(|shape| {
-                                let values = policies.derived_values(identity, shape)?;
+                                if !policies.derived_values(identity, shape, &mut values) {
+                                    return None;
+                                }
                                 Some(crate::authz::shape::decide(
                                     &p,
                                     &c.reads,
