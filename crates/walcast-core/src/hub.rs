@@ -331,6 +331,19 @@ impl Routed {
         self.routes.len()
     }
 
+    /// The subscribers routed under each identity, indexed like [`Routed::identities`], in
+    /// one pass over the routes (asking [`Routed::subscribers_of`] for every identity would
+    /// cost identities × routes).
+    pub fn subscribers_by_identity(&self) -> Vec<Vec<SubscriberId>> {
+        let mut out: Vec<Vec<SubscriberId>> = vec![Vec::new(); self.identities.len()];
+        for (m, _, k) in &self.routes {
+            if let Some(list) = out.get_mut(*k as usize) {
+                list.push(m.subscriber);
+            }
+        }
+        out
+    }
+
     /// Subscribers routed under the identity at `index` of [`Routed::identities`].
     pub fn subscribers_of(&self, index: usize) -> Vec<SubscriberId> {
         self.routes

@@ -15,6 +15,19 @@
 //! no-RLS line is the fan-out ceiling of the box and the RLS line is what authorization
 //! leaves of it. Correctness: with RLS every channel must receive exactly its tenant's rows.
 //! Target: ≥ 20,000 authorized messages/s.
+//!
+//! `--mode` picks the policy shape (issue #15):
+//! - `tenant` (default): the above, `rls` then `no-rls`.
+//! - `owner`: table `rls_owned`, every row owned by one user (`owner = 'user-<n>'`), policy
+//!   `owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')`; every
+//!   subscriber has its own user's token (`--groups` users) and no client filter, so each row
+//!   is routed to every user and authorization decides who gets it.
+//! - `owner-filtered`: the same plus `filter: owner=eq.user-<n>`: the subscriber's own filter
+//!   drops the other users' rows before authorization.
+//! - `unrecognized`: the same rows behind a policy calling a plpgsql function (a shape no
+//!   recognizer can see through: evaluated per claims group).
+//!
+//! The owner-shaped modes run the `rls` pass only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +58,9 @@ struct Opts {
     /// channels, like real clients whose tokens carry their own `exp`/`iat`/session.
     #[arg(long)]
     token_per_channel: bool,
+    /// Policy shape: tenant | owner | owner-filtered | unrecognized (see the module docs).
+    #[arg(long, default_value = "tenant")]
+    mode: Mode,
     #[command(flatten)]
     harness: HarnessArgs,
 }
@@ -61,6 +77,52 @@ fn token(tenant: usize) -> Result<String> {
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )?)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Tenant,
+    Owner,
+    OwnerFiltered,
+    Unrecognized,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Tenant => "tenant",
+            Mode::Owner => "owner",
+            Mode::OwnerFiltered => "owner-filtered",
+            Mode::Unrecognized => "unrecognized",
+        }
+    }
+
+    fn table(self) -> &'static str {
+        if self == Mode::Tenant {
+            "rls_rows"
+        } else {
+            "rls_owned"
+        }
+    }
+}
+
+/// The owner-shaped table and the policy of `mode`.
+fn owner_setup(mode: Mode) -> String {
+    let policy = if mode == Mode::Unrecognized {
+        "CREATE FUNCTION rls_bench_is_mine(o text) RETURNS boolean LANGUAGE plpgsql STABLE AS $f$
+           BEGIN RETURN o = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'); END $f$;
+         CREATE POLICY owned_rows ON rls_owned FOR SELECT TO rls_bench USING (rls_bench_is_mine(owner));"
+    } else {
+        "CREATE POLICY owned_rows ON rls_owned FOR SELECT TO rls_bench
+           USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));"
+    };
+    format!(
+        "CREATE TABLE rls_owned (id int8 PRIMARY KEY, owner text NOT NULL, body text);
+         GRANT SELECT ON rls_owned TO rls_bench;
+         ALTER PUBLICATION walcast ADD TABLE rls_owned;
+         ALTER TABLE rls_owned ENABLE ROW LEVEL SECURITY;
+         {policy}"
+    )
 }
 
 struct Counters {
@@ -82,6 +144,11 @@ async fn run(o: Opts) -> Result<()> {
     )
     .await
     .context("creating the bench table")?;
+    if o.mode != Mode::Tenant {
+        sql.batch_execute(&owner_setup(o.mode))
+            .await
+            .context("creating the owner-shaped table")?;
+    }
 
     let addr = harness.addr();
     let base = Instant::now();
@@ -102,9 +169,13 @@ async fn run(o: Opts) -> Result<()> {
             tenant_tokens[tenant].clone()
         };
         let mut ws = realtime::connect(addr, None, &tok, 64 * 1024).await?;
+        let mut binding =
+            serde_json::json!({"event": "INSERT", "schema": "public", "table": o.mode.table()});
+        if o.mode == Mode::OwnerFiltered {
+            binding["filter"] = format!("owner=eq.user-{tenant}").into();
+        }
         let join = serde_json::json!([ "1", "1", format!("realtime:rls-{i}"), "phx_join",
-            {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "rls_rows"}]},
-             "access_token": tok}]);
+            {"config": {"postgres_changes": [binding]}, "access_token": tok}]);
         ws.send(Message::text(join.to_string())).await?;
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
@@ -144,12 +215,23 @@ async fn run(o: Opts) -> Result<()> {
         });
     }
     println!(
-        "rls-throughput: {} subscribers, {} claims groups, {} rows per mode in transactions of {}",
-        o.subscribers, o.groups, o.rows, o.batch
+        "rls-throughput --mode {}: {} subscribers, {} claims groups, {} rows per pass in transactions of {}",
+        o.mode.name(),
+        o.subscribers,
+        o.groups,
+        o.rows,
+        o.batch
     );
     let mut next_id: i64 = 1;
-    for mode in ["rls", "no-rls"] {
-        sql.batch_execute(if mode == "rls" {
+    let passes: &[&str] = if o.mode == Mode::Tenant {
+        &["rls", "no-rls"]
+    } else {
+        &["rls"]
+    };
+    for &mode in passes {
+        sql.batch_execute(if o.mode != Mode::Tenant {
+            "SELECT 1"
+        } else if mode == "rls" {
             "ALTER TABLE rls_rows ENABLE ROW LEVEL SECURITY"
         } else {
             "ALTER TABLE rls_rows DISABLE ROW LEVEL SECURITY"
@@ -176,10 +258,22 @@ async fn run(o: Opts) -> Result<()> {
         while written < o.rows {
             let n = o.batch.min(o.rows - written);
             let first = next_id;
-            sql.execute(
+            // Row r (counted from 0 within the pass) belongs to tenant / user r % groups.
+            let insert = if o.mode == Mode::Tenant {
                 "INSERT INTO rls_rows (id, tenant, body)
-                 SELECT g, ((g - $1) + $3) % $4, 'row ' || g FROM generate_series($1::int8, $2::int8) g",
-                &[&first, &(first + n as i64 - 1), &(written as i64), &(o.groups as i64)],
+                 SELECT g, ((g - $1) + $3) % $4, 'row ' || g FROM generate_series($1::int8, $2::int8) g"
+            } else {
+                "INSERT INTO rls_owned (id, owner, body)
+                 SELECT g, 'user-' || (((g - $1) + $3) % $4), 'row ' || g FROM generate_series($1::int8, $2::int8) g"
+            };
+            sql.execute(
+                insert,
+                &[
+                    &first,
+                    &(first + n as i64 - 1),
+                    &(written as i64),
+                    &(o.groups as i64),
+                ],
             )
             .await?;
             next_id += n as i64;
@@ -210,7 +304,8 @@ async fn run(o: Opts) -> Result<()> {
             .zip(&expected_per_sub)
             .all(|((c, b), e)| c.load(Ordering::Relaxed) - b == *e);
         println!(
-            "{mode:>7}: delivered {delivered} of {expected} in {secs:.2} s = {:.0} msgs/s; every channel got exactly its rows: {exact}",
+            "{:>14} {mode:>6}: delivered {delivered} of {expected} in {secs:.2} s = {:.0} msgs/s; every channel got exactly its rows: {exact}",
+            o.mode.name(),
             delivered as f64 / secs
         );
     }

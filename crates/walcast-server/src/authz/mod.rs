@@ -5,3 +5,4 @@
 pub mod private;
 pub mod rls;
 pub mod roles;
+pub mod shape;

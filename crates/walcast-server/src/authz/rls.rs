@@ -49,6 +49,7 @@ use walcast_core::change::{Change, ChangeKind, Table, Value};
 use walcast_core::hub::{Access, Identity, Visibility};
 use walcast_pgoutput::ReplicaIdentity;
 
+use super::shape::{self, Derived, Shape, ShapeColumn};
 use crate::db::sql::ExclusivePool;
 
 /// Longest one authorization statement may run.
@@ -233,6 +234,9 @@ pub struct TablePolicy {
     /// Columns it may SELECT, `None` when all.
     pub columns: Option<Arc<[bool]>>,
     pub rows: RowRule,
+    /// With a checked rule: the policies recognized as comparisons of columns with values
+    /// derived from the claims alone, decided in process (see [`super::shape`]).
+    pub shape: Option<Arc<Shape>>,
 }
 
 impl TablePolicy {
@@ -241,6 +245,7 @@ impl TablePolicy {
         select: false,
         columns: None,
         rows: RowRule::Nothing,
+        shape: None,
     };
 }
 
@@ -257,6 +262,10 @@ SELECT c.relname::text, c.relrowsecurity, c.relforcerowsecurity,
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
        ARRAY(SELECT pg_catalog.has_column_privilege(r.oid, c.oid, a.attnum, 'SELECT')
              FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT COALESCE(co.collisdeterministic, true)
+             FROM pg_catalog.pg_attribute a
+             LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)
 FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
 WHERE c.oid = $2 AND r.rolname = $1";
@@ -283,18 +292,35 @@ pub async fn compile(
     role: &str,
     table: &Table,
 ) -> Result<TablePolicy, AuthzError> {
-    let lease = pool
+    let mut lease = pool
         .acquire()
         .await
         .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    // Prepared first: a query given as text is parsed in a round trip of its own before it
+    // runs, so pipelined beside the ROLLBACK below it would run after it, outside the
+    // transaction and its search_path.
+    let prepared = async {
+        let access = lease.prepare_cached(ACCESS_SQL, &[]).await?;
+        let policies = lease.prepare_cached(POLICIES_SQL, &[]).await?;
+        Ok::<_, tokio_postgres::Error>((access, policies))
+    }
+    .await;
+    let (access_sql, policies_sql) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            return Err(err);
+        }
+    };
     let client = lease.client();
     let relid = table.relation_id;
     // pg_catalog only: deparsed expressions and type names come out schema-qualified, so
     // they mean the same whatever search_path the check runs with.
     let begin = client.batch_execute("BEGIN READ ONLY; SET LOCAL search_path = pg_catalog");
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &relid];
-    let access = client.query_opt(ACCESS_SQL, &params);
-    let policies = client.query(POLICIES_SQL, &params);
+    let access = client.query_opt(&access_sql, &params);
+    let policies = client.query(&policies_sql, &params);
     let end = client.batch_execute("ROLLBACK");
     let (b, a, p, e) = tokio::join!(begin, access, policies, end);
     if let Err(err) = b.as_ref().and(e.as_ref()) {
@@ -319,6 +345,7 @@ pub async fn compile(
     let types: Vec<String> = row.try_get(7).map_err(get)?;
     let attnums: Vec<i32> = row.try_get(8).map_err(get)?;
     let granted: Vec<bool> = row.try_get(9).map_err(get)?;
+    let deterministic: Vec<bool> = row.try_get(10).map_err(get)?;
     if !select {
         return Ok(TablePolicy::DENY);
     }
@@ -344,6 +371,7 @@ pub async fn compile(
             select,
             columns,
             rows: RowRule::All,
+            shape: None,
         });
     }
     let rows = p.map_err(|e| AuthzError::from_pg(&e))?;
@@ -370,6 +398,7 @@ pub async fn compile(
             select,
             columns,
             rows: RowRule::Nothing,
+            shape: None,
         });
     };
     if reads_unstreamed {
@@ -379,6 +408,7 @@ pub async fn compile(
             select,
             columns,
             rows: RowRule::Nothing,
+            shape: None,
         });
     }
     let check_columns: Vec<CheckColumn> = names
@@ -390,9 +420,27 @@ pub async fn compile(
             source: position(n),
         })
         .collect();
+    let shape_columns: Vec<ShapeColumn<'_>> = names
+        .iter()
+        .zip(&check_columns)
+        .zip(&deterministic)
+        .map(|((n, c), d)| ShapeColumn {
+            name: n,
+            type_name: &c.type_sql,
+            source: c.source,
+            deterministic: *d,
+        })
+        .collect();
+    let quals: Vec<(bool, &str)> = exprs
+        .iter()
+        .map(|e| (e.permissive, e.qual.as_str()))
+        .collect();
+    let shape = shape::recognize(&quals, &shape_columns).map(Arc::new);
+    tracing::debug!(table = ?relname, role, recognized = shape.is_some(), "compiled row policies");
     Ok(TablePolicy {
         select,
         columns,
+        shape,
         rows: RowRule::Check(Arc::new(RowCheck {
             sql: check_sql(&relname, &check_columns, &predicate),
             reads,
@@ -464,7 +512,8 @@ fn param_refs<'a>(
 }
 
 /// Sets the three claim settings for the rest of the transaction.
-const SET_CLAIMS_SQL: &str = "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
+pub(crate) const SET_CLAIMS_SQL: &str =
+    "SELECT pg_catalog.set_config('request.jwt.claims', $1, true), \
      pg_catalog.set_config('request.jwt.claim.sub', $2, true), \
      pg_catalog.set_config('request.jwt.claim.role', $3, true)";
 
@@ -727,7 +776,18 @@ pub fn images(change: &Change) -> Images<'_> {
 #[derive(Default)]
 pub struct PolicyCache {
     entries: HashMap<(Arc<str>, u32), CachedPolicy>,
+    /// Per identity (by its interned address, the `Arc` kept so the address is not reused):
+    /// the claims-only expressions of recognized shapes computed for it, by expression text.
+    /// They depend on nothing but the identity's role and claims, so they outlive policy
+    /// recompilations.
+    derived: HashMap<usize, IdentityDerived>,
 }
+
+/// An identity (kept so its address stays its own) and its derived values by expression.
+type IdentityDerived = (Arc<Identity>, Vec<(Arc<str>, Derived)>);
+
+/// Identities whose derived values are kept, at most (then all are computed again).
+const DERIVED_MAX: usize = 100_000;
 
 /// A compiled policy, the table shape it was compiled for, and when.
 type CachedPolicy = (Arc<Table>, Arc<TablePolicy>, Instant);
@@ -752,6 +812,63 @@ impl PolicyCache {
 
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.derived.clear();
+    }
+
+    /// The derived value of each of `shape`'s terms for `identity` into `out`; whether all
+    /// are known and usable.
+    pub fn derived_values<'a>(
+        &'a self,
+        identity: &Arc<Identity>,
+        shape: &Shape,
+        out: &mut Vec<Option<&'a str>>,
+    ) -> bool {
+        let Some((_, known)) = self.derived.get(&(Arc::as_ptr(identity) as usize)) else {
+            return false;
+        };
+        shape.resolve_into(
+            |e| {
+                known
+                    .iter()
+                    .find(|(x, _)| Arc::ptr_eq(x, e) || **x == **e)
+                    .map(|(_, d)| d)
+            },
+            out,
+        )
+    }
+
+    /// The expressions of `shape` not computed yet for `identity`.
+    pub fn underived(&self, identity: &Arc<Identity>, shape: &Shape) -> Vec<Arc<str>> {
+        let known = self.derived.get(&(Arc::as_ptr(identity) as usize));
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for t in &shape.terms {
+            let have = known.is_some_and(|(_, k)| k.iter().any(|(x, _)| *x == t.expr));
+            if !have && !out.contains(&t.expr) {
+                out.push(t.expr.clone());
+            }
+        }
+        out
+    }
+
+    /// Remember what `exprs` are for `identity`.
+    pub fn insert_derived(
+        &mut self,
+        identity: &Arc<Identity>,
+        exprs: Vec<Arc<str>>,
+        values: Vec<Derived>,
+    ) {
+        if self.derived.len() >= DERIVED_MAX {
+            self.derived.clear();
+        }
+        let entry = self
+            .derived
+            .entry(Arc::as_ptr(identity) as usize)
+            .or_insert_with(|| (identity.clone(), Vec::new()));
+        for (e, v) in exprs.into_iter().zip(values) {
+            if !entry.1.iter().any(|(x, _)| *x == e) {
+                entry.1.push((e, v));
+            }
+        }
     }
 }
 

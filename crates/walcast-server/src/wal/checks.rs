@@ -19,8 +19,10 @@ use walcast_core::change::{Change, ChangeKind, Table};
 use walcast_core::hub::{Access, Identity};
 
 use crate::authz::rls::{
-    self, AuthzError, GroupCheck, ImageBatch, PolicyCache, RlsDeletes, RowRule, TablePolicy,
+    self, AuthzError, GroupCheck, ImageBatch, PolicyCache, RlsDeletes, RowCheck, RowRule,
+    TablePolicy,
 };
+use crate::authz::shape::{self, Shape};
 use crate::db::sql::ExclusivePool;
 use crate::metrics;
 use crate::wal::lanes::LaneKey;
@@ -103,6 +105,7 @@ pub async fn run(
     let mut group_of: HashMap<(usize, usize), usize> = HashMap::new();
     let mut compiled: HashMap<(Arc<str>, usize), Result<Arc<TablePolicy>, AuthzError>> =
         HashMap::new();
+    let mut unshaped: std::collections::HashSet<(usize, usize)> = Default::default();
     for (li, lane) in lanes.iter().enumerate() {
         let role = &lane.identity.role;
         for (seq, change) in &lane.items {
@@ -136,7 +139,29 @@ pub async fn run(
                     outcomes[li].push((*seq, ItemOutcome::Decided(rls::access(&p, true, true))));
                     continue;
                 }
-                (RowRule::Check(c), true) => c.clone(),
+                (RowRule::Check(c), true) => {
+                    // A recognized shape: decided in process once the identity's values
+                    // are known (computed here the first time); otherwise the row check.
+                    if let Some(shape) = p
+                        .shape
+                        .as_ref()
+                        .filter(|s| !unshaped.contains(&(li, Arc::as_ptr(s) as usize)))
+                    {
+                        match by_shape(&pool, &cache, &lane.identity, &p, c, shape, change, deletes)
+                            .await
+                        {
+                            Some(access) => {
+                                outcomes[li].push((*seq, ItemOutcome::Decided(access)));
+                                continue;
+                            }
+                            // Unusable for this lane and table: not asked again this batch.
+                            None => {
+                                unshaped.insert((li, Arc::as_ptr(shape) as usize));
+                            }
+                        }
+                    }
+                    c.clone()
+                }
                 (RowRule::All, _) => {
                     outcomes[li].push((*seq, ItemOutcome::Decided(rls::access(&p, true, true))));
                     continue;
@@ -219,6 +244,57 @@ pub async fn run(
             .zip(slowest)
             .map(|((l, o), s)| (l.key, o, s))
             .collect(),
+    }
+}
+
+/// The access decided by `shape` for `identity`, computing its derived values first when
+/// they are not known; `None` when they cannot be used (the row check decides then).
+#[allow(clippy::too_many_arguments)]
+async fn by_shape(
+    pool: &ExclusivePool,
+    cache: &Mutex<PolicyCache>,
+    identity: &Arc<Identity>,
+    policy: &TablePolicy,
+    check: &RowCheck,
+    shape: &Shape,
+    change: &Change,
+    deletes: RlsDeletes,
+) -> Option<Access> {
+    let decide = |cache: &PolicyCache| {
+        let mut values = Vec::new();
+        if !cache.derived_values(identity, shape, &mut values) {
+            return None;
+        }
+        Some(shape::decide(
+            policy,
+            &check.reads,
+            shape,
+            &values,
+            change,
+            deletes,
+        ))
+    };
+    let missing = {
+        let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(access) = decide(&cache) {
+            return Some(access);
+        }
+        cache.underived(identity, shape)
+    };
+    if missing.is_empty() {
+        // Known but unusable (raised, or another type): the row check decides.
+        return None;
+    }
+    match shape::derive(pool, identity, &missing).await {
+        Ok(values) => {
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.insert_derived(identity, missing, values);
+            decide(&cache)
+        }
+        Err(e) => {
+            tracing::debug!(error = ?e.to_string(), "deriving claims values failed; checking rows instead");
+            None
+        }
     }
 }
 

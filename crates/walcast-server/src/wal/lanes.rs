@@ -67,6 +67,10 @@ pub struct Item {
 pub struct Lane {
     pub identity: Arc<Identity>,
     pub items: VecDeque<Item>,
+    /// How many of `items` are [`Verdict::Pending`]: kept by `push` and by [`Lane::recount`],
+    /// which whoever changes verdicts calls. The pump asks every lane whether it is ready on
+    /// every turn: scanning the items there cost (items waiting) per WAL message.
+    pending: usize,
     /// A check batch with some of its items is running.
     pub checking: bool,
     /// After a check that could not run: not again before this.
@@ -98,6 +102,7 @@ impl Lane {
         Lane {
             identity,
             items: VecDeque::new(),
+            pending: 0,
             checking: false,
             retry_at: None,
             backoff: RETRY_MIN,
@@ -111,9 +116,16 @@ impl Lane {
 
     /// Has pending items and may start a check at `now`.
     pub fn ready(&self, now: Instant) -> bool {
-        !self.checking
-            && self.retry_at.is_none_or(|t| t <= now)
-            && self.items.iter().any(|i| i.verdict == Verdict::Pending)
+        !self.checking && self.retry_at.is_none_or(|t| t <= now) && self.pending > 0
+    }
+
+    /// Count the pending items again, after verdicts were changed through `items`.
+    pub fn recount(&mut self) {
+        self.pending = self
+            .items
+            .iter()
+            .filter(|i| i.verdict == Verdict::Pending)
+            .count();
     }
 
     /// May share a pipelined transaction with other lanes of its role at `now`.
@@ -154,6 +166,8 @@ pub struct Lanes {
     generation: u64,
     /// Each subscriber with a change waiting: the lane and item of its latest one.
     last_of: HashMap<SubscriberId, (LaneKey, u64)>,
+    /// Items over every lane (asked on every turn of the pump).
+    total: usize,
 }
 
 impl Lanes {
@@ -166,6 +180,12 @@ impl Lanes {
         self.lanes
             .get(&key)
             .is_some_and(|l| !l.items.is_empty() || l.checking)
+    }
+
+    /// Whether some subscriber still has a change waiting in a lane (only then can a change
+    /// have to queue behind another identity's lane).
+    pub fn anyone_waiting(&self) -> bool {
+        !self.last_of.is_empty()
     }
 
     /// Whether `lane` delivered its item `seq` (a lane that is gone delivered everything).
@@ -212,6 +232,10 @@ impl Lanes {
             .entry(key)
             .or_insert_with(|| Lane::new(identity.clone()));
         lane.last_used = Instant::now();
+        if verdict == Verdict::Pending {
+            lane.pending += 1;
+        }
+        self.total += 1;
         lane.items.push_back(Item {
             seq,
             txn,
@@ -240,6 +264,10 @@ impl Lanes {
                 break;
             };
             lane.delivered_through = item.seq;
+            if item.verdict == Verdict::Pending {
+                lane.pending = lane.pending.saturating_sub(1);
+            }
+            self.total -= 1;
             for x in item.routed.subscribers_of(0) {
                 if self.last_of.get(&x) == Some(&(key, item.seq)) {
                     self.last_of.remove(&x);
@@ -303,7 +331,7 @@ impl Lanes {
     pub fn next_retry(&self) -> Option<Instant> {
         self.lanes
             .values()
-            .filter(|l| !l.checking && l.items.iter().any(|i| i.verdict == Verdict::Pending))
+            .filter(|l| !l.checking && l.pending > 0)
             .filter_map(|l| l.retry_at)
             .min()
     }
@@ -334,6 +362,7 @@ impl Lanes {
         let dropped = self.lanes.values().map(|l| l.items.len()).sum();
         self.lanes.clear();
         self.last_of.clear();
+        self.total = 0;
         dropped
     }
 
@@ -347,7 +376,7 @@ impl Lanes {
 
     /// Items waiting over every lane.
     pub fn items(&self) -> usize {
-        self.lanes.values().map(|l| l.items.len()).sum()
+        self.total
     }
 }
 

@@ -427,21 +427,58 @@ impl Pump {
         // with nothing waiting in its lane.
         let identities = routed.identities().to_vec();
         let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
+        // Grouped once per change: per identity it would be identities × routes (with one
+        // user per identity, users² per row).
+        let by_identity = if self.lanes.anyone_waiting() {
+            routed.subscribers_by_identity()
+        } else {
+            Vec::new()
+        };
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            // Looked up once per role of this change, not once per identity (one per user).
+            let mut by_role: Vec<(&Arc<str>, Option<Arc<rls::TablePolicy>>)> = Vec::new();
+            let mut values = Vec::new();
             for (k, identity) in identities.iter().enumerate() {
                 let key = lane_key(identity);
                 let queued = self.lanes.busy(key)
-                    || (!self.lanes.is_empty()
-                        && self.lanes.waiting_elsewhere(key, &routed.subscribers_of(k)));
+                    || by_identity
+                        .get(k)
+                        .is_some_and(|subs| self.lanes.waiting_elsewhere(key, subs));
                 let decided = if queued {
                     None
                 } else {
-                    match policies.get(&identity.role, &change.table) {
+                    let role = &identity.role;
+                    let policy = match by_role
+                        .iter()
+                        .find(|(r, _)| Arc::ptr_eq(r, role) || **r == *role)
+                    {
+                        Some((_, p)) => p.clone(),
+                        None => {
+                            let p = policies.get(role, &change.table);
+                            by_role.push((role, p.clone()));
+                            p
+                        }
+                    };
+                    match policy {
                         Some(p) => match (&p.rows, p.select) {
                             (_, false) | (RowRule::Nothing, _) => Some(Access::Deny),
                             (RowRule::All, true) => Some(rls::access(&p, true, true)),
-                            (RowRule::Check(_), true) => None,
+                            // A recognized shape whose values this identity has: decided
+                            // here, no check (authz/shape.rs).
+                            (RowRule::Check(c), true) => p.shape.as_ref().and_then(|shape| {
+                                if !policies.derived_values(identity, shape, &mut values) {
+                                    return None;
+                                }
+                                Some(crate::authz::shape::decide(
+                                    &p,
+                                    &c.reads,
+                                    shape,
+                                    &values,
+                                    &change,
+                                    self.rls_deletes,
+                                ))
+                            }),
                         },
                         None => None,
                     }
@@ -522,6 +559,7 @@ impl Pump {
                     items.push((item.seq, item.change.clone()));
                 }
             }
+            lane.recount();
             lane.checking = true;
             let work = LaneWork {
                 key,
@@ -602,6 +640,7 @@ impl Pump {
                     }
                 };
             }
+            lane.recount();
             if unavailable {
                 lane.unavailable(now);
                 tracing::warn!(role = ?lane.identity.role, retry_at = ?lane.retry_at,

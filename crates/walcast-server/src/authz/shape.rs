@@ -1,0 +1,691 @@
+//! Policy shapes decided in process: policies that compare a row's columns with values
+//! derived from the claims alone, like `owner = (current_setting('request.jwt.claims',
+//! true)::jsonb ->> 'sub')`, combined with `AND` / `OR`.
+//!
+//! ```text
+//!  compile (rls.rs): every SELECT policy's deparsed qual ─ recognize ─▶ Shape (or None)
+//!     Shape = OR(permissive formulas) AND AND(restrictive formulas)
+//!     formula = term | AND(formulas) | OR(formulas);  term = column = E   (E claims-only)
+//!  per identity, once: BEGIN; SET LOCAL ROLE; claims; SELECT (E)::text, pg_typeof(E)::text …
+//!     ─▶ Derived per E (cached by identity, kept across recompiles by E's text)
+//!  per row: term true ⇔ column's text = E's text (both non-NULL, same type) ─▶ Access
+//! ```
+//!
+//! Invariants (why the answer equals Postgres's):
+//! - Recognized exactly or not at all: the whole deparsed text of every policy must parse
+//!   with this small grammar; anything else (a function other than `current_setting` of the
+//!   three claim settings, a qualified name, `NOT`, `IS`, another operator, a sub-select with
+//!   `FROM`) leaves the table on per-group evaluation.
+//! - E reads nothing but the claim settings and constants, through built-in functions and
+//!   casts to built-in types (the text is deparsed with `search_path = pg_catalog`, so an
+//!   unqualified name is pg_catalog's): its value depends only on the identity's claims, so it
+//!   is computed once per identity, in Postgres, under its role and claims, and cached.
+//! - Equality is decided on text only where it is exactly the type's equality: E's type
+//!   must be the column's own type, one of `text` (deterministic collation), `uuid`,
+//!   `smallint`, `integer`, `bigint`, whose output functions are canonical (equal values,
+//!   equal text). Any other pairing is unusable for that identity and falls back.
+//! - No `NOT` is accepted, so the formula is monotone: SQL's NULL (a NULL column or a NULL E)
+//!   counts as false exactly where Postgres would not return the row.
+//! - A derivation that raises is never used: that identity keeps per-group evaluation, which
+//!   raises (or not) exactly as before.
+
+use std::sync::Arc;
+
+use walcast_core::change::{Change, ChangeKind, Value};
+use walcast_core::hub::{Access, Identity};
+use walcast_pgoutput::ReplicaIdentity;
+
+use super::rls::{self, AuthzError, RlsDeletes, TablePolicy};
+use crate::db::sql::ExclusivePool;
+
+/// A boolean combination of terms (no negation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Formula {
+    /// Index into [`Shape::terms`].
+    Term(usize),
+    And(Vec<Formula>),
+    Or(Vec<Formula>),
+}
+
+/// `column = expr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Term {
+    /// Index of the column in the change's columns.
+    pub column: usize,
+    /// The column's type (`format_type`), which E's type must equal.
+    pub type_name: String,
+    /// The claims-only expression, as deparsed.
+    pub expr: Arc<str>,
+}
+
+/// A table's SELECT policies for a role, recognized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub terms: Vec<Term>,
+    pub permissive: Vec<Formula>,
+    pub restrictive: Vec<Formula>,
+}
+
+/// E's value for one identity: its text (`None`: NULL) and its type, or `None` when
+/// computing it raised.
+pub type Derived = Option<(Option<String>, String)>;
+
+/// A column of the table, as recognition needs to know it.
+pub struct ShapeColumn<'a> {
+    pub name: &'a str,
+    pub type_name: &'a str,
+    /// Index in the change's columns (`None`: not streamed, never recognized).
+    pub source: Option<usize>,
+    /// Its collation is deterministic (or it has none).
+    pub deterministic: bool,
+}
+
+/// Recognize a table's SELECT policies (`(permissive, deparsed qual)`). `None` unless
+/// every policy is recognized and at least one is permissive.
+pub fn recognize(policies: &[(bool, &str)], columns: &[ShapeColumn<'_>]) -> Option<Shape> {
+    let mut shape = Shape {
+        terms: Vec::new(),
+        permissive: Vec::new(),
+        restrictive: Vec::new(),
+    };
+    for (permissive, qual) in policies {
+        let tokens = tokenize(qual)?;
+        let f = formula(&tokens, columns, &mut shape.terms)?;
+        if *permissive {
+            shape.permissive.push(f);
+        } else {
+            shape.restrictive.push(f);
+        }
+    }
+    (!shape.permissive.is_empty()).then_some(shape)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Ident { name: String, quoted: bool },
+    Str(String),
+    Num(String),
+    Open,
+    Close,
+    Comma,
+    Cast,
+    Arrow,
+    ArrowText,
+    Eq,
+}
+
+fn tokenize(s: &str) -> Option<Vec<Tok>> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b' ' | b'\n' | b'\t' => i += 1,
+            b'(' => {
+                out.push(Tok::Open);
+                i += 1
+            }
+            b')' => {
+                out.push(Tok::Close);
+                i += 1
+            }
+            b',' => {
+                out.push(Tok::Comma);
+                i += 1
+            }
+            b'=' => {
+                out.push(Tok::Eq);
+                i += 1
+            }
+            b':' if b.get(i + 1) == Some(&b':') => {
+                out.push(Tok::Cast);
+                i += 2
+            }
+            b'-' if b.get(i + 1) == Some(&b'>') => {
+                if b.get(i + 2) == Some(&b'>') {
+                    out.push(Tok::ArrowText);
+                    i += 3
+                } else {
+                    out.push(Tok::Arrow);
+                    i += 2
+                }
+            }
+            b'\'' | b'"' => {
+                let quote = c;
+                let mut text = Vec::new();
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(&q) if q == quote => {
+                            if b.get(i + 1) == Some(&quote) {
+                                text.push(quote);
+                                i += 2;
+                            } else {
+                                i += 1;
+                                break;
+                            }
+                        }
+                        Some(&x) => {
+                            text.push(x);
+                            i += 1
+                        }
+                    }
+                }
+                let text = String::from_utf8(text).ok()?;
+                out.push(if quote == b'\'' {
+                    Tok::Str(text)
+                } else {
+                    Tok::Ident {
+                        name: text,
+                        quoted: true,
+                    }
+                });
+            }
+            b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                out.push(Tok::Num(s.get(start..i)?.to_owned()));
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                // A '.' makes a qualified name one token: never a column or an allowed word.
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.')
+                {
+                    i += 1;
+                }
+                out.push(Tok::Ident {
+                    name: s.get(start..i)?.to_owned(),
+                    quoted: false,
+                });
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn is_word(t: &Tok, word: &str) -> bool {
+    matches!(t, Tok::Ident { name, quoted: false } if name.eq_ignore_ascii_case(word))
+}
+
+/// The closing parenthesis of the one opening at `open`.
+fn closing(t: &[Tok], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, tok) in t.iter().enumerate().skip(open) {
+        match tok {
+            Tok::Open => depth += 1,
+            Tok::Close => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Positions of depth-0 tokens satisfying `pred`; `None` if parentheses do not balance.
+fn top_level(t: &[Tok], pred: impl Fn(&Tok) -> bool) -> Option<Vec<usize>> {
+    let mut depth = 0usize;
+    let mut at = Vec::new();
+    for (i, tok) in t.iter().enumerate() {
+        match tok {
+            Tok::Open => depth += 1,
+            Tok::Close => depth = depth.checked_sub(1)?,
+            _ if depth == 0 && pred(tok) => at.push(i),
+            _ => {}
+        }
+    }
+    (depth == 0).then_some(at)
+}
+
+fn split_at(t: &[Tok], at: &[usize]) -> Vec<Vec<Tok>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for &i in at {
+        parts.push(t[start..i].to_vec());
+        start = i + 1;
+    }
+    parts.push(t[start..].to_vec());
+    parts
+}
+
+fn formula(t: &[Tok], columns: &[ShapeColumn<'_>], terms: &mut Vec<Term>) -> Option<Formula> {
+    if t.is_empty() {
+        return None;
+    }
+    if t.first() == Some(&Tok::Open) && closing(t, 0) == Some(t.len() - 1) {
+        return formula(&t[1..t.len() - 1], columns, terms);
+    }
+    for (word, make) in [
+        ("OR", Formula::Or as fn(Vec<Formula>) -> Formula),
+        ("AND", Formula::And),
+    ] {
+        let at = top_level(t, |x| is_word(x, word))?;
+        if !at.is_empty() {
+            let parts = split_at(t, &at)
+                .iter()
+                .map(|p| formula(p, columns, terms))
+                .collect::<Option<Vec<_>>>()?;
+            return Some(make(parts));
+        }
+    }
+    let eq = top_level(t, |x| *x == Tok::Eq)?;
+    let [at] = eq[..] else { return None };
+    let (lhs, rhs) = (&t[..at], &t[at + 1..]);
+    let (col, expr) = match (column(lhs, columns), column(rhs, columns)) {
+        (Some(c), None) => (c, rhs),
+        (None, Some(c)) => (c, lhs),
+        _ => return None,
+    };
+    if !claims_only(expr) {
+        return None;
+    }
+    let c = &columns[col];
+    if !matches!(
+        c.type_name,
+        "text" | "uuid" | "smallint" | "integer" | "bigint"
+    ) || (c.type_name == "text" && !c.deterministic)
+    {
+        return None;
+    }
+    terms.push(Term {
+        column: c.source?,
+        type_name: c.type_name.to_owned(),
+        expr: render(expr).into(),
+    });
+    Some(Formula::Term(terms.len() - 1))
+}
+
+fn column(t: &[Tok], columns: &[ShapeColumn<'_>]) -> Option<usize> {
+    let [Tok::Ident { name, quoted }] = t else {
+        return None;
+    };
+    if !quoted
+        && ["true", "false", "null", "and", "or", "not"]
+            .contains(&name.to_ascii_lowercase().as_str())
+    {
+        return None;
+    }
+    columns.iter().position(|c| c.name == name)
+}
+
+const SETTINGS: [&str; 3] = [
+    "request.jwt.claims",
+    "request.jwt.claim.sub",
+    "request.jwt.claim.role",
+];
+const TYPES: [&str; 8] = [
+    "text", "jsonb", "json", "uuid", "integer", "bigint", "smallint", "boolean",
+];
+
+/// Whether the tokens are an expression of constants and the claim settings only.
+fn claims_only(t: &[Tok]) -> bool {
+    let mut i = 0;
+    // Per open parenthesis: whether it opens a `( SELECT expr [AS name] )`.
+    let mut open: Vec<bool> = Vec::new();
+    while i < t.len() {
+        match &t[i] {
+            Tok::Open => {
+                // `( SELECT expr )`: a scalar sub-select without FROM is its expression.
+                let select = t.get(i + 1).is_some_and(|x| is_word(x, "SELECT"));
+                open.push(select);
+                if select {
+                    i += 1;
+                }
+            }
+            Tok::Close => {
+                if open.pop().is_none() {
+                    return false;
+                }
+            }
+            // The output name of the sub-select's column, right before its end.
+            x if is_word(x, "AS")
+                && open.last() == Some(&true)
+                && matches!(t.get(i + 1), Some(Tok::Ident { .. }))
+                && t.get(i + 2) == Some(&Tok::Close) =>
+            {
+                i += 1
+            }
+            Tok::Str(_) | Tok::Num(_) | Tok::Arrow | Tok::ArrowText => {}
+            Tok::Cast => match t.get(i + 1) {
+                Some(Tok::Ident {
+                    name,
+                    quoted: false,
+                }) if TYPES.contains(&name.as_str()) => i += 1,
+                _ => return false,
+            },
+            Tok::Ident {
+                name,
+                quoted: false,
+            } if name == "current_setting" => {
+                // current_setting('<claim setting>'::text [, true|false])
+                let ok = matches!(t.get(i + 1), Some(Tok::Open))
+                    && matches!(t.get(i + 2), Some(Tok::Str(s)) if SETTINGS.contains(&s.as_str()))
+                    && t.get(i + 3) == Some(&Tok::Cast)
+                    && t.get(i + 4).is_some_and(|x| is_word(x, "text"));
+                if !ok {
+                    return false;
+                }
+                match (t.get(i + 5), t.get(i + 6), t.get(i + 7)) {
+                    (Some(Tok::Close), _, _) => i += 5,
+                    (Some(Tok::Comma), Some(b), Some(Tok::Close))
+                        if is_word(b, "true") || is_word(b, "false") =>
+                    {
+                        i += 7
+                    }
+                    _ => return false,
+                }
+            }
+            Tok::Ident { .. } | Tok::Comma | Tok::Eq => return false,
+        }
+        i += 1;
+    }
+    open.is_empty()
+}
+
+/// The tokens as SQL again (for evaluating E on its own), separated by spaces.
+fn render(t: &[Tok]) -> String {
+    let mut parts: Vec<String> = Vec::with_capacity(t.len());
+    for tok in t {
+        parts.push(match tok {
+            Tok::Ident { name, quoted: true } => rls::quote_ident(name),
+            Tok::Ident { name, .. } => name.clone(),
+            Tok::Str(x) => format!("'{}'", x.replace('\'', "''")),
+            Tok::Num(n) => n.clone(),
+            Tok::Open => "(".into(),
+            Tok::Close => ")".into(),
+            Tok::Comma => ",".into(),
+            Tok::Cast => "::".into(),
+            Tok::Arrow => "->".into(),
+            Tok::ArrowText => "->>".into(),
+            Tok::Eq => "=".into(),
+        });
+    }
+    parts.join(" ")
+}
+
+impl Shape {
+    /// The derived value of each term for one identity into `out`, from `lookup` (by
+    /// expression); whether all are there and usable (not raised, and of the column's type).
+    pub fn resolve_into<'a>(
+        &self,
+        lookup: impl Fn(&Arc<str>) -> Option<&'a Derived>,
+        out: &mut Vec<Option<&'a str>>,
+    ) -> bool {
+        out.clear();
+        for t in &self.terms {
+            match lookup(&t.expr) {
+                Some(Some((value, ty))) if *ty == t.type_name => out.push(value.as_deref()),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    fn eval(&self, f: &Formula, row: &[Value], values: &[Option<&str>]) -> bool {
+        match f {
+            Formula::Term(i) => {
+                let (Some(term), Some(Some(v))) = (self.terms.get(*i), values.get(*i)) else {
+                    return false;
+                };
+                row.get(term.column)
+                    .and_then(Value::text)
+                    .is_some_and(|text| text == *v)
+            }
+            Formula::And(fs) => fs.iter().all(|f| self.eval(f, row, values)),
+            Formula::Or(fs) => fs.iter().any(|f| self.eval(f, row, values)),
+        }
+    }
+
+    /// Whether the policies return `row` (permissive ones OR'd, restrictive ones AND'd).
+    pub fn visible(&self, row: &[Value], values: &[Option<&str>]) -> bool {
+        self.permissive.iter().any(|f| self.eval(f, row, values))
+            && self.restrictive.iter().all(|f| self.eval(f, row, values))
+    }
+}
+
+/// The access of an identity to `change` under `policy` (whose rows are a checked rule
+/// with this shape), decided in process exactly as the per-group check would
+/// (wal/checks.rs): the same images, the same judgeability, the same DELETE rule.
+pub fn decide(
+    policy: &TablePolicy,
+    reads: &[bool],
+    shape: &Shape,
+    values: &[Option<&str>],
+    change: &Change,
+    deletes: RlsDeletes,
+) -> Access {
+    if !policy.select {
+        return Access::Deny;
+    }
+    if deletes == RlsDeletes::PrimaryKey
+        && change.kind == ChangeKind::Delete
+        && change.table.replica_identity != ReplicaIdentity::Full
+    {
+        return rls::access(policy, true, true);
+    }
+    let judge = |row: &[Value]| -> Option<bool> {
+        let judgeable = reads
+            .iter()
+            .enumerate()
+            .all(|(i, r)| !*r || row.get(i).is_some_and(Value::is_known));
+        judgeable.then(|| shape.visible(row, values))
+    };
+    let images = rls::images(change);
+    let primary = images.primary.as_deref().and_then(judge);
+    let old = match (primary, images.old) {
+        _ if change.kind == ChangeKind::Delete => primary,
+        (Some(_), Some(row)) => judge(row),
+        _ => None,
+    };
+    rls::access(policy, primary == Some(true), old == Some(true))
+}
+
+/// Compute `exprs` for one identity in Postgres, under its role and claims, in one
+/// transaction that is rolled back. A statement that raises makes every one unusable
+/// (`None`); a connection problem is an error (try again later).
+pub async fn derive(
+    pool: &ExclusivePool,
+    identity: &Identity,
+    exprs: &[Arc<str>],
+) -> Result<Vec<Derived>, AuthzError> {
+    let mut sql = String::from("SELECT ");
+    for (i, e) in exprs.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        // The expressions are catalog text from pg_policy, re-rendered from their tokens.
+        sql.push_str(&format!(
+            "({e})::pg_catalog.text, pg_catalog.pg_typeof({e})::pg_catalog.text"
+        ));
+    }
+    let lease = pool
+        .acquire()
+        .await
+        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    let client = lease.client();
+    let setup = format!(
+        "BEGIN READ ONLY; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}; \
+         SET LOCAL search_path = pg_catalog",
+        rls::quote_ident(&identity.role),
+        rls::CHECK_TIMEOUT.as_millis()
+    );
+    let claims: &str = &identity.claims;
+    let sub = rls::claim_str(&identity.claims, "sub");
+    let sub: &str = &sub;
+    let role: &str = &identity.role;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&claims, &sub, &role];
+    // One step after the other, not pipelined: a query given as text is parsed in a round
+    // trip of its own before it runs, so a ROLLBACK sent alongside would end the
+    // transaction first and the query would run without the role and the claims.
+    if let Err(err) = client.batch_execute(&setup).await {
+        let err = AuthzError::from_pg(&err);
+        lease.discard();
+        return Err(err);
+    }
+    let row = async {
+        client.query(rls::SET_CLAIMS_SQL, &params).await?;
+        client.query_one(&sql, &[]).await
+    }
+    .await;
+    if let Err(err) = client.batch_execute("ROLLBACK").await {
+        let err = AuthzError::from_pg(&err);
+        lease.discard();
+        return Err(err);
+    }
+    lease.done();
+    let row = match row {
+        Ok(row) => row,
+        Err(err) => {
+            return match AuthzError::from_pg(&err) {
+                AuthzError::Unavailable(m) => Err(AuthzError::Unavailable(m)),
+                AuthzError::Failed { .. } => Ok(vec![None; exprs.len()]),
+            }
+        }
+    };
+    let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
+    let mut out = Vec::with_capacity(exprs.len());
+    for i in 0..exprs.len() {
+        let value: Option<String> = row.try_get(2 * i).map_err(get)?;
+        let ty: String = row.try_get(2 * i + 1).map_err(get)?;
+        out.push(Some((value, ty)));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols() -> Vec<ShapeColumn<'static>> {
+        [
+            ("owner", "text"),
+            ("o2", "uuid"),
+            ("n", "integer"),
+            ("Odd", "text"),
+            ("f", "double precision"),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, type_name))| ShapeColumn {
+            name,
+            type_name,
+            source: Some(i),
+            deterministic: true,
+        })
+        .collect()
+    }
+
+    #[test]
+    fn deparsed_claims_comparisons_are_recognized() {
+        let c = cols();
+        // As pg_get_expr deparses them (Postgres 15).
+        let a = "(owner = ((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))";
+        let s = recognize(&[(true, a)], &c).expect("recognized");
+        assert_eq!(s.terms.len(), 1);
+        assert_eq!(s.terms[0].column, 0);
+        assert_eq!(
+            &*s.terms[0].expr,
+            "( ( current_setting ( 'request.jwt.claims' :: text , true ) ) :: jsonb ->> 'sub' :: text )"
+        );
+        let p2 = "(( SELECT (((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'tenant'::text))::integer AS int4) = n)";
+        assert_eq!(recognize(&[(true, p2)], &c).unwrap().terms[0].column, 2);
+        let b = "((((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))::uuid = o2)";
+        assert_eq!(recognize(&[(true, b)], &c).unwrap().terms[0].column, 1);
+        let d = "(((\"Odd\" = current_setting('request.jwt.claim.sub'::text, true)) AND (n = 3)) OR (owner = ( SELECT ((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))))";
+        let s = recognize(&[(true, d), (false, b)], &c).expect("recognized");
+        assert_eq!(s.terms.len(), 4);
+        assert!(matches!(&s.permissive[0], Formula::Or(v) if v.len() == 2));
+        assert_eq!(s.restrictive.len(), 1);
+    }
+
+    #[test]
+    fn anything_else_stays_per_group() {
+        let c = cols();
+        for q in [
+            "rls_bench_is_mine(owner)",
+            "(owner = auth.uid())",
+            "(owner <> ((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))",
+            "(NOT (owner = 'x'::text))",
+            "(owner = current_setting('search_path'::text))",
+            "(owner = (n)::text)",
+            "(owner = ( SELECT m.owner FROM members m))",
+            "(owner = ( SELECT 'a'::text AS x FROM members))",
+            "(f = (3)::double precision)",
+            "(owner = lower(((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text)))",
+            "((owner = 'a'::text) IS TRUE)",
+            "(owner = E'a'::text)",
+            "(owner = owner)",
+        ] {
+            assert_eq!(recognize(&[(true, q)], &c), None, "{q}");
+        }
+        // A restrictive policy alone shows nothing: not a shape (RowRule::Nothing decides).
+        let a = "(owner = 'a'::text)";
+        assert_eq!(recognize(&[(false, a)], &c), None);
+        // One unrecognized policy among recognized ones: the table stays per group.
+        assert_eq!(recognize(&[(true, a), (true, "rls_fn(owner)")], &c), None);
+        // A nondeterministic collation: text equality is not byte equality.
+        let mut c2 = cols();
+        c2[0].deterministic = false;
+        assert_eq!(recognize(&[(true, a)], &c2), None);
+    }
+
+    fn present(text: &str) -> Value {
+        Value::Present {
+            text: text.into(),
+            json: format!("{text:?}").into(),
+        }
+    }
+
+    #[test]
+    fn nulls_and_types_never_show_a_row() {
+        let c = cols();
+        let q = "((owner = 'a'::text) OR (n = 3))";
+        let s = recognize(&[(true, q)], &c).unwrap();
+        let row = |owner: Option<&str>, n: Option<&str>| {
+            vec![
+                owner.map_or(Value::Null, present),
+                Value::Null,
+                n.map_or(Value::Null, present),
+            ]
+        };
+        let d: Vec<Derived> = vec![
+            Some((Some("a".into()), "text".into())),
+            Some((Some("3".into()), "integer".into())),
+        ];
+        let mut values = Vec::new();
+        assert!(s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &d[i]),
+            &mut values
+        ));
+        assert!(s.visible(&row(Some("a"), None), &values));
+        assert!(s.visible(&row(None, Some("3")), &values));
+        assert!(!s.visible(&row(Some("b"), Some("4")), &values));
+        assert!(!s.visible(&row(None, None), &values));
+        // E of another type than its column: unusable (falls back to the check).
+        let wrong: Vec<Derived> = vec![
+            Some((Some("a".into()), "text".into())),
+            Some((Some("3".into()), "bigint".into())),
+        ];
+        let mut none = Vec::new();
+        assert!(!s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &wrong[i]),
+            &mut none
+        ));
+        // A NULL E matches nothing.
+        let null: Vec<Derived> = vec![Some((None, "text".into())), Some((None, "integer".into()))];
+        let mut values = Vec::new();
+        assert!(s.resolve_into(
+            |e| s.terms.iter().position(|t| t.expr == *e).map(|i| &null[i]),
+            &mut values
+        ));
+        assert!(!s.visible(&row(Some("a"), Some("3")), &values));
+    }
+}
