@@ -182,6 +182,15 @@ line(ts(0, 24, "Change history", [
          (f"max by (instance) (walcast_feed_history_bytes{J})", "{{instance}}")], "bytes",
         "Bytes of recent changes kept for feeds to resume from (--history-bytes)"), h=6)
 
+row("Joins: catalog cache and private checks")
+line(ts(0, 12, "Catalog cache lookups / s", [
+         (rate("walcast_catalog_cache_lookups_total", "kind, outcome"), "{{kind}} {{outcome}}")], "ops",
+        "What joins read from the catalog: hit (cached, or shared with a query in flight) or miss (queried)"),
+     ts(12, 12, "Private read checks / s", [
+         (rate("walcast_private_read_checks_total"), "checks"),
+         (rate("walcast_private_read_batches_total"), "round trips")], "ops",
+        "Private-channel read checks and the batched round trips that answered them"))
+
 
 def variable(name, query, all_=False):
     v = {"name": name, "label": name, "type": "query", "datasource": DS,

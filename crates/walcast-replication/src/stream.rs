@@ -465,6 +465,12 @@ impl ReaderTask {
                     }));
                 }
                 Backend::Message(Message::CopyDone) => return Err(ReplicationError::StreamEnded),
+                // A walsender told to shut down ends the stream with CommandComplete ("COPY
+                // 0") and no CopyDone once everything it sent is replicated: the server is
+                // going away, which is transient, not a protocol violation.
+                Backend::Message(Message::CommandComplete(_) | Message::ReadyForQuery(_)) => {
+                    return Err(ReplicationError::StreamEnded)
+                }
                 Backend::Message(Message::ErrorResponse(body)) => {
                     let db = parse_db_error(body.fields())?;
                     tracing::warn!(code = %db.code, message = %db.message, "replication stream error from the server");
