@@ -3,6 +3,7 @@
 //! on the stream and on replays, long-poll, and broadcast topics as SSE.
 
 mod support;
+use support::{database, name};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -11,23 +12,10 @@ use serde_json::{json, Value};
 use support::server::{token_with, Options, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use walcast_testkit::{PgCluster, TestDb};
+use walcast_testkit::TestDb;
 
 /// How long any single expected event may take (shared 2-core machines).
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn database() -> (TestDb, tokio_postgres::Client) {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("a fresh test database");
-    let sql = db.connect().await.expect("connect to the test database");
-    (db, sql)
-}
-
-fn name(db: &TestDb, suffix: &str) -> String {
-    format!("{}_{suffix}", db.name())
-}
 
 async fn serve(db: &TestDb, tag: &str, extra: &[&str]) -> Server {
     Server::start_with(

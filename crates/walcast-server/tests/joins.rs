@@ -21,30 +21,18 @@
 //! temporary slot: they run in parallel.
 
 mod support;
+use support::{database, name};
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::server::{token_with, Client, Frame, Options, Server};
-use walcast_testkit::{PgCluster, TestDb};
+use walcast_testkit::TestDb;
 
 /// How long any single expected frame may take (generous: shared 2-core machines).
 const WAIT: Duration = Duration::from_secs(15);
 /// The server's CATALOG_TTL (db::catalog_cache).
 const CATALOG_TTL: Duration = Duration::from_secs(10);
-
-async fn database() -> (TestDb, tokio_postgres::Client) {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("a fresh test database");
-    let sql = db.connect().await.expect("connect to the test database");
-    (db, sql)
-}
-
-fn name(db: &TestDb, suffix: &str) -> String {
-    format!("{}_{suffix}", db.name())
-}
 
 /// A server on a temporary slot of its own, join limits out of the way (the tests make many
 /// joins at once from one address).

@@ -14,6 +14,7 @@
 //! own temporary replication slot and its own server port: they run in parallel.
 
 mod support;
+use support::{database, name};
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use serde_json::{json, Value};
 use support::server::{token_with, Client, Frame, HttpResponse, Options, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use walcast_testkit::{PgCluster, TestDb};
+use walcast_testkit::TestDb;
 
 /// How long any single expected frame may take (generous: shared 2-core machines).
 const WAIT: Duration = Duration::from_secs(15);
@@ -36,20 +37,7 @@ const OTHER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 // ----------------------------------------------------------------------------------------
 // Set-up helpers
 
-async fn database() -> (TestDb, tokio_postgres::Client) {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("a fresh test database");
-    let sql = db.connect().await.expect("connect to the test database");
-    (db, sql)
-}
-
 /// A cluster-wide name (role, slot) unique to this test's database.
-fn name(db: &TestDb, suffix: &str) -> String {
-    format!("{}_{suffix}", db.name())
-}
-
 /// Start the server on a temporary slot of its own.
 async fn serve(db: &TestDb, tag: &str, opts: Options) -> Server {
     Server::start_with(db.url(), &name(db, tag), opts.args(&["--temporary-slot"])).await

@@ -6,27 +6,15 @@
 //! Each test has its own database (roles prefixed with its name), temporary slot and port.
 
 mod support;
+use support::{database, name};
 
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::server::{token_with, Client, Frame, Options, Server};
-use walcast_testkit::{PgCluster, TestDb};
+use walcast_testkit::TestDb;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-async fn database() -> (TestDb, tokio_postgres::Client) {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("a fresh test database");
-    let sql = db.connect().await.expect("connect to the test database");
-    (db, sql)
-}
-
-fn name(db: &TestDb, suffix: &str) -> String {
-    format!("{}_{suffix}", db.name())
-}
 
 async fn serve(db: &TestDb, tag: &str, extra: &[&str]) -> Server {
     let opts = Options::default().args(&["--temporary-slot"]).args(extra);

@@ -8,6 +8,21 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// A fresh database in the shared test cluster, and a connection to it.
+pub async fn database() -> (walcast_testkit::TestDb, tokio_postgres::Client) {
+    let db = walcast_testkit::PgCluster::shared()
+        .fresh_database()
+        .await
+        .expect("a fresh test database");
+    let sql = db.connect().await.expect("connect to the test database");
+    (db, sql)
+}
+
+/// A slot or object name unique to this database (parallel tests never share one).
+pub fn name(db: &walcast_testkit::TestDb, suffix: &str) -> String {
+    format!("{}_{suffix}", db.name())
+}
+
 /// Run each statement on its own (a multi-statement simple query is one implicit transaction).
 pub async fn exec_each(sql: &tokio_postgres::Client, statements: &[&str]) {
     for s in statements {
