@@ -119,6 +119,32 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: LimitArgs,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode: several nodes over one Redis (see `crate::cluster`).
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Redis to run as a cluster node over (`redis://[user:password@]host:port[/db]`). Every
+    /// node points at the same Postgres, slot and Redis. Without it walcast is one process.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// This node's name in the cluster (logs, metrics, presence ownership). Default: the host
+    /// name, the process id and a random suffix, so that a restarted node is a new node.
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// How long the streamer's lease lives without renewal: within this a surviving node
+    /// takes over the slot when the streamer dies or loses Redis.
+    #[arg(long, env = "FAILOVER_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub failover_timeout_secs: u64,
+
+    /// A node silent for this long is gone: its presences leave on every other node.
+    #[arg(long, env = "PRESENCE_NODE_TIMEOUT_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub presence_node_timeout_secs: u64,
 }
 
 /// Limits and timeouts (Supabase's defaults where it has one).

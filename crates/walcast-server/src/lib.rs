@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod authz;
 pub mod cli;
+pub mod cluster;
 pub mod cmd;
 pub mod db;
 pub mod env_compat;

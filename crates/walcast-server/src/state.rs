@@ -94,6 +94,8 @@ pub struct AppState {
     pub catalog: Arc<crate::db::catalog_cache::CatalogCache>,
     /// Private-channel read checks, batched into shared round trips.
     pub private_reads: crate::authz::private::ReadBatcher,
+    /// Cluster mode (`--redis-url`): this node and the Redis it shares with the others.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -136,6 +138,7 @@ impl AppState {
             feeds: Arc::default(),
             catalog,
             private_reads,
+            cluster: None,
             jwt,
             hub,
             sql,
@@ -149,6 +152,12 @@ impl AppState {
             next_subscriber: AtomicU64::new(1),
             sockets: AtomicU64::new(0),
         }
+    }
+
+    /// Run as a node of `cluster` (`None`: one process).
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> AppState {
+        self.cluster = cluster;
+        self
     }
 
     /// Take a socket slot: counted in first, then checked, so concurrent upgrades can never

@@ -161,17 +161,24 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             Err(e) => tracing::debug!(error = ?format!("{e:#}"), "cannot read the WAL position"),
         }
     }
+    let cluster = crate::cluster::Cluster::from_args(&args.cluster, &cfg.slot)?;
+    if let Some(c) = &cluster {
+        tracing::info!(node = %c.node_id(), "cluster mode: this node shares Redis with the others");
+    }
     let replicator = Replicator::new(cfg.clone());
-    let state = Arc::new(AppState::new(
-        jwt,
-        hub.clone(),
-        sql.clone(),
-        cfg.publication.clone(),
-        limits,
-        types.clone(),
-        replicator.streaming_flag(),
-        token_roles,
-    ));
+    let state = Arc::new(
+        AppState::new(
+            jwt,
+            hub.clone(),
+            sql.clone(),
+            cfg.publication.clone(),
+            limits,
+            types.clone(),
+            replicator.streaming_flag(),
+            token_roles,
+        )
+        .with_cluster(cluster),
+    );
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut pump_shutdown = shutdown_rx.clone();
