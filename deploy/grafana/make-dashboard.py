@@ -192,6 +192,17 @@ line(ts(0, 12, "Catalog cache lookups / s", [
         "Private-channel read checks and the batched round trips that answered them"))
 
 
+row("Cluster (Redis)")
+line(ts(0, 8, "Redis link and cluster size", [
+         (f"min(walcast_cluster_redis_up{J})", "Redis up (min over nodes)"),
+         (f"max(walcast_cluster_nodes{J})", "live nodes")],
+        desc="Cluster mode: 1 while each node's Redis link answers; nodes heartbeating"),
+     ts(8, 8, "Redis round trip", [
+         (f"max by (instance) (walcast_cluster_redis_rtt_seconds{J})", "{{instance}}")], "s"),
+     ts(16, 8, "Messages between nodes / s", [
+         (rate("walcast_cluster_messages_total", "kind, direction"), "{{kind}} {{direction}}")], "ops",
+        "Broadcasts, presence states and sync requests published, received and dropped"))
+
 def variable(name, query, all_=False):
     v = {"name": name, "label": name, "type": "query", "datasource": DS,
          "query": {"query": query, "refId": name}, "definition": query, "refresh": 1,

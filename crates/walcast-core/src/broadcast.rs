@@ -22,8 +22,9 @@
 //! - Binary-payload broadcasts are never sent to vsn 1.0.0 members, and no binary frame
 //!   other than kind 4 is produced.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use walcast_protocol::{
@@ -160,6 +161,21 @@ pub struct FanoutStats {
     pub encoded: u64,
 }
 
+/// Member ids at or above this stand for presence entries of other cluster nodes (merged by
+/// [`Topics::merge_node`]); the server's own subscriber ids never get this high.
+pub const REMOTE_MEMBER_BIT: MemberId = 1 << 63;
+
+/// Told about changes other nodes of a cluster need to hear of. Called under the topic lock
+/// (so calls come in the order the changes happened): implementations only enqueue.
+pub trait TopicObserver: Send + Sync {
+    /// The topic got its first local member.
+    fn opened(&self, key: &TopicKey);
+    /// The topic's last local member left.
+    fn closed(&self, key: &TopicKey);
+    /// This node's own presence entries of the topic changed.
+    fn presence_changed(&self, key: &TopicKey);
+}
+
 struct Topic {
     /// `realtime:<name>`, as frames carry it.
     wire: Arc<str>,
@@ -167,6 +183,8 @@ struct Topic {
     /// member id → index in `members` (swap-remove keeps both O(1)).
     index: HashMap<MemberId, usize>,
     presence: PresenceState,
+    /// (node, that node's member id) → our member id for its presence entry.
+    remote: HashMap<(Arc<str>, MemberId), MemberId>,
 }
 
 impl Topic {
@@ -269,6 +287,8 @@ pub fn broadcast_frame(wire_topic: &str, vsn: Vsn, body: &Body) -> Option<OutFra
 pub struct Topics {
     topics: RwLock<HashMap<TopicKey, Topic>>,
     refs: Mutex<RefGen>,
+    observer: OnceLock<Arc<dyn TopicObserver>>,
+    next_remote: AtomicU64,
 }
 
 impl Topics {
@@ -277,6 +297,20 @@ impl Topics {
         Topics {
             topics: RwLock::new(HashMap::new()),
             refs: Mutex::new(RefGen::new(salt)),
+            observer: OnceLock::new(),
+            next_remote: AtomicU64::new(REMOTE_MEMBER_BIT),
+        }
+    }
+
+    /// Watch topics open and close and local presence change (cluster mode). Set once;
+    /// `false` when an observer was already set.
+    pub fn set_observer(&self, observer: Arc<dyn TopicObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn notify(&self, f: impl FnOnce(&dyn TopicObserver)) {
+        if let Some(o) = self.observer.get() {
+            f(o.as_ref());
         }
     }
 
@@ -306,6 +340,7 @@ impl Topics {
             members: Vec::new(),
             index: HashMap::new(),
             presence: PresenceState::default(),
+            remote: HashMap::new(),
         });
         let out = before();
         if let Some(join_ref) = opts.presence_state {
@@ -322,6 +357,9 @@ impl Topics {
         topic.remove_member(id);
         topic.index.insert(id, topic.members.len());
         topic.members.push((id, member));
+        if topic.members.len() == 1 {
+            self.notify(|o| o.opened(key));
+        }
         Ok(out)
     }
 
@@ -354,13 +392,21 @@ impl Topics {
         let Some(topic) = topics.get_mut(key) else {
             return FanoutStats::default();
         };
-        topic.remove_member(id);
+        let was_member = topic.remove_member(id);
         let stats = match topic.presence.untrack(id) {
-            Some(diff) => fan_out_diff(topic, &diff),
+            Some(diff) => {
+                self.notify(|o| o.presence_changed(key));
+                fan_out_diff(topic, &diff)
+            }
             None => FanoutStats::default(),
         };
-        if topic.members.is_empty() && topic.presence.is_empty() {
+        // Local presence belongs to members, so what is left without members is other
+        // nodes' entries, which nobody here watches any more.
+        if topic.members.is_empty() {
             topics.remove(key);
+            if was_member {
+                self.notify(|o| o.closed(key));
+            }
         }
         stats
     }
@@ -390,6 +436,9 @@ impl Topics {
             let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
             topic.presence.track(id, presence_key, payload, &mut refs)
         };
+        if diff.is_some() {
+            self.notify(|o| o.presence_changed(key));
+        }
         Ok(diff.map(|d| fan_out_diff(topic, &d)))
     }
 
@@ -398,6 +447,7 @@ impl Topics {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
         let topic = topics.get_mut(key)?;
         let diff = topic.presence.untrack(id)?;
+        self.notify(|o| o.presence_changed(key));
         Some(fan_out_diff(topic, &diff))
     }
 
@@ -471,6 +521,107 @@ impl Topics {
         }
         stats.encoded = cache.encoded;
         stats
+    }
+
+    /// Topics with local members (cluster mode: what to subscribe to after a reconnect).
+    pub fn local_topics(&self) -> Vec<TopicKey> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .iter()
+            .filter(|(_, t)| !t.members.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// This node's own presence entries of a topic: (member id, key, meta).
+    pub fn local_presence(&self, key: &TopicKey) -> Vec<(MemberId, String, String)> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics.get(key).map_or_else(Vec::new, |t| {
+            t.presence.entries(|m| m < REMOTE_MEMBER_BIT)
+        })
+    }
+
+    /// Replace what `node` has tracked on a topic with `entries` ((its member id, key,
+    /// meta) — its whole state for the topic), fanning out one diff of what changed. A
+    /// topic without local members is ignored (nobody here would see it).
+    pub fn merge_node(
+        &self,
+        key: &TopicKey,
+        node: &str,
+        entries: &[(MemberId, String, String)],
+    ) -> FanoutStats {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Some(topic) = topics.get_mut(key) else {
+            return FanoutStats::default();
+        };
+        if topic.members.is_empty() {
+            return FanoutStats::default();
+        }
+        let node: Arc<str> = Arc::from(node);
+        let mut diff = Diff::default();
+        let keep: HashSet<MemberId> = entries.iter().map(|(id, _, _)| *id).collect();
+        let gone: Vec<(Arc<str>, MemberId)> = topic
+            .remote
+            .keys()
+            .filter(|(n, id)| *n == node && !keep.contains(id))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(ours) = topic.remote.remove(&k) {
+                if let Some(d) = topic.presence.untrack(ours) {
+                    diff.leaves.extend(d.leaves);
+                }
+            }
+        }
+        for (id, pkey, meta) in entries {
+            let ours = *topic
+                .remote
+                .entry((node.clone(), *id))
+                .or_insert_with(|| self.next_remote.fetch_add(1, Ordering::Relaxed));
+            if let Some(d) = topic.presence.put_meta(ours, pkey, meta) {
+                diff.joins.extend(d.joins);
+                diff.leaves.extend(d.leaves);
+            }
+        }
+        fan_out_diff(topic, &diff)
+    }
+
+    /// Drop every presence entry of `node` (it went silent), with leaves to local members.
+    /// Returns how many entries were dropped.
+    pub fn drop_node(&self, node: &str) -> usize {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut dropped = 0;
+        for topic in topics.values_mut() {
+            let gone: Vec<(Arc<str>, MemberId)> = topic
+                .remote
+                .keys()
+                .filter(|(n, _)| &**n == node)
+                .cloned()
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut diff = Diff::default();
+            for k in gone {
+                if let Some(ours) = topic.remote.remove(&k) {
+                    if let Some(d) = topic.presence.untrack(ours) {
+                        dropped += 1;
+                        diff.leaves.extend(d.leaves);
+                    }
+                }
+            }
+            fan_out_diff(topic, &diff);
+        }
+        dropped
+    }
+
+    /// Nodes whose presence entries this node holds.
+    pub fn remote_nodes(&self) -> HashSet<Arc<str>> {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .values()
+            .flat_map(|t| t.remote.keys().map(|(n, _)| n.clone()))
+            .collect()
     }
 
     /// Members of a topic (tests, metrics).

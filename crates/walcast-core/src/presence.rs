@@ -193,6 +193,52 @@ impl PresenceState {
         Some(old)
     }
 
+    /// Put a meta built elsewhere (another cluster node's entry, `phx_ref` included) under
+    /// `key` for `member`. `None` when `member` already holds exactly this meta.
+    pub fn put_meta(&mut self, member: MemberId, key: &str, meta: &str) -> Option<Diff> {
+        let mut diff = Diff::default();
+        if let Some(old_key) = self.by_member.get(&member).cloned() {
+            let same = self
+                .keys
+                .get(&old_key)
+                .and_then(|metas| metas.iter().find(|t| t.member == member))
+                .is_some_and(|t| old_key == key && t.meta == meta);
+            if same {
+                return None;
+            }
+            if let Some(old) = self.remove(member) {
+                diff.leaves.push((old_key, old.meta));
+            }
+        }
+        diff.joins.push((key.to_owned(), meta.to_owned()));
+        if !self.keys.contains_key(key) {
+            self.order.push(key.to_owned());
+        }
+        self.bytes += meta.len();
+        self.keys.entry(key.to_owned()).or_default().push(Tracked {
+            member,
+            phx_ref: String::new(),
+            payload: meta.to_owned(),
+            meta: meta.to_owned(),
+        });
+        self.by_member.insert(member, key.to_owned());
+        Some(diff)
+    }
+
+    /// Every (member, key, meta) whose member passes `keep`, in state order.
+    pub fn entries(&self, keep: impl Fn(MemberId) -> bool) -> Vec<(MemberId, String, String)> {
+        self.order
+            .iter()
+            .filter_map(|k| self.keys.get(k).map(|metas| (k, metas)))
+            .flat_map(|(k, metas)| {
+                metas
+                    .iter()
+                    .filter(|t| keep(t.member))
+                    .map(move |t| (t.member, k.clone(), t.meta.clone()))
+            })
+            .collect()
+    }
+
     /// The `presence_state` payload: `{key: {"metas": [..]}, ..}`.
     pub fn state_payload(&self) -> String {
         outbound::presence_state(self.order.iter().filter_map(|k| {

@@ -563,3 +563,61 @@ pub fn private_read_batch(checks: usize) {
     counter!(PRIVATE_READ_BATCHES).increment(1);
     counter!(PRIVATE_READ_CHECKS).increment(checks as u64);
 }
+
+// Cluster mode (`crate::cluster`): the Redis link, the registry and the bus.
+pub const CLUSTER_REDIS_UP: &str = "walcast_cluster_redis_up";
+pub const CLUSTER_REDIS_RTT: &str = "walcast_cluster_redis_rtt_seconds";
+pub const CLUSTER_NODES: &str = "walcast_cluster_nodes";
+pub const CLUSTER_MESSAGES: &str = "walcast_cluster_messages_total";
+
+/// Kinds of bus messages (label `kind`) and what happened to them (label `direction`).
+const CLUSTER_MESSAGE_KINDS: [&str; 4] = ["broadcast", "presence", "sync", "invalid"];
+const CLUSTER_DIRECTIONS: [&str; 3] = ["out", "in", "dropped"];
+
+/// Describe the cluster metrics and create their series (cluster mode only).
+pub fn describe_cluster() {
+    describe_gauge!(
+        CLUSTER_REDIS_UP,
+        "1 while this node's Redis link answers PING (cluster mode)"
+    );
+    describe_gauge!(CLUSTER_REDIS_RTT, "Round trip of the last Redis PING");
+    describe_gauge!(
+        CLUSTER_NODES,
+        "Live cluster nodes (heartbeat within --presence-node-timeout-secs), this one included"
+    );
+    describe_counter!(
+        CLUSTER_MESSAGES,
+        "Messages between nodes over Redis, by kind and direction (out, in, dropped)"
+    );
+    gauge!(CLUSTER_REDIS_UP).set(0.0);
+    gauge!(CLUSTER_REDIS_RTT).set(0.0);
+    gauge!(CLUSTER_NODES).set(1.0);
+    for kind in CLUSTER_MESSAGE_KINDS {
+        for direction in CLUSTER_DIRECTIONS {
+            counter!(CLUSTER_MESSAGES, "kind" => kind, "direction" => direction).absolute(0);
+        }
+    }
+    counter!(BROADCASTS, "origin" => "cluster").absolute(0);
+    counter!(BROADCAST_DELIVERIES, "origin" => "cluster").absolute(0);
+}
+
+pub fn cluster_redis_up(up: bool) {
+    gauge!(CLUSTER_REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn cluster_redis_rtt(seconds: f64) {
+    gauge!(CLUSTER_REDIS_RTT).set(seconds);
+}
+
+pub fn cluster_nodes(n: usize) {
+    gauge!(CLUSTER_NODES).set(n as f64);
+}
+
+/// One bus message: `kind` of [`CLUSTER_MESSAGE_KINDS`], `direction` of [`CLUSTER_DIRECTIONS`].
+pub fn cluster_message(kind: &'static str, direction: &'static str) {
+    cluster_messages(kind, direction, 1);
+}
+
+pub fn cluster_messages(kind: &'static str, direction: &'static str, n: u64) {
+    counter!(CLUSTER_MESSAGES, "kind" => kind, "direction" => direction).increment(n);
+}

@@ -96,6 +96,8 @@ pub struct AppState {
     pub private_reads: crate::authz::private::ReadBatcher,
     /// Cluster mode (`--redis-url`): this node and the Redis it shares with the others.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Cluster mode, running: the Redis link, node registry and broadcast/presence bus.
+    pub cluster_node: Option<Arc<crate::cluster::ClusterNode>>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -139,6 +141,7 @@ impl AppState {
             catalog,
             private_reads,
             cluster: None,
+            cluster_node: None,
             jwt,
             hub,
             sql,
@@ -158,6 +161,29 @@ impl AppState {
     pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> AppState {
         self.cluster = cluster;
         self
+    }
+
+    /// Start the cluster machinery (link, registry, bus) when running as a node; must run
+    /// inside the runtime. A no-op without `--redis-url`.
+    pub fn with_cluster_node(mut self) -> AppState {
+        if let Some(c) = self.cluster.clone() {
+            crate::metrics::describe_cluster();
+            self.cluster_node = Some(crate::cluster::ClusterNode::start(c, self.topics.clone()));
+        }
+        self
+    }
+
+    /// Relay a client or HTTP broadcast to the other cluster nodes (no-op in one process).
+    /// Never for database broadcasts: every node gets those from the change stream.
+    pub fn relay_broadcast(
+        &self,
+        key: &walcast_core::broadcast::TopicKey,
+        body: &walcast_core::broadcast::Body,
+        stored_id: Option<&str>,
+    ) {
+        if let Some(node) = &self.cluster_node {
+            node.relay(key, body, stored_id);
+        }
     }
 
     /// Take a socket slot: counted in first, then checked, so concurrent upgrades can never

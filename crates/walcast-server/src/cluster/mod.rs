@@ -23,6 +23,14 @@
 //!   row-level security for its own subscribers; positions drop what a node already routed.
 //! - Without Redis a node keeps serving its own sockets and says so on `/readyz`.
 
+pub mod bus;
+pub mod link;
+pub mod node;
+pub mod nodes;
+pub mod presence;
+
+pub use node::ClusterNode;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -177,7 +177,8 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             replicator.streaming_flag(),
             token_roles,
         )
-        .with_cluster(cluster),
+        .with_cluster(cluster)
+        .with_cluster_node(),
     );
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);

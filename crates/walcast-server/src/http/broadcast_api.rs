@@ -299,10 +299,10 @@ async fn batch_inner(
             meta
         });
         let map = outbound::broadcast(&m.event, m.payload.get(), meta.as_deref());
-        let stats = s
-            .app
-            .topics
-            .publish(&TopicKey::new(topic, m.private), &Body::Map(map), None);
+        let key = TopicKey::new(topic, m.private);
+        let body = Body::Map(map);
+        let stats = s.app.topics.publish(&key, &body, None);
+        s.app.relay_broadcast(&key, &body, None);
         crate::metrics::broadcast("http", stats.delivered);
     }
     accepted()
@@ -410,6 +410,7 @@ async fn single_inner(
         Some(id) => s.app.topics.publish_stored(&key, &body, id, None),
         None => s.app.topics.publish(&key, &body, None),
     };
+    s.app.relay_broadcast(&key, &body, id.as_deref());
     crate::metrics::broadcast("http", stats.delivered);
     accepted()
 }

@@ -82,9 +82,17 @@ async fn readyz(State(s): State<HttpState>) -> Response {
         )
             .into_response();
     }
+    // Cluster mode adds a line; a Redis outage alone keeps 200 (the node still serves its
+    // own sockets, and draining every node at once on a Redis blip would be worse).
+    let cluster = s
+        .app
+        .cluster_node
+        .as_ref()
+        .map(|n| format!("{}\n", n.status_line()))
+        .unwrap_or_default();
     let reason = match s.app.health.get() {
         Readiness::Streaming if s.app.is_streaming() => {
-            return (StatusCode::OK, "ready\n").into_response()
+            return (StatusCode::OK, format!("ready\n{cluster}")).into_response()
         }
         Readiness::Streaming => "replication stream lost: reconnecting".to_owned(),
         Readiness::Starting(why) => format!("starting: {why}"),
@@ -93,7 +101,7 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     };
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("not ready: {reason}\n"),
+        format!("not ready: {reason}\n{cluster}"),
     )
         .into_response()
 }

@@ -1428,6 +1428,7 @@ impl Session {
             return;
         }
         let stats = self.state.topics.publish(&ch.realtime.key, &body, exclude);
+        self.state.relay_broadcast(&ch.realtime.key, &body, None);
         metrics::broadcast("client", stats.delivered);
         if stats.dropped > 0 {
             metrics::delivery_dropped_n("slow_client", stats.dropped);
@@ -1477,6 +1478,10 @@ impl Session {
             .state
             .topics
             .publish_stored(&ch.realtime.key, &body, &id, p.exclude);
+        // Stored rows are marked skip_broadcast, so the change stream will not carry this
+        // one: the other nodes get it here.
+        self.state
+            .relay_broadcast(&ch.realtime.key, &body, Some(&id));
         metrics::broadcast("client", stats.delivered);
         if stats.dropped > 0 {
             metrics::delivery_dropped_n("slow_client", stats.dropped);
