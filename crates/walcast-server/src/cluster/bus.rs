@@ -501,7 +501,7 @@ async fn bus(
                     handle(&cluster, &link, &topics, &key, env).await;
                 }
                 _ = check.tick() => {
-                    if !link.is_up() || tokio::time::timeout(Duration::from_secs(2), sink.ping::<String>()).await.map_or(true, |r| r.is_err()) {
+                    if !link.is_up() || tokio::time::timeout(Duration::from_secs(2), sink.ping::<redis::Value>()).await.map_or(true, |r| r.is_err()) {
                         break 'conn;
                     }
                 }
