@@ -61,3 +61,28 @@ fn prometheus_scrapes_the_compose_service_and_grafana_reads_prometheus() {
     assert!(DATASOURCE.contains("uid: walcast-prometheus"));
     assert!(DASHBOARD.contains(r#""uid": "walcast-prometheus""#));
 }
+
+const CLUSTER_COMPOSE: &str = include_str!("../../../deploy/docker-compose.cluster.yml");
+const CLUSTER_NGINX: &str = include_str!("../../../deploy/nginx-cluster.conf");
+
+#[test]
+fn the_cluster_compose_runs_three_nodes_over_one_redis_behind_nginx() {
+    for node in ["walcast-1", "walcast-2", "walcast-3"] {
+        assert!(
+            CLUSTER_COMPOSE.contains(&format!("\n  {node}:\n")),
+            "{node} service"
+        );
+        assert!(CLUSTER_COMPOSE.contains(&format!("NODE_ID: {node}")));
+        assert!(
+            CLUSTER_NGINX.contains(&format!("server {node}:4000")),
+            "nginx proxies {node}"
+        );
+    }
+    assert!(CLUSTER_COMPOSE.contains("REDIS_URL: redis://redis:6379"));
+    assert!(CLUSTER_COMPOSE.contains("\n  redis:\n"));
+    assert!(CLUSTER_COMPOSE.contains(r#""wal_level=logical""#));
+    assert!(CLUSTER_COMPOSE.contains("./nginx-cluster.conf:/etc/nginx/nginx.conf:ro"));
+    // WebSockets need the upgrade headers passed through.
+    assert!(CLUSTER_NGINX.contains("proxy_set_header Upgrade $http_upgrade;"));
+    assert!(CLUSTER_NGINX.contains("proxy_set_header Connection $connection_upgrade;"));
+}
