@@ -536,9 +536,9 @@ impl Topics {
     /// This node's own presence entries of a topic: (member id, key, meta).
     pub fn local_presence(&self, key: &TopicKey) -> Vec<(MemberId, String, String)> {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
-        topics.get(key).map_or_else(Vec::new, |t| {
-            t.presence.entries(|m| m < REMOTE_MEMBER_BIT)
-        })
+        topics
+            .get(key)
+            .map_or_else(Vec::new, |t| t.presence.entries(|m| m < REMOTE_MEMBER_BIT))
     }
 
     /// Replace what `node` has tracked on a topic with `entries` ((its member id, key,
@@ -1030,5 +1030,56 @@ mod tests {
         t.publish(&key, &Body::Map("{}".into()), Some(4));
         let got: Vec<usize> = sinks.iter().map(|s| s.take().len()).collect();
         assert_eq!(got, vec![0, 1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn other_nodes_presence_merges_replaces_and_expires() {
+        let t = Topics::new(0);
+        let key = TopicKey::new("room", false);
+        let sink = Arc::new(Sink::default());
+        t.join(
+            &key,
+            1,
+            member(&sink, Vsn::V1),
+            JoinOptions::default(),
+            || (),
+        )
+        .unwrap();
+        let meta = |r: &str| format!(r#"{{"on":"b","phx_ref":"{r}"}}"#);
+        let entries = vec![(9, "bob".to_owned(), meta("R1"))];
+        assert_eq!(t.merge_node(&key, "node-b", &entries).delivered, 1);
+        let diff = text(&sink.take()[0]);
+        assert_eq!(diff["payload"]["joins"]["bob"]["metas"][0]["phx_ref"], "R1");
+        // The same state again: nothing to tell.
+        assert_eq!(t.merge_node(&key, "node-b", &entries).delivered, 0);
+        let state: Value = serde_json::from_str(&t.presence_state(&key)).unwrap();
+        assert_eq!(state["bob"]["metas"][0]["phx_ref"], "R1");
+        // Local entries are what this node publishes; remote ones are not.
+        assert!(t.local_presence(&key).is_empty());
+        // A new state replaces the node's entries (old ref leaves, new joins).
+        t.merge_node(&key, "node-b", &[(10, "carl".to_owned(), meta("R2"))]);
+        let diff = text(&sink.take()[0]);
+        assert_eq!(
+            diff["payload"]["leaves"]["bob"]["metas"][0]["phx_ref"],
+            "R1"
+        );
+        assert_eq!(
+            diff["payload"]["joins"]["carl"]["metas"][0]["phx_ref"],
+            "R2"
+        );
+        assert!(t.remote_nodes().contains("node-b"));
+        // The node goes silent: its entries leave.
+        assert_eq!(t.drop_node("node-b"), 1);
+        let diff = text(&sink.take()[0]);
+        assert_eq!(
+            diff["payload"]["leaves"]["carl"]["metas"][0]["phx_ref"],
+            "R2"
+        );
+        assert_eq!(t.presence_state(&key), "{}");
+        assert!(t.remote_nodes().is_empty());
+        // Topics without local members ignore other nodes' state.
+        let other = TopicKey::new("empty", false);
+        assert_eq!(t.merge_node(&other, "node-b", &entries).delivered, 0);
+        assert_eq!(t.presence_state(&other), "{}");
     }
 }

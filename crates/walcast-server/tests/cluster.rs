@@ -265,7 +265,8 @@ async fn broadcast_and_presence_cross_nodes_and_survive_node_and_redis_loss() {
         "local broadcast while Redis is down"
     );
     // Nothing vouches for b any more: its presence leaves a (and a's leaves b).
-    ma.until_presence(&["alice", "erin"], "a without Redis").await;
+    ma.until_presence(&["alice", "erin"], "a without Redis")
+        .await;
     mb.until_presence(&["bob"], "b without Redis").await;
 
     // Redis back: cross-node broadcasts resume and presence is re-synced.
@@ -281,10 +282,16 @@ async fn broadcast_and_presence_cross_nodes_and_survive_node_and_redis_loss() {
     let mut got = None;
     for n in 0..40 {
         mb.broadcast("after", n).await;
-        if let Some(p) = ma.until_broadcast("after", Duration::from_millis(500)).await {
+        if let Some(p) = ma
+            .until_broadcast("after", Duration::from_millis(500))
+            .await
+        {
             got = Some(p);
             break;
         }
     }
-    assert!(got.is_some(), "no broadcast crossed from b to a after Redis came back");
+    assert!(
+        got.is_some(),
+        "no broadcast crossed from b to a after Redis came back"
+    );
 }

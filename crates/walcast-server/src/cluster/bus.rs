@@ -404,25 +404,23 @@ async fn bus(
             }
         }
         while events.try_recv().is_ok() {}
-        let pubsub = match tokio::time::timeout(
-            Duration::from_secs(4),
-            link.client().get_async_pubsub(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                tracing::debug!(error = ?e.to_string(), "cluster bus: cannot connect");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+        let pubsub =
+            match tokio::time::timeout(Duration::from_secs(4), link.client().get_async_pubsub())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = ?e.to_string(), "cluster bus: cannot connect");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
         backoff = Duration::from_millis(200);
         let (mut sink, mut stream) = pubsub.split();
         let mut subscribed: HashSet<TopicKey> = HashSet::new();
@@ -588,10 +586,7 @@ mod tests {
             presence_node_timeout_secs: 15,
         };
         let c = Cluster::from_args(&args, "s").unwrap().unwrap();
-        for key in [
-            TopicKey::new("room:1", true),
-            TopicKey::new("a:b:c", false),
-        ] {
+        for key in [TopicKey::new("room:1", true), TopicKey::new("a:b:c", false)] {
             let ch = channel(&c, &key);
             assert_eq!(topic_of(&c, &ch), Some(key));
         }

@@ -101,9 +101,17 @@ impl Link {
 
     fn set_up(&self, up: bool, error: Option<String>) {
         if up {
-            *self.inner.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            *self
+                .inner
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
         } else if let Some(e) = error {
-            *self.inner.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            *self
+                .inner
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(e);
         }
         let was = *self.inner.up.borrow();
         if was != up {

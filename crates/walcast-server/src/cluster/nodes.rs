@@ -47,7 +47,11 @@ impl Registry {
 
     /// Cluster size: live nodes, at least 1 (this node).
     pub fn size(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len().max(1)
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            .max(1)
     }
 
     fn set(&self, live: Vec<String>) {
