@@ -73,6 +73,15 @@ async fn subscribe(s: &Server, topic: &str) -> Client {
 
 /// The ids of the INSERTs `c` receives until it has `want` of them (or `limit` passes).
 async fn ids(c: &mut Client, want: usize, limit: Duration) -> Vec<i64> {
+    timed_ids(c, want, limit)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// [`ids`] with the moment each arrived.
+async fn timed_ids(c: &mut Client, want: usize, limit: Duration) -> Vec<(i64, Instant)> {
     let deadline = Instant::now() + limit;
     let mut got = Vec::new();
     while got.len() < want {
@@ -81,7 +90,7 @@ async fn ids(c: &mut Client, want: usize, limit: Duration) -> Vec<i64> {
             break;
         };
         if let Some(id) = f[4]["data"]["record"]["id"].as_i64() {
-            got.push(id);
+            got.push((id, Instant::now()));
         }
     }
     got
@@ -152,13 +161,16 @@ async fn killing_the_streamer_loses_and_duplicates_nothing_elsewhere() {
     let writer_db = db.connect().await.unwrap();
     let writer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(5));
+        let mut committed = Vec::with_capacity(N as usize);
         for id in 1..=N {
             tick.tick().await;
             writer_db
                 .execute("INSERT INTO c VALUES ($1, 'x')", &[&id])
                 .await
                 .unwrap();
+            committed.push(Instant::now());
         }
+        committed
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = servers[streamer].pid();
@@ -189,10 +201,23 @@ async fn killing_the_streamer_loses_and_duplicates_nothing_elsewhere() {
         )
     });
     println!("failover: a surviving node streamed the slot {failover:?} after SIGKILL of the streamer (--failover-timeout-secs 2)");
-    writer.await.unwrap();
+    let committed = writer.await.unwrap();
     let want: Vec<i64> = (1..=N as i64).collect();
     for (k, c) in clients.iter_mut().enumerate() {
-        let got = ids(c, N as usize, Duration::from_secs(30)).await;
+        let timed = timed_ids(c, N as usize, Duration::from_secs(30)).await;
+        // The longest a change committed after the kill waited for this node's subscriber.
+        let worst = timed
+            .iter()
+            .filter_map(|(id, at)| {
+                let done = committed.get(usize::try_from(*id - 1).ok()?)?;
+                (*done >= killed_at).then(|| at.saturating_duration_since(*done))
+            })
+            .max();
+        println!(
+            "failover: node {}'s subscriber waited at most {worst:?} for a change committed after the kill",
+            survivors[k]
+        );
+        let got: Vec<i64> = timed.into_iter().map(|(id, _)| id).collect();
         // A short extra wait: a duplicate would arrive after the last id.
         let extra = ids(c, 1, Duration::from_millis(500)).await;
         let i = survivors[k];
@@ -206,6 +231,11 @@ async fn killing_the_streamer_loses_and_duplicates_nothing_elsewhere() {
         );
         assert_eq!(got, want, "node {i}: every change once, in commit order");
         assert!(extra.is_empty(), "node {i}: duplicates {extra:?}");
+    }
+    if std::env::var_os("CLUSTER_DEBUG").is_some() {
+        for &i in &survivors {
+            println!("--- node {i}\n{}", servers[i].log());
+        }
     }
     // The former streamer is gone for good; the survivors keep one streamer.
     servers.remove(streamer);

@@ -55,14 +55,36 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before trying again after Redis or the slot said no.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Most transactions published in one round trip, and about how many bytes.
+const PUBLISH_BATCH: usize = 64;
+const PUBLISH_BATCH_BYTES: usize = 1 << 20;
+
+/// KEYS: lease, stream, published. ARGV: node, maxlen, then (end, rel, txn) per transaction
+/// in commit order. -1 (nothing added) unless the lease is this node's; else how many were
+/// added (those at or before the last published end are not).
 const PUBLISH: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local prev = redis.call('GET', KEYS[3])
-if prev and prev >= ARGV[3] then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'end', ARGV[3], 'prev', prev or '', 'rel', ARGV[4], 'txn', ARGV[5])
-redis.call('SET', KEYS[3], ARGV[3])
-return 1
+local added = 0
+for i = 3, #ARGV, 3 do
+  local e = ARGV[i]
+  if not prev or prev < e then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'end', e, 'prev', prev or '', 'rel', ARGV[i + 1], 'txn', ARGV[i + 2])
+    prev = e
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('SET', KEYS[3], prev) end
+return added
 "#;
+
+/// A transaction gathered by the streamer, ready to publish.
+struct Gathered {
+    end: Lsn,
+    rel: Vec<u8>,
+    txn: Vec<u8>,
+    events: Vec<StreamEvent>,
+}
 
 /// This node's role, for metrics and `/readyz`.
 static STREAMER: AtomicBool = AtomicBool::new(false);
@@ -235,8 +257,11 @@ pub struct ClusterSource {
     txn_events: Vec<StreamEvent>,
     txn_relations: Vec<u32>,
     in_txn: bool,
-    /// A Commit was received and its transaction is not yet published.
-    to_publish: Option<Lsn>,
+    /// Transactions received in full and not yet published (their Commits are held).
+    batch: Vec<Gathered>,
+    batch_bytes: usize,
+    /// The batch is complete: publish it before reading on.
+    publish_now: bool,
     /// Latest Relation message per relation id this node's decoder has seen.
     relations: HashMap<u32, Bytes>,
     /// The newest commit end this node handed to its pump.
@@ -282,7 +307,9 @@ impl ClusterSource {
             txn_events: Vec::new(),
             txn_relations: Vec::new(),
             in_txn: false,
-            to_publish: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            publish_now: false,
             relations: HashMap::new(),
             last_end: Lsn(0),
             last_id: None,
@@ -374,7 +401,9 @@ impl ClusterSource {
         self.txn_events.clear();
         self.txn_relations.clear();
         self.in_txn = false;
-        self.to_publish = None;
+        self.batch.clear();
+        self.batch_bytes = 0;
+        self.publish_now = false;
         self.caught_up = false;
         set_streamer(false);
     }
@@ -384,8 +413,14 @@ impl ClusterSource {
         &mut self,
         until: Instant,
     ) -> Option<Result<StreamEvent, ReplicationError>> {
-        if let Some(end) = self.to_publish {
-            return self.finish_commit(end).await.map(Ok);
+        let idle = self
+            .replicator
+            .as_ref()
+            .is_some_and(|r| !r.has_buffered());
+        if self.publish_now || (idle && !self.batch.is_empty()) {
+            // Nothing more is waiting: publish what was gathered before waiting for more.
+            self.publish_now = true;
+            return self.finish_batch().await.map(Ok);
         }
         let replicator = self.replicator.as_mut()?;
         let item = tokio::select! {
@@ -429,6 +464,9 @@ impl ClusterSource {
                 self.txn_events.clear();
                 self.txn_relations.clear();
                 self.in_txn = false;
+                self.batch.clear();
+                self.batch_bytes = 0;
+                self.publish_now = false;
                 self.last_end = self.confirmed_end;
                 self.unconfirmed.clear();
                 self.ready.store(false, Ordering::Release);
@@ -467,41 +505,71 @@ impl ClusterSource {
         self.in_txn = false;
         let end = commit_end(&x.data).unwrap_or(x.wal_end);
         self.txn_events.push(StreamEvent::XLogData(x));
-        self.to_publish = Some(end);
-        self.finish_commit(end).await
+        let mut rels = std::mem::take(&mut self.txn_relations);
+        rels.sort_unstable();
+        rels.dedup();
+        let gathered = Gathered {
+            end,
+            rel: pack(rels.iter().filter_map(|id| self.relations.get(id))),
+            txn: pack(self.txn.iter()),
+            events: std::mem::take(&mut self.txn_events),
+        };
+        self.txn.clear();
+        self.batch_bytes += gathered.rel.len() + gathered.txn.len();
+        self.batch.push(gathered);
+        let more_waiting = self
+            .replicator
+            .as_ref()
+            .is_some_and(|r| r.has_buffered());
+        if more_waiting && self.batch.len() < PUBLISH_BATCH && self.batch_bytes < PUBLISH_BATCH_BYTES
+        {
+            // More transactions are already here: publish them together (one round trip).
+            // Reading on declares this Commit handed on, so hold confirmations meanwhile.
+            if let Some(r) = self.replicator.as_mut() {
+                r.hold();
+            }
+            return None;
+        }
+        self.publish_now = true;
+        self.finish_batch().await
     }
 
-    /// Publish the gathered transaction, then hand it to the pump. Cancel-safe: until it
-    /// finished, `to_publish` says so and the next `recv` starts here again (publishing is
-    /// idempotent), before the replicator could declare the Commit handed on.
-    async fn finish_commit(&mut self, end: Lsn) -> Option<StreamEvent> {
-        let published = self.publish_txn(end).await;
-        self.to_publish = None;
-        let events = std::mem::take(&mut self.txn_events);
-        self.txn.clear();
-        self.txn_relations.clear();
+    /// Publish the gathered transactions, then hand them to the pump. Cancel-safe: until it
+    /// finished, `publish_now` says so and the next `recv` starts here again (publishing is
+    /// idempotent), before the replicator could declare another Commit handed on.
+    async fn finish_batch(&mut self) -> Option<StreamEvent> {
+        let published = self.publish_batch().await;
+        self.publish_now = false;
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         if !published {
             self.stop_streaming("cannot publish while holding the lease");
             return None;
         }
-        if end <= self.last_end {
-            // Replayed after failover: routed already, as a follower.
-            metrics::cluster_skipped(1);
-            return None;
+        if !self.holding {
+            // Confirmations were held only for the batch: every Commit in it is published.
+            if let Some(r) = self.replicator.as_mut() {
+                r.release();
+            }
         }
-        self.last_end = end;
-        self.unconfirmed.push_back((end, String::new()));
-        self.pending.extend(events);
+        for g in batch {
+            if g.end <= self.last_end {
+                // Replayed after failover: routed already, as a follower.
+                metrics::cluster_skipped(1);
+                continue;
+            }
+            self.last_end = g.end;
+            self.unconfirmed.push_back((g.end, String::new()));
+            self.pending.extend(g.events);
+        }
         self.pending.pop_front()
     }
 
-    /// Publish the gathered transaction; false once the lease is gone (nothing published).
-    async fn publish_txn(&mut self, end: Lsn) -> bool {
-        let mut rels: Vec<u32> = self.txn_relations.clone();
-        rels.sort_unstable();
-        rels.dedup();
-        let rel = pack(rels.iter().filter_map(|id| self.relations.get(id)));
-        let txn = pack(self.txn.iter());
+    /// Publish the gathered transactions; false once the lease is gone (nothing published).
+    async fn publish_batch(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
         let key = self.stream_key();
         loop {
             let until = match *self.lease.borrow() {
@@ -510,30 +578,27 @@ impl ClusterSource {
             };
             let attempt = async {
                 let mut c = self.conn().await?;
-                let n: i64 = self
-                    .publish
-                    .key(super::lease::lease_key(&self.cluster))
+                let mut call = self.publish.prepare_invoke();
+                call.key(super::lease::lease_key(&self.cluster))
                     .key(&key)
                     .key(self.cluster.key("published"))
                     .arg(self.cluster.node_id())
-                    .arg(STREAM_MAXLEN)
-                    .arg(lsn_key(end))
-                    .arg(&rel)
-                    .arg(&txn)
-                    .invoke_async(&mut c)
-                    .await?;
+                    .arg(STREAM_MAXLEN);
+                for g in &self.batch {
+                    call.arg(lsn_key(g.end)).arg(&g.rel).arg(&g.txn);
+                }
+                let n: i64 = call.invoke_async(&mut c).await?;
                 redis::RedisResult::Ok(n)
             };
             match tokio::time::timeout_at(until, attempt).await {
-                Ok(Ok(1)) => {
-                    metrics::cluster_published(1);
+                // Entries already published (by the previous streamer) are not added again.
+                Ok(Ok(n)) if n >= 0 => {
+                    metrics::cluster_published(n as u64);
                     return true;
                 }
-                // Published before (by the previous streamer): nothing to add.
-                Ok(Ok(0)) => return true,
                 Ok(Ok(_)) => return false,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot publish a transaction; retrying while the lease lasts");
+                    tracing::warn!(error = %e, "cannot publish transactions; retrying while the lease lasts");
                     self.conn = None;
                     tokio::time::sleep(RETRY).await;
                 }
@@ -719,6 +784,10 @@ impl ClusterSource {
     pub fn release(&mut self) {
         self.holding = false;
         self.confirm_to(self.last_end);
+        if !self.batch.is_empty() {
+            // Commits of unpublished transactions stay held; released once published.
+            return;
+        }
         if let Some(r) = self.replicator.as_mut() {
             r.release();
         }
