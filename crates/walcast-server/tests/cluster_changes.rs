@@ -113,7 +113,11 @@ async fn a_change_reaches_subscribers_on_every_node() {
         1,
         "exactly one streamer: {roles:?}"
     );
-    assert_eq!(roles.iter().filter(|r| *r == "follower").count(), 2, "{roles:?}");
+    assert_eq!(
+        roles.iter().filter(|r| *r == "follower").count(),
+        2,
+        "{roles:?}"
+    );
     let mut clients = Vec::new();
     for (i, s) in servers.iter().enumerate() {
         clients.push(subscribe(s, &format!("realtime:c{i}")).await);
@@ -226,7 +230,10 @@ async fn killing_the_streamer_loses_and_duplicates_nothing_elsewhere() {
             want.len(),
             "node {i}: {} of {N} changes; missing e.g. {:?}\n{}",
             got.len(),
-            want.iter().filter(|x| !got.contains(x)).take(10).collect::<Vec<_>>(),
+            want.iter()
+                .filter(|x| !got.contains(x))
+                .take(10)
+                .collect::<Vec<_>>(),
             servers[i].log()
         );
         assert_eq!(got, want, "node {i}: every change once, in commit order");

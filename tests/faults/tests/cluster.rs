@@ -15,7 +15,9 @@ use walcast_faults::writer::{Outcome, Writer, WriterConfig};
 use walcast_testkit::{ClusterOptions, PgCluster, RedisServer};
 
 async fn role(port: u16) -> Option<String> {
-    let (status, body) = http::get(port, "/readyz", Duration::from_secs(2)).await.ok()?;
+    let (status, body) = http::get(port, "/readyz", Duration::from_secs(2))
+        .await
+        .ok()?;
     (status == 200).then_some(())?;
     body.lines()
         .find_map(|l| l.strip_prefix("role: "))
@@ -32,7 +34,9 @@ async fn cluster_streamer_killed() {
 }
 
 async fn run(name: &str) -> Result<()> {
-    let dir = walcast_faults::paths::target_dir().join("faults").join(name);
+    let dir = walcast_faults::paths::target_dir()
+        .join("faults")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let cluster = PgCluster::start(ClusterOptions {
@@ -147,7 +151,11 @@ async fn run(name: &str) -> Result<()> {
         let got = s.changes("events");
         let ids: Vec<i64> = got.iter().map(|(id, _)| *id).collect();
         if ids != committed {
-            let missing: Vec<_> = committed.iter().filter(|c| !ids.contains(c)).take(10).collect();
+            let missing: Vec<_> = committed
+                .iter()
+                .filter(|c| !ids.contains(c))
+                .take(10)
+                .collect();
             let mut seen = std::collections::HashSet::new();
             let dups: Vec<_> = ids.iter().filter(|i| !seen.insert(**i)).take(10).collect();
             failures.push(format!(

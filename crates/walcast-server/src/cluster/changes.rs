@@ -394,7 +394,10 @@ impl ClusterSource {
     /// published nor handed on: the next streamer replays it.
     fn stop_streaming(&mut self, why: &str) {
         if let Some(r) = self.replicator.take() {
-            tracing::warn!(reason = why, "stopped streaming the slot; following the change stream");
+            tracing::warn!(
+                reason = why,
+                "stopped streaming the slot; following the change stream"
+            );
             drop(r);
         }
         self.txn.clear();
@@ -413,10 +416,7 @@ impl ClusterSource {
         &mut self,
         until: Instant,
     ) -> Option<Result<StreamEvent, ReplicationError>> {
-        let idle = self
-            .replicator
-            .as_ref()
-            .is_some_and(|r| !r.has_buffered());
+        let idle = self.replicator.as_ref().is_some_and(|r| !r.has_buffered());
         if self.publish_now || (idle && !self.batch.is_empty()) {
             // Nothing more is waiting: publish what was gathered before waiting for more.
             self.publish_now = true;
@@ -480,10 +480,7 @@ impl ClusterSource {
         }
     }
 
-    async fn on_message(
-        &mut self,
-        x: walcast_pgoutput::framing::XLogData,
-    ) -> Option<StreamEvent> {
+    async fn on_message(&mut self, x: walcast_pgoutput::framing::XLogData) -> Option<StreamEvent> {
         let tag = x.data.first().copied();
         if tag == Some(b'R') {
             if let Some(id) = relid_at(&x.data, 1) {
@@ -517,11 +514,10 @@ impl ClusterSource {
         self.txn.clear();
         self.batch_bytes += gathered.rel.len() + gathered.txn.len();
         self.batch.push(gathered);
-        let more_waiting = self
-            .replicator
-            .as_ref()
-            .is_some_and(|r| r.has_buffered());
-        if more_waiting && self.batch.len() < PUBLISH_BATCH && self.batch_bytes < PUBLISH_BATCH_BYTES
+        let more_waiting = self.replicator.as_ref().is_some_and(|r| r.has_buffered());
+        if more_waiting
+            && self.batch.len() < PUBLISH_BATCH
+            && self.batch_bytes < PUBLISH_BATCH_BYTES
         {
             // More transactions are already here: publish them together (one round trip).
             // Reading on declares this Commit handed on, so hold confirmations meanwhile.
@@ -850,9 +846,8 @@ async fn lease_changed(rx: &mut watch::Receiver<LeaseState>) {
 /// is gone).
 fn slot_busy(e: &ReplicationError) -> bool {
     match e {
-        ReplicationError::SlotInUse { .. } | ReplicationError::SlotHeldByPreviousConnection { .. } => {
-            true
-        }
+        ReplicationError::SlotInUse { .. }
+        | ReplicationError::SlotHeldByPreviousConnection { .. } => true,
         ReplicationError::Server(db) => db.code == "55006",
         _ => false,
     }
@@ -872,9 +867,95 @@ mod tests {
 
     #[test]
     fn packed_messages_come_back() {
-        let msgs = vec![Bytes::from_static(b"B123"), Bytes::new(), Bytes::from_static(b"C")];
+        let msgs = vec![
+            Bytes::from_static(b"B123"),
+            Bytes::new(),
+            Bytes::from_static(b"C"),
+        ];
         assert_eq!(unpack(&pack(msgs.iter())).unwrap(), msgs);
         assert!(unpack(&[0, 0, 0, 9, 1]).is_none());
+    }
+
+    /// The publish script against a real redis-server: only the lease holder adds entries,
+    /// and a replay adds nothing twice.
+    #[tokio::test]
+    async fn only_the_lease_holder_publishes_and_never_twice() {
+        let redis = walcast_testkit::RedisServer::start().unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let script = redis::Script::new(PUBLISH);
+        async fn publish(
+            script: &redis::Script,
+            c: &mut redis::aio::MultiplexedConnection,
+            node: &str,
+            ends: &[u64],
+        ) -> i64 {
+            let mut call = script.prepare_invoke();
+            call.key("lease")
+                .key("changes")
+                .key("published")
+                .arg(node)
+                .arg(100);
+            for e in ends {
+                call.arg(lsn_key(Lsn(*e)))
+                    .arg(&b""[..])
+                    .arg(pack([Bytes::from_static(b"C")].iter()));
+            }
+            call.invoke_async(c).await.unwrap()
+        }
+        let len = |c: &mut redis::aio::MultiplexedConnection| {
+            let mut c = c.clone();
+            async move {
+                let n: i64 = redis::cmd("XLEN")
+                    .arg("changes")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                n
+            }
+        };
+        // Nobody holds the lease, then someone else does: nothing is added.
+        assert_eq!(publish(&script, &mut c, "a", &[10]).await, -1);
+        let _: () = redis::cmd("SET")
+            .arg("lease")
+            .arg("b")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(publish(&script, &mut c, "a", &[10]).await, -1);
+        assert_eq!(len(&mut c).await, 0);
+        // The holder publishes; a replay (b's successor a) adds only what is new.
+        assert_eq!(publish(&script, &mut c, "b", &[10, 20]).await, 2);
+        let _: () = redis::cmd("SET")
+            .arg("lease")
+            .arg("a")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(publish(&script, &mut c, "a", &[10, 20, 30]).await, 1);
+        assert_eq!(len(&mut c).await, 3);
+        let v: Value = redis::cmd("XRANGE")
+            .arg("changes")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let Value::Array(entries) = v else {
+            panic!("{v:?}")
+        };
+        let parsed: Vec<(Lsn, Option<Lsn>)> = entries
+            .iter()
+            .map(|e| parse_entry(e).map(|e| (e.end, e.prev)).unwrap())
+            .collect();
+        assert_eq!(
+            parsed,
+            vec![
+                (Lsn(10), None),
+                (Lsn(20), Some(Lsn(10))),
+                (Lsn(30), Some(Lsn(20)))
+            ]
+        );
     }
 
     #[test]

@@ -779,9 +779,7 @@ pub enum Source {
 }
 
 impl Source {
-    async fn recv(
-        &mut self,
-    ) -> Option<Result<StreamEvent, walcast_replication::ReplicationError>> {
+    async fn recv(&mut self) -> Option<Result<StreamEvent, walcast_replication::ReplicationError>> {
         match self {
             Source::Slot(r) => r.recv().await,
             Source::Cluster(c) => c.recv().await,
