@@ -151,6 +151,15 @@ line(ts(0, 12, "Replication reconnects", [
          (f"max(walcast_replication_streaming{J})", "streaming"),
          (f"max(walcast_slot_usable{J})", "slot usable")], "bool"))
 
+row("Cluster change stream")
+line(ts(0, 12, "Role by node", [
+         (f"max by (instance, role) (walcast_cluster_role{J})", "{{instance}}: {{role}}")], "bool",
+        "1 on each node's role: one streamer (holds the lease, streams the slot), the rest follow"),
+     ts(12, 12, "Transactions / s", [
+         (rate("walcast_cluster_published_transactions_total"), "published"),
+         (rate("walcast_cluster_followed_transactions_total"), "followed"),
+         (rate("walcast_cluster_skipped_transactions_total"), "skipped (routed already)")], "ops"))
+
 row("Session resume")
 line(ts(0, 8, "Session channels parked", [
          (f"sum(walcast_session_channels_parked{J})", "parked now"),

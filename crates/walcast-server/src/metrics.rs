@@ -194,6 +194,7 @@ fn zero_every_series() {
 pub fn describe() {
     zero_every_series();
     describe_feeds();
+    describe_cluster_stream();
     describe_gauge!(SOCKETS_CONNECTED, "WebSocket connections currently open");
     describe_gauge!(CHANNELS_JOINED, "Channels currently joined, by kind");
     describe_counter!(JOINS, "Successful channel joins");
@@ -620,4 +621,51 @@ pub fn cluster_message(kind: &'static str, direction: &'static str) {
 
 pub fn cluster_messages(kind: &'static str, direction: &'static str, n: u64) {
     counter!(CLUSTER_MESSAGES, "kind" => kind, "direction" => direction).increment(n);
+}
+
+/// Cluster mode: this node's role, 1 on the series of its current role (`streamer` or
+/// `follower`), 0 on the other; no series without `--redis-url`.
+pub const CLUSTER_ROLE: &str = "walcast_cluster_role";
+/// Transactions this node published to the cluster's change stream (as the streamer).
+pub const CLUSTER_PUBLISHED: &str = "walcast_cluster_published_transactions_total";
+/// Transactions this node read from the cluster's change stream (as a follower).
+pub const CLUSTER_FOLLOWED: &str = "walcast_cluster_followed_transactions_total";
+/// Transactions skipped because this node had routed them already (failover replay).
+pub const CLUSTER_SKIPPED: &str = "walcast_cluster_skipped_transactions_total";
+
+fn describe_cluster_stream() {
+    describe_gauge!(
+        CLUSTER_ROLE,
+        "Cluster mode: 1 on this node's role (streamer: holds the lease and streams the slot; follower: reads the cluster's change stream)"
+    );
+    describe_counter!(
+        CLUSTER_PUBLISHED,
+        "Transactions published to the cluster's change stream by this node"
+    );
+    describe_counter!(
+        CLUSTER_FOLLOWED,
+        "Transactions read from the cluster's change stream by this node"
+    );
+    describe_counter!(
+        CLUSTER_SKIPPED,
+        "Transactions skipped because this node had routed them already"
+    );
+}
+
+/// This node's cluster role.
+pub fn cluster_role(streamer: bool) {
+    gauge!(CLUSTER_ROLE, "role" => "streamer").set(if streamer { 1.0 } else { 0.0 });
+    gauge!(CLUSTER_ROLE, "role" => "follower").set(if streamer { 0.0 } else { 1.0 });
+}
+
+pub fn cluster_published(n: u64) {
+    counter!(CLUSTER_PUBLISHED).increment(n);
+}
+
+pub fn cluster_followed(n: u64) {
+    counter!(CLUSTER_FOLLOWED).increment(n);
+}
+
+pub fn cluster_skipped(n: u64) {
+    counter!(CLUSTER_SKIPPED).increment(n);
 }

@@ -36,6 +36,24 @@ use std::time::Duration;
 
 use crate::cli::ClusterArgs;
 
+pub mod changes;
+pub mod lease;
+
+/// A fresh multiplexed connection whose commands give up after `timeout` (each caller
+/// reconnects after an error: no hidden retries that would outlast a lease).
+pub(crate) async fn connect(
+    cluster: &Cluster,
+    timeout: Duration,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    cluster
+        .client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
 /// Why cluster mode cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {

@@ -166,6 +166,14 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         tracing::info!(node = %c.node_id(), "cluster mode: this node shares Redis with the others");
     }
     let replicator = Replicator::new(cfg.clone());
+    // Cluster mode: the pump streams the slot only while this node holds the lease, and
+    // follows the cluster's change stream otherwise (cluster::changes).
+    let cluster_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streaming_flag = if cluster.is_some() {
+        cluster_ready.clone()
+    } else {
+        replicator.streaming_flag()
+    };
     let state = Arc::new(
         AppState::new(
             jwt,
@@ -174,7 +182,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             cfg.publication.clone(),
             limits,
             types.clone(),
-            replicator.streaming_flag(),
+            streaming_flag,
             token_roles,
         )
         .with_cluster(cluster)
@@ -246,8 +254,29 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     if state.hub.routed_through() > walcast_core::Position::ZERO {
         state.feeds.history.begin(state.hub.routed_through());
     }
+    let mut lease_task = None;
+    // The lease is let go after the pump stopped streaming (see the end of this function).
+    let (lease_stop, lease_stopped) = tokio::sync::watch::channel(false);
+    let source = match state.cluster.clone() {
+        Some(cluster) => {
+            let give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (lease, task) =
+                crate::cluster::lease::spawn(cluster.clone(), give_up.clone(), lease_stopped);
+            lease_task = Some(task);
+            crate::wal::pump::Source::Cluster(Box::new(
+                crate::cluster::changes::ClusterSource::new(
+                    cluster,
+                    cfg.clone(),
+                    lease,
+                    give_up,
+                    cluster_ready,
+                ),
+            ))
+        }
+        None => crate::wal::pump::Source::Slot(replicator),
+    };
     let mut pump = tokio::spawn(
-        Pump::new(replicator, types, hub, sql, state.authz.clone())
+        Pump::with_source(source, types, hub, sql, state.authz.clone())
             .with_history(state.feeds.clone())
             .with_topics(state.topics.clone())
             .with_health(state.health.clone())
@@ -321,6 +350,10 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             Ok(Err(e)) => tracing::warn!(error = ?e.to_string(), "the replication task failed"),
             Err(_) => tracing::warn!("replication did not stop within --shutdown-timeout-secs"),
         }
+    }
+    let _ = lease_stop.send(true);
+    if let Some(task) = lease_task {
+        let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), task).await;
     }
     let _ = tokio::time::timeout_at(deadline, server).await;
     Ok(())

@@ -92,7 +92,12 @@ async fn readyz(State(s): State<HttpState>) -> Response {
         .unwrap_or_default();
     let reason = match s.app.health.get() {
         Readiness::Streaming if s.app.is_streaming() => {
-            return (StatusCode::OK, format!("ready\n{cluster}")).into_response()
+            // Cluster mode: which role this node has (a follower that receives the
+            // cluster's change stream is ready too), and the cluster line.
+            let role = crate::cluster::changes::role()
+                .map(|role| format!("role: {role}\n"))
+                .unwrap_or_default();
+            return (StatusCode::OK, format!("ready\n{role}{cluster}")).into_response();
         }
         Readiness::Streaming => "replication stream lost: reconnecting".to_owned(),
         Readiness::Starting(why) => format!("starting: {why}"),
@@ -136,7 +141,10 @@ async fn metrics_page(State(s): State<HttpState>, headers: HeaderMap) -> Respons
             return (StatusCode::UNAUTHORIZED, "metrics need a bearer token\n").into_response();
         }
     }
-    metrics::replication_streaming(s.app.is_streaming());
+    // In cluster mode only the streamer streams the slot.
+    metrics::replication_streaming(
+        s.app.is_streaming() && crate::cluster::changes::role() != Some("follower"),
+    );
     match &s.prometheus {
         Some(h) => h.render().into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are disabled\n").into_response(),

@@ -74,7 +74,8 @@ pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
 pub struct Pump {
-    replicator: Replicator,
+    /// The slot, or in cluster mode the slot or the cluster's change stream.
+    replicator: Source,
     decoder: ChangeDecoder,
     types: Arc<RwLock<TypeRegistry>>,
     hub: Arc<Hub>,
@@ -115,8 +116,19 @@ impl Pump {
         sql: Arc<SqlPool>,
         authz: Arc<ExclusivePool>,
     ) -> Pump {
+        Pump::with_source(Source::Slot(replicator), types, hub, sql, authz)
+    }
+
+    /// A pump reading from `source` (cluster mode: [`Source::Cluster`]).
+    pub fn with_source(
+        source: Source,
+        types: Arc<RwLock<TypeRegistry>>,
+        hub: Arc<Hub>,
+        sql: Arc<SqlPool>,
+        authz: Arc<ExclusivePool>,
+    ) -> Pump {
         Pump {
-            replicator,
+            replicator: source,
             decoder: ChangeDecoder::new(),
             types,
             hub,
@@ -202,7 +214,7 @@ impl Pump {
                 .lanes
                 .unavailable_since()
                 .is_some_and(|t| t.elapsed() >= UNAVAILABLE_HOLD_MAX)
-                && self.replicator.backend_pid().is_some()
+                && self.replicator.is_streaming_slot()
             {
                 tracing::warn!("authorization has been unavailable for a while: letting go of the stream so nothing is confirmed early; it resumes from the last confirmed position");
                 self.drop_pending();
@@ -296,7 +308,7 @@ impl Pump {
                 }
             }
         }
-        if !self.streamed && self.replicator.backend_pid().is_some() {
+        if !self.streamed && self.replicator.is_up() {
             // The first connection: no Reconnected event for it.
             self.up();
         }
@@ -755,4 +767,96 @@ fn seconds_since(unix_us: i64) -> f64 {
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
     (now - unix_us).max(0) as f64 / 1e6
+}
+
+/// Where the pump's events come from: the slot (one node, or the cluster's streamer), or in
+/// cluster mode [`crate::cluster::changes::ClusterSource`], which streams the slot while
+/// this node holds the lease and follows the cluster's change stream otherwise. An enum, not
+/// a trait object: the single-node path stays a direct call.
+// The Replicator stays inline (one Source per process): no extra indirection on its path.
+#[allow(clippy::large_enum_variant)]
+pub enum Source {
+    Slot(Replicator),
+    Cluster(Box<crate::cluster::changes::ClusterSource>),
+}
+
+impl Source {
+    async fn recv(&mut self) -> Option<Result<StreamEvent, walcast_replication::ReplicationError>> {
+        match self {
+            Source::Slot(r) => r.recv().await,
+            Source::Cluster(c) => c.recv().await,
+        }
+    }
+
+    fn reconnect(&mut self, reason: String) {
+        match self {
+            Source::Slot(r) => r.reconnect(reason),
+            Source::Cluster(c) => c.reconnect(reason),
+        }
+    }
+
+    fn mark_handed_on(&mut self) {
+        match self {
+            Source::Slot(r) => r.mark_handed_on(),
+            Source::Cluster(c) => c.mark_handed_on(),
+        }
+    }
+
+    fn hold(&mut self) {
+        match self {
+            Source::Slot(r) => r.hold(),
+            Source::Cluster(c) => c.hold(),
+        }
+    }
+
+    fn release_to(&mut self, lsn: Lsn) {
+        match self {
+            Source::Slot(r) => r.release_to(lsn),
+            Source::Cluster(c) => c.release_to(lsn),
+        }
+    }
+
+    fn release(&mut self) {
+        match self {
+            Source::Slot(r) => r.release(),
+            Source::Cluster(c) => c.release(),
+        }
+    }
+
+    fn has_buffered(&self) -> bool {
+        match self {
+            Source::Slot(r) => r.has_buffered(),
+            Source::Cluster(c) => c.has_buffered(),
+        }
+    }
+
+    fn handed_on(&self) -> Lsn {
+        match self {
+            Source::Slot(r) => r.handed_on(),
+            Source::Cluster(c) => c.handed_on(),
+        }
+    }
+
+    /// Changes are coming (the slot is streamed, or the change stream is followed).
+    fn is_up(&self) -> bool {
+        match self {
+            Source::Slot(r) => r.backend_pid().is_some(),
+            Source::Cluster(c) => c.is_up(),
+        }
+    }
+
+    /// This node streams the slot right now.
+    fn is_streaming_slot(&self) -> bool {
+        match self {
+            Source::Slot(r) => r.backend_pid().is_some(),
+            Source::Cluster(c) => c.is_streaming_slot(),
+        }
+    }
+
+    async fn shutdown(self) -> Result<Lsn, walcast_replication::ReplicationError> {
+        match self {
+            Source::Slot(r) => r.shutdown().await,
+            Source::Cluster(c) => c.shutdown().await,
+        }
+    }
 }
