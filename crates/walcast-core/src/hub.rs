@@ -1141,6 +1141,73 @@ mod tests {
         assert_eq!(b.frames.lock().unwrap().len(), 1);
     }
 
+    #[test]
+    fn a_value_gate_routes_a_row_only_to_the_identities_whose_value_it_carries() {
+        let hub = Hub::new(HubConfig::default());
+        let sinks: Vec<Arc<Sink>> = (0..3).map(|_| Arc::new(Sink::default())).collect();
+        for (k, sink) in sinks.iter().enumerate() {
+            let mut t = target(sink, Vsn::V2, &format!("realtime:{k}"));
+            t.identity = Arc::new(Identity {
+                role: "authenticated".into(),
+                claims: format!("{{\"sub\":\"u{k}\"}}").into(),
+            });
+            hub.subscribe(k as u64 + 1, t, vec![binding(1)], || ());
+        }
+        let mut scratch = DispatchScratch::default();
+        let routed = hub.route_gated(&insert(table(true), "u1"), &mut scratch);
+        let ids = routed.identities().to_vec();
+        assert_eq!(ids.len(), 3, "no gate yet: everyone");
+        // u0 and u1 gated on column 1 (title) with their own value; u2 stays ungated.
+        hub.gate(
+            1,
+            vec![
+                (ids[0].clone(), vec![(1, "u0".into())]),
+                (ids[1].clone(), vec![(1, "u1".into())]),
+            ],
+        );
+        assert_eq!(hub.gated(1), 2);
+        let claims = |r: &Routed| -> Vec<String> {
+            r.identities()
+                .iter()
+                .map(|i| i.claims.to_string())
+                .collect()
+        };
+        let r = hub.route_gated(&insert(table(true), "u1"), &mut scratch);
+        assert_eq!(claims(&r), [r#"{"sub":"u2"}"#, r#"{"sub":"u1"}"#]);
+        let r = hub.route_gated(&insert(table(true), "nobody"), &mut scratch);
+        assert_eq!(claims(&r), [r#"{"sub":"u2"}"#]);
+        // Without the gate (route_owned) and for a row without the column's value: everyone.
+        assert_eq!(
+            hub.route_owned(&insert(table(true), "x"), &mut scratch)
+                .identities()
+                .len(),
+            3
+        );
+        let mut null_row = insert(table(true), "u1");
+        null_row.record.as_mut().unwrap()[1] = Value::Null;
+        assert_eq!(
+            hub.route_gated(&null_row, &mut scratch).identities().len(),
+            3
+        );
+        // A channel joining with a gated identity is gated too; one leaving drops its identity.
+        let mut t = target(&sinks[0], Vsn::V2, "realtime:again");
+        t.identity = Arc::new(Identity {
+            role: "authenticated".into(),
+            claims: r#"{"sub":"u0"}"#.into(),
+        });
+        hub.subscribe(9, t, vec![binding(1)], || ());
+        let r = hub.route_gated(&insert(table(true), "u0"), &mut scratch);
+        assert_eq!(r.len(), 3, "u2's channel and both of u0's");
+        hub.unsubscribe(2);
+        assert_eq!(hub.gated(1), 1);
+        hub.ungate(1);
+        assert_eq!(
+            hub.route_gated(&insert(table(true), "q"), &mut scratch)
+                .len(),
+            3
+        );
+    }
+
     fn routed_pair(hub: &Hub) -> (Arc<Sink>, Arc<Sink>) {
         let a = Arc::new(Sink::default());
         let b = Arc::new(Sink::default());
