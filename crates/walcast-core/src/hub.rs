@@ -191,13 +191,16 @@ struct Inner {
     by_identity: HashMap<usize, Vec<SubscriberId>>,
 }
 
+/// A value gate's key: a column of the change (by index) and the text it must carry.
+pub type GateKey = (usize, Arc<str>);
+
 /// Identities of one relation whose rows are routed by value: a change reaches such an
 /// identity's channels only when the row carries one of its keys.
 #[derive(Default)]
 struct Gate {
     /// Identity pointer → the identity (held, so its address is never reused while gated)
     /// and its keys `(column, text)`. No key: the identity sees no row of the relation.
-    identities: HashMap<usize, (Arc<Identity>, Vec<(usize, Arc<str>)>)>,
+    identities: HashMap<usize, (Arc<Identity>, Vec<GateKey>)>,
     /// Column → text → identity pointers with that key.
     by_value: HashMap<usize, HashMap<Arc<str>, Vec<usize>>>,
     /// Channels whose identity is gated: skipped by the scan of the table's bindings.
@@ -834,7 +837,7 @@ impl Hub {
     /// access would be `Deny` otherwise; it removes the gate ([`Hub::ungate`]) whenever that
     /// may stop holding (the table or its policies changed). Key columns index the change's
     /// columns as the relation is streamed now. Gating an identity again replaces its keys.
-    pub fn gate(&self, relid: u32, identities: Vec<(Arc<Identity>, Vec<(usize, Arc<str>)>)>) {
+    pub fn gate(&self, relid: u32, identities: Vec<(Arc<Identity>, Vec<GateKey>)>) {
         if identities.is_empty() {
             return;
         }

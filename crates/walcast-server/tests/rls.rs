@@ -380,6 +380,12 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
     let mut live: Vec<(usize, i64)> = Vec::new();
     let owners = ["u1", "u2", "u3", "u4"];
     for n in 0..ops {
+        // Long runs take minutes: keep the channels from idling out (--idle-timeout-secs).
+        if n % 200 == 199 {
+            for s in &mut subs {
+                s.heartbeat().await;
+            }
+        }
         let t = rng.below(specs.len() as u64) as usize;
         let spec = &specs[t];
         let kind = match rng.below(10) {

@@ -71,6 +71,9 @@ pub const RESYNC_REQUIRED: &str = "ResyncRequired: the replication slot was recr
 /// What they are told when the stream is back.
 pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 
+/// A cached policy and when it was compiled.
+type TimedPolicy = (Arc<rls::TablePolicy>, Instant);
+
 type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
 pub struct Pump {
@@ -454,8 +457,10 @@ impl Pump {
         // with nothing waiting in its lane.
         let identities = routed.identities().to_vec();
         let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
-        let mut gate_now: Vec<(Arc<walcast_core::hub::Identity>, Vec<(usize, Arc<str>)>)> =
-            Vec::new();
+        let mut gate_now: Vec<(
+            Arc<walcast_core::hub::Identity>,
+            Vec<walcast_core::hub::GateKey>,
+        )> = Vec::new();
         let mut gate_until: Option<Instant> = None;
         // Grouped once per change: per identity it would be identities × routes (with one
         // user per identity, users² per row).
@@ -467,8 +472,7 @@ impl Pump {
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
             // Looked up once per role of this change, not once per identity (one per user).
-            let mut by_role: Vec<(&Arc<str>, Option<(Arc<rls::TablePolicy>, Instant)>)> =
-                Vec::new();
+            let mut by_role: Vec<(&Arc<str>, Option<TimedPolicy>)> = Vec::new();
             let mut values = Vec::new();
             for (k, identity) in identities.iter().enumerate() {
                 let key = lane_key(identity);
