@@ -185,9 +185,108 @@ struct Inner {
     /// contents per route was the pump's main cost). Entries nobody else holds are purged
     /// when the set outgrows the channels.
     identities: std::collections::HashSet<Arc<Identity>>,
+    /// Value gates by relation id (see [`Hub::gate`]).
+    gates: HashMap<u32, Gate>,
+    /// The channels of each interned identity (by pointer), for the gates.
+    by_identity: HashMap<usize, Vec<SubscriberId>>,
+}
+
+/// A value gate's key: a column of the change (by index) and the text it must carry.
+pub type GateKey = (usize, Arc<str>);
+
+/// Identities of one relation whose rows are routed by value: a change reaches such an
+/// identity's channels only when the row carries one of its keys.
+#[derive(Default)]
+struct Gate {
+    /// Identity pointer → the identity (held, so its address is never reused while gated)
+    /// and its keys `(column, text)`. No key: the identity sees no row of the relation.
+    identities: HashMap<usize, (Arc<Identity>, Vec<GateKey>)>,
+    /// Column → text → identity pointers with that key.
+    by_value: HashMap<usize, HashMap<Arc<str>, Vec<usize>>>,
+    /// Channels whose identity is gated: skipped by the scan of the table's bindings.
+    skip: std::collections::HashSet<SubscriberId, SpreadU64>,
+}
+
+impl Gate {
+    fn remove_identity(&mut self, ptr: usize) {
+        let Some((_, keys)) = self.identities.remove(&ptr) else {
+            return;
+        };
+        for (column, text) in keys {
+            if let Some(values) = self.by_value.get_mut(&column) {
+                if let Some(list) = values.get_mut(&text) {
+                    list.retain(|p| *p != ptr);
+                    if list.is_empty() {
+                        values.remove(&text);
+                    }
+                }
+                if values.is_empty() {
+                    self.by_value.remove(&column);
+                }
+            }
+        }
+    }
+}
+
+/// A hasher for `u64` ids: one multiplication (Fibonacci hashing), so the per-binding skip
+/// test of a gated scan costs a few nanoseconds.
+#[derive(Default, Clone, Copy)]
+struct SpreadU64;
+
+impl std::hash::BuildHasher for SpreadU64 {
+    type Hasher = SpreadHasher;
+    fn build_hasher(&self) -> SpreadHasher {
+        SpreadHasher(0)
+    }
+}
+
+struct SpreadHasher(u64);
+
+impl std::hash::Hasher for SpreadHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 impl Inner {
+    /// `id` no longer has `identity`'s channel (it left or changed token).
+    fn detach(&mut self, id: SubscriberId, identity: &Arc<Identity>) {
+        let ptr = Arc::as_ptr(identity) as usize;
+        let mut last = false;
+        if let Some(list) = self.by_identity.get_mut(&ptr) {
+            list.retain(|s| *s != id);
+            last = list.is_empty();
+        }
+        for gate in self.gates.values_mut() {
+            gate.skip.remove(&id);
+            if last {
+                gate.remove_identity(ptr);
+            }
+        }
+        if last {
+            self.by_identity.remove(&ptr);
+        }
+    }
+
+    /// `id` now has `identity`'s (interned) channel.
+    fn attach(&mut self, id: SubscriberId, identity: &Arc<Identity>) {
+        let ptr = Arc::as_ptr(identity) as usize;
+        self.by_identity.entry(ptr).or_default().push(id);
+        for gate in self.gates.values_mut() {
+            if gate.identities.contains_key(&ptr) {
+                gate.skip.insert(id);
+            }
+        }
+    }
+
     fn intern(&mut self, identity: Arc<Identity>) -> Arc<Identity> {
         if let Some(shared) = self.identities.get(&*identity) {
             return shared.clone();
@@ -410,6 +509,11 @@ impl Hub {
         }
         let mut target = target;
         target.identity = inner.intern(target.identity);
+        if let Some(old) = inner.channels.get(&id).map(|r| r.target.identity.clone()) {
+            inner.detach(id, &old);
+        }
+        let identity = target.identity.clone();
+        inner.attach(id, &identity);
         // A channel subscribing again (a new token) keeps its place in the stream.
         let cursor = match inner.channels.get(&id) {
             Some(r) => *r.cursor.lock().unwrap_or_else(|e| e.into_inner()),
@@ -429,7 +533,9 @@ impl Hub {
     pub fn unsubscribe(&self, id: SubscriberId) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         inner.index.remove_subscriber(id);
-        inner.channels.remove(&id);
+        if let Some(r) = inner.channels.remove(&id) {
+            inner.detach(id, &r.target.identity);
+        }
     }
 
     /// Stop a channel's postgres_changes because its authorization failed: its bindings are
@@ -442,6 +548,7 @@ impl Hub {
         let Some(r) = inner.channels.remove(&id) else {
             return false;
         };
+        inner.detach(id, &r.target.identity);
         let target = r.target;
         target
             .outbox
@@ -471,6 +578,19 @@ impl Hub {
 
     /// Find the channels a change goes to (before authorization).
     pub fn route_owned(&self, change: &Change, scratch: &mut DispatchScratch) -> Routed {
+        self.route(change, scratch, false)
+    }
+
+    /// [`Hub::route_owned`], narrowed by the relation's value gate ([`Hub::gate`]): a gated
+    /// identity's channels are routed only when the row carries one of its keys. The row is
+    /// the new row (INSERT, UPDATE) or the old row (DELETE); when it lacks a gated column's
+    /// value (no old row, an unchanged TOAST value, NULL) the gate is not used for this
+    /// change and every channel is routed, as without a gate.
+    pub fn route_gated(&self, change: &Change, scratch: &mut DispatchScratch) -> Routed {
+        self.route(change, scratch, true)
+    }
+
+    fn route(&self, change: &Change, scratch: &mut DispatchScratch, gated: bool) -> Routed {
         let mut routed = Routed::default();
         if change.kind == ChangeKind::Truncate {
             return routed;
@@ -478,7 +598,43 @@ impl Hub {
         let at = change.position();
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
         self.advance(at);
-        inner.index.matches(change, &mut scratch.matches);
+        let gate = gated
+            .then(|| inner.gates.get(&change.table.relation_id))
+            .flatten()
+            .filter(|g| !g.identities.is_empty());
+        let row = match change.kind {
+            ChangeKind::Delete => change.old_record.as_deref(),
+            _ => change.record.as_deref(),
+        };
+        // Every gated column's text in the row, or no gating for this change.
+        let keys: Option<Vec<(usize, &str)>> = gate.and_then(|g| {
+            g.by_value
+                .keys()
+                .map(|&c| Some((c, row?.get(c)?.text()?)))
+                .collect()
+        });
+        match (gate, keys) {
+            (Some(g), Some(keys)) => {
+                inner
+                    .index
+                    .matches_except(change, &mut scratch.matches, |s| g.skip.contains(&s));
+                let mut subscribers: Vec<SubscriberId> = Vec::new();
+                for (column, text) in keys {
+                    let Some(ptrs) = g.by_value.get(&column).and_then(|v| v.get(text)) else {
+                        continue;
+                    };
+                    for ptr in ptrs {
+                        if let Some(subs) = inner.by_identity.get(ptr) {
+                            subscribers.extend_from_slice(subs);
+                        }
+                    }
+                }
+                inner
+                    .index
+                    .matches_of(change, &subscribers, &mut scratch.matches);
+            }
+            _ => inner.index.matches(change, &mut scratch.matches),
+        }
         scratch.identity_index.clear();
         for m in scratch.matches.drain(..) {
             let Some(Registered { target, cursor }) = inner.channels.get(&m.subscriber) else {
@@ -673,6 +829,58 @@ impl Hub {
                 .system_frame(outbound::SystemStatus::Error, message),
         );
         true
+    }
+
+    /// Gate `identities` on relation `relid` (for [`Hub::route_gated`]): each one's channels
+    /// get a change of the relation only when the row's text in one of its key columns
+    /// equals that key. The caller guarantees that for every such change the identity's
+    /// access would be `Deny` otherwise; it removes the gate ([`Hub::ungate`]) whenever that
+    /// may stop holding (the table or its policies changed). Key columns index the change's
+    /// columns as the relation is streamed now. Gating an identity again replaces its keys.
+    pub fn gate(&self, relid: u32, identities: Vec<(Arc<Identity>, Vec<GateKey>)>) {
+        if identities.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let inner = &mut *inner;
+        let gate = inner.gates.entry(relid).or_default();
+        for (identity, keys) in identities {
+            let ptr = Arc::as_ptr(&identity) as usize;
+            // Only identities with channels (and so interned): a pointer never reused while
+            // listed, and its channels known.
+            let Some(subs) = inner.by_identity.get(&ptr) else {
+                continue;
+            };
+            gate.remove_identity(ptr);
+            for (column, text) in &keys {
+                gate.by_value
+                    .entry(*column)
+                    .or_default()
+                    .entry(text.clone())
+                    .or_default()
+                    .push(ptr);
+            }
+            gate.skip.extend(subs.iter().copied());
+            gate.identities.insert(ptr, (identity, keys));
+        }
+    }
+
+    /// Route every change of `relid` to every identity again (its policies may have changed).
+    pub fn ungate(&self, relid: u32) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.gates.remove(&relid);
+    }
+
+    /// [`Hub::ungate`] for every relation.
+    pub fn ungate_all(&self) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.gates.clear();
+    }
+
+    /// How many identities are gated on `relid`.
+    pub fn gated(&self, relid: u32) -> usize {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.gates.get(&relid).map_or(0, |g| g.identities.len())
     }
 
     /// Route and deliver to every matching channel, without authorization (tests, tools).
@@ -934,6 +1142,73 @@ mod tests {
         assert_eq!(stats.delivered, 1);
         assert!(a.frames.lock().unwrap().is_empty());
         assert_eq!(b.frames.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_value_gate_routes_a_row_only_to_the_identities_whose_value_it_carries() {
+        let hub = Hub::new(HubConfig::default());
+        let sinks: Vec<Arc<Sink>> = (0..3).map(|_| Arc::new(Sink::default())).collect();
+        for (k, sink) in sinks.iter().enumerate() {
+            let mut t = target(sink, Vsn::V2, &format!("realtime:{k}"));
+            t.identity = Arc::new(Identity {
+                role: "authenticated".into(),
+                claims: format!("{{\"sub\":\"u{k}\"}}").into(),
+            });
+            hub.subscribe(k as u64 + 1, t, vec![binding(1)], || ());
+        }
+        let mut scratch = DispatchScratch::default();
+        let routed = hub.route_gated(&insert(table(true), "u1"), &mut scratch);
+        let ids = routed.identities().to_vec();
+        assert_eq!(ids.len(), 3, "no gate yet: everyone");
+        // u0 and u1 gated on column 1 (title) with their own value; u2 stays ungated.
+        hub.gate(
+            1,
+            vec![
+                (ids[0].clone(), vec![(1, "u0".into())]),
+                (ids[1].clone(), vec![(1, "u1".into())]),
+            ],
+        );
+        assert_eq!(hub.gated(1), 2);
+        let claims = |r: &Routed| -> Vec<String> {
+            r.identities()
+                .iter()
+                .map(|i| i.claims.to_string())
+                .collect()
+        };
+        let r = hub.route_gated(&insert(table(true), "u1"), &mut scratch);
+        assert_eq!(claims(&r), [r#"{"sub":"u2"}"#, r#"{"sub":"u1"}"#]);
+        let r = hub.route_gated(&insert(table(true), "nobody"), &mut scratch);
+        assert_eq!(claims(&r), [r#"{"sub":"u2"}"#]);
+        // Without the gate (route_owned) and for a row without the column's value: everyone.
+        assert_eq!(
+            hub.route_owned(&insert(table(true), "x"), &mut scratch)
+                .identities()
+                .len(),
+            3
+        );
+        let mut null_row = insert(table(true), "u1");
+        null_row.record.as_mut().unwrap()[1] = Value::Null;
+        assert_eq!(
+            hub.route_gated(&null_row, &mut scratch).identities().len(),
+            3
+        );
+        // A channel joining with a gated identity is gated too; one leaving drops its identity.
+        let mut t = target(&sinks[0], Vsn::V2, "realtime:again");
+        t.identity = Arc::new(Identity {
+            role: "authenticated".into(),
+            claims: r#"{"sub":"u0"}"#.into(),
+        });
+        hub.subscribe(9, t, vec![binding(1)], || ());
+        let r = hub.route_gated(&insert(table(true), "u0"), &mut scratch);
+        assert_eq!(r.len(), 3, "u2's channel and both of u0's");
+        hub.unsubscribe(2);
+        assert_eq!(hub.gated(1), 1);
+        hub.ungate(1);
+        assert_eq!(
+            hub.route_gated(&insert(table(true), "q"), &mut scratch)
+                .len(),
+            3
+        );
     }
 
     fn routed_pair(hub: &Hub) -> (Arc<Sink>, Arc<Sink>) {

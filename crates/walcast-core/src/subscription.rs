@@ -284,6 +284,17 @@ impl SubscriptionIndex {
     /// [`SubscriptionIndex::matches`], returning how many bindings were examined (a measure
     /// of fan-out work: it counts only the candidate lists of the change's table).
     pub fn matches_counted(&self, change: &Change, out: &mut Vec<Match>) -> usize {
+        self.matches_except(change, out, |_| false)
+    }
+
+    /// [`SubscriptionIndex::matches_counted`] without the subscribers `skip` names (one call
+    /// per binding of the table: keep it a cheap lookup).
+    pub fn matches_except(
+        &self,
+        change: &Change,
+        out: &mut Vec<Match>,
+        skip: impl Fn(SubscriberId) -> bool,
+    ) -> usize {
         out.clear();
         if change.kind == ChangeKind::Truncate {
             return 0;
@@ -303,17 +314,77 @@ impl SubscriptionIndex {
         let mut hits: Vec<(SubscriberId, u32, Option<&[String]>)> = Vec::new();
         for entry in lists.into_iter().flatten().flatten() {
             examined += 1;
-            let b = &entry.binding;
-            if !b.event.accepts(change.kind) {
+            if skip(entry.subscriber) {
                 continue;
             }
-            if let Some(filter) = &b.filter {
-                if !filter.matches(change) {
-                    continue;
+            Self::hit(entry, change, &mut hits);
+        }
+        Self::group(hits, out);
+        examined
+    }
+
+    /// The matches of the given subscribers only, appended to `out` (walking each one's own
+    /// slots, not the table's whole list). A subscriber listed twice is matched once.
+    pub fn matches_of(&self, change: &Change, subscribers: &[SubscriberId], out: &mut Vec<Match>) {
+        if change.kind == ChangeKind::Truncate {
+            return;
+        }
+        let schema = change.schema();
+        let table = change.table_name();
+        let mut hits: Vec<(SubscriberId, u32, Option<&[String]>)> = Vec::new();
+        let mut seen: Vec<SubscriberId> = Vec::with_capacity(subscribers.len());
+        for &subscriber in subscribers {
+            if seen.contains(&subscriber) {
+                continue;
+            }
+            seen.push(subscriber);
+            let Some(slots) = self.by_subscriber.get(&subscriber) else {
+                continue;
+            };
+            for slot in slots {
+                let list = match slot {
+                    Slot::Exact {
+                        schema: s,
+                        table: t,
+                    } if s == schema && t == table => {
+                        self.exact.get(schema).and_then(|tables| tables.get(table))
+                    }
+                    Slot::SchemaWide { schema: s } if s == schema => self.schema_wide.get(schema),
+                    Slot::TableWide { table: t } if t == table => self.table_wide.get(table),
+                    Slot::Everything => Some(&self.everything),
+                    _ => None,
+                };
+                for entry in list.into_iter().flatten() {
+                    if entry.subscriber == subscriber {
+                        Self::hit(entry, change, &mut hits);
+                    }
                 }
             }
-            hits.push((entry.subscriber, b.id, b.select.as_deref()));
         }
+        let mut mine = Vec::new();
+        Self::group(hits, &mut mine);
+        out.extend(mine);
+    }
+
+    fn hit<'a>(
+        entry: &'a Entry,
+        change: &Change,
+        hits: &mut Vec<(SubscriberId, u32, Option<&'a [String]>)>,
+    ) {
+        let b = &entry.binding;
+        if !b.event.accepts(change.kind) {
+            return;
+        }
+        if let Some(filter) = &b.filter {
+            if !filter.matches(change) {
+                return;
+            }
+        }
+        hits.push((entry.subscriber, b.id, b.select.as_deref()));
+    }
+
+    /// One [`Match`] per subscriber among `hits`.
+    fn group(mut hits: Vec<(SubscriberId, u32, Option<&[String]>)>, out: &mut Vec<Match>) {
         // Sorting by (subscriber, id) groups each subscriber and orders its ids; the select
         // lists of identical ids are identical, so which one survives dedup does not matter.
         hits.sort_unstable_by_key(|(s, id, _)| (*s, *id));
@@ -344,7 +415,6 @@ impl SubscriptionIndex {
             });
             i += group_len.max(1);
         }
-        examined
     }
 
     /// True when no binding is registered.

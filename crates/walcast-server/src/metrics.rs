@@ -20,6 +20,7 @@ pub const REPLICATION_RECONNECTS: &str = "walcast_replication_reconnects_total";
 pub const UPGRADE_REFUSED: &str = "walcast_upgrades_refused_total";
 pub const AUTHZ_CHECKS: &str = "walcast_authz_checks_total";
 pub const AUTHZ_STOPPED: &str = "walcast_authz_stopped_channels_total";
+pub const AUTHZ_IDENTITIES_ROUTED: &str = "walcast_authz_identities_routed_total";
 pub const COMMIT_TO_SEND: &str = "walcast_commit_to_send_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
@@ -185,6 +186,7 @@ fn zero_every_series() {
         }
     }
     counter!(BROADCASTS_REPLAYED).absolute(0);
+    counter!(AUTHZ_IDENTITIES_ROUTED).absolute(0);
     // Registering the histograms makes them render (with no samples) before the first one.
     let _ = histogram!(COMMIT_TO_SEND);
     let _ = histogram!(AUTHZ_CHECK_SECONDS);
@@ -233,6 +235,10 @@ pub fn describe() {
     describe_counter!(
         AUTHZ_STOPPED,
         "Channels whose postgres_changes were stopped because their authorization failed"
+    );
+    describe_counter!(
+        AUTHZ_IDENTITIES_ROUTED,
+        "Identities changes were routed to before authorization (value gates route a row only to the identities whose value it carries)"
     );
     describe_histogram!(
         COMMIT_TO_SEND,
@@ -481,6 +487,12 @@ pub fn replication_streaming(on: bool) {
 /// One authorization step: `ok`, `failed` (the identity's check raised) or `unavailable`.
 pub fn authz_check(outcome: &'static str) {
     counter!(AUTHZ_CHECKS, "outcome" => outcome).increment(1);
+}
+
+/// Identities a change was routed to before authorization (each is then decided for it):
+/// with value gates, only those whose value the row carries, whatever the number of users.
+pub fn authz_identities_routed(n: u64) {
+    counter!(AUTHZ_IDENTITIES_ROUTED).increment(n);
 }
 
 pub fn authz_stopped(channels: u64) {

@@ -380,6 +380,12 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
     let mut live: Vec<(usize, i64)> = Vec::new();
     let owners = ["u1", "u2", "u3", "u4"];
     for n in 0..ops {
+        // Long runs take minutes: keep the channels from idling out (--idle-timeout-secs).
+        if n % 200 == 199 {
+            for s in &mut subs {
+                s.heartbeat().await;
+            }
+        }
         let t = rng.below(specs.len() as u64) as usize;
         let spec = &specs[t];
         let kind = match rng.below(10) {
@@ -931,6 +937,11 @@ async fn a_token_switch_under_load_keeps_every_binding_live() {
 
 /// `walcast_authz_checks_total` over every outcome: how many per-group policy statements ran.
 async fn policy_checks(port: u16) -> u64 {
+    metric_sum(port, "walcast_authz_checks_total").await
+}
+
+/// The sum of a metric's series.
+async fn metric_sum(port: u16, name: &str) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -941,7 +952,7 @@ async fn policy_checks(port: u16) -> u64 {
     let mut body = String::new();
     s.read_to_string(&mut body).await.expect("metrics");
     body.lines()
-        .filter(|l| l.starts_with("walcast_authz_checks_total"))
+        .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
@@ -984,6 +995,7 @@ async fn a_claims_only_policy_needs_no_check_per_row() {
         s.until_fence("fence", 1).await;
     }
     let before = policy_checks(server.port).await;
+    let routed_before = metric_sum(server.port, "walcast_authz_identities_routed_total").await;
     for id in 6..56i64 {
         let tenant = (id % 5 + 1) as i32;
         sql.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &tenant])
@@ -1016,5 +1028,15 @@ async fn a_claims_only_policy_needs_no_check_per_row() {
         policy_checks(server.port).await,
         before,
         "rows of a claims-only policy ran per-group policy statements"
+    );
+    // Routed by value: the first of the 50 rows still goes to all five identities (deciding
+    // it in process gates them); each later one reaches its tenant's identity only; the fence
+    // row (a table without policies) goes to all five. Without the value gate every row is
+    // routed to all five identities (250 + 5).
+    let routed = metric_sum(server.port, "walcast_authz_identities_routed_total").await;
+    assert_eq!(
+        routed - routed_before,
+        5 + 49 + 5,
+        "rows were routed to identities whose value they do not carry"
     );
 }

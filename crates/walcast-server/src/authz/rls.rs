@@ -794,8 +794,17 @@ type CachedPolicy = (Arc<Table>, Arc<TablePolicy>, Instant);
 
 impl PolicyCache {
     pub fn get(&self, role: &Arc<str>, table: &Arc<Table>) -> Option<Arc<TablePolicy>> {
+        self.get_timed(role, table).map(|(p, _)| p)
+    }
+
+    /// [`PolicyCache::get`], with when the policy was compiled.
+    pub fn get_timed(
+        &self,
+        role: &Arc<str>,
+        table: &Arc<Table>,
+    ) -> Option<(Arc<TablePolicy>, Instant)> {
         let (shape, p, at) = self.entries.get(&(role.clone(), table.relation_id))?;
-        (Arc::ptr_eq(shape, table) && at.elapsed() < POLICY_TTL).then(|| p.clone())
+        (Arc::ptr_eq(shape, table) && at.elapsed() < POLICY_TTL).then(|| (p.clone(), *at))
     }
 
     pub fn insert(&mut self, role: Arc<str>, table: &Arc<Table>, policy: Arc<TablePolicy>) {

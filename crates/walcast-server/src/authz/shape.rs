@@ -444,6 +444,35 @@ impl Shape {
         }
     }
 
+    /// Terms at least one of which is true of every row the policies return, if there are
+    /// such (`None`: some permissive formula implies no single term). A row none of whose
+    /// terms hold is returned by no permissive policy, so it is invisible: routing by these
+    /// terms' values loses nothing (see [`walcast_core::hub::Hub::gate`]).
+    pub fn index_terms(&self) -> Option<Vec<usize>> {
+        fn implied(f: &Formula) -> Option<Vec<usize>> {
+            match f {
+                Formula::Term(i) => Some(vec![*i]),
+                // A conjunction implies each conjunct: any one with index terms will do;
+                // the one with fewest keeps the index tight.
+                Formula::And(fs) => fs.iter().filter_map(implied).min_by_key(Vec::len),
+                // A disjunction implies one of its disjuncts: each must have index terms.
+                Formula::Or(fs) => {
+                    let mut out = Vec::new();
+                    for f in fs {
+                        out.extend(implied(f)?);
+                    }
+                    Some(out)
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for f in &self.permissive {
+            out.extend(implied(f)?);
+        }
+        out.dedup();
+        (!out.is_empty()).then_some(out)
+    }
+
     /// Whether the policies return `row` (permissive ones OR'd, restrictive ones AND'd).
     pub fn visible(&self, row: &[Value], values: &[Option<&str>]) -> bool {
         self.permissive.iter().any(|f| self.eval(f, row, values))
@@ -604,6 +633,24 @@ mod tests {
         assert_eq!(s.terms.len(), 4);
         assert!(matches!(&s.permissive[0], Formula::Or(v) if v.len() == 2));
         assert_eq!(s.restrictive.len(), 1);
+    }
+
+    #[test]
+    fn index_terms_cover_every_visible_row() {
+        let c = cols();
+        let own = "(owner = ((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'sub'::text))";
+        let s = recognize(&[(true, own)], &c).unwrap();
+        assert_eq!(s.index_terms(), Some(vec![0]));
+        // (a AND b) OR c: a (or b) or c must hold.
+        let q = "(((\"Odd\" = current_setting('request.jwt.claim.sub'::text, true)) AND (n = 3)) OR (owner = 'x'::text))";
+        let s = recognize(&[(true, q)], &c).unwrap();
+        assert_eq!(s.index_terms(), Some(vec![0, 2]));
+        // Two permissive policies: either one's term.
+        let s = recognize(&[(true, own), (true, "(n = 3)")], &c).unwrap();
+        assert_eq!(s.index_terms(), Some(vec![0, 1]));
+        // A restrictive policy narrows, never widens: the permissive terms still index.
+        let s = recognize(&[(true, own), (false, "(n = 3)")], &c).unwrap();
+        assert_eq!(s.index_terms(), Some(vec![0]));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub const RESYNC_REQUIRED: &str = "ResyncRequired: the replication slot was recr
 /// What they are told when the stream is back.
 pub const SUBSCRIBED: &str = "Subscribed to PostgreSQL";
 
+/// A cached policy and when it was compiled.
+type TimedPolicy = (Arc<rls::TablePolicy>, Instant);
+
 type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
 pub struct Pump {
@@ -106,6 +109,10 @@ pub struct Pump {
     read_through: Lsn,
     /// Change feeds: every decoded change is recorded in their history before routing.
     feeds: Option<Arc<crate::feed::Feeds>>,
+    /// Relations with a value gate in the hub, and when it must go: when the oldest policy
+    /// it was derived from expires ([`rls::POLICY_TTL`]), so a gate never outlives the
+    /// freshness the policy cache keeps.
+    gate_expiry: std::collections::HashMap<u32, Instant>,
 }
 
 impl Pump {
@@ -148,6 +155,7 @@ impl Pump {
             gathering_since: None,
             streamed: false,
             feeds: None,
+            gate_expiry: Default::default(),
         }
     }
 
@@ -344,6 +352,8 @@ impl Pump {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.hub.ungate_all();
+        self.gate_expiry.clear();
         if let Some(catalog) = &self.catalog {
             catalog.clear();
         }
@@ -362,6 +372,10 @@ impl Pump {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .forget_table(table.relation_id);
+                // Its gate was derived from the policies just forgotten: from this point
+                // in the stream every identity is routed and judged afresh.
+                self.hub.ungate(table.relation_id);
+                self.gate_expiry.remove(&table.relation_id);
                 // The same point tells joins: DDL, GRANT/REVOKE and policy changes on the
                 // table all send its Relation message again (see db::catalog_cache).
                 if let Some(catalog) = &self.catalog {
@@ -431,14 +445,35 @@ impl Pump {
                 crate::realtime::broadcast::deliver_message_row(topics, &change);
             }
         }
-        let mut routed = self.hub.route_owned(&change, &mut self.scratch);
+        let relid = change.table.relation_id;
+        let now = Instant::now();
+        if self.gate_expiry.get(&relid).is_some_and(|at| now >= *at) {
+            self.hub.ungate(relid);
+            self.gate_expiry.remove(&relid);
+        }
+        // A DELETE without its old row that `--rls-deletes primary-key` delivers to every
+        // role that may SELECT the table is not decided by the row: no gate for it.
+        let by_row = !(self.rls_deletes == rls::RlsDeletes::PrimaryKey
+            && change.kind == walcast_core::change::ChangeKind::Delete
+            && change.table.replica_identity != walcast_pgoutput::ReplicaIdentity::Full);
+        let mut routed = if by_row {
+            self.hub.route_gated(&change, &mut self.scratch)
+        } else {
+            self.hub.route_owned(&change, &mut self.scratch)
+        };
         if routed.is_empty() {
             return;
         }
+        metrics::authz_identities_routed(routed.identities().len() as u64);
         // Decide now where possible: a cached policy without a row check, for an identity
         // with nothing waiting in its lane.
         let identities = routed.identities().to_vec();
         let mut now_decided: Vec<Option<Access>> = Vec::with_capacity(identities.len());
+        let mut gate_now: Vec<(
+            Arc<walcast_core::hub::Identity>,
+            Vec<walcast_core::hub::GateKey>,
+        )> = Vec::new();
+        let mut gate_until: Option<Instant> = None;
         // Grouped once per change: per identity it would be identities × routes (with one
         // user per identity, users² per row).
         let by_identity = if self.lanes.anyone_waiting() {
@@ -449,7 +484,7 @@ impl Pump {
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
             // Looked up once per role of this change, not once per identity (one per user).
-            let mut by_role: Vec<(&Arc<str>, Option<Arc<rls::TablePolicy>>)> = Vec::new();
+            let mut by_role: Vec<(&Arc<str>, Option<TimedPolicy>)> = Vec::new();
             let mut values = Vec::new();
             for (k, identity) in identities.iter().enumerate() {
                 let key = lane_key(identity);
@@ -467,13 +502,13 @@ impl Pump {
                     {
                         Some((_, p)) => p.clone(),
                         None => {
-                            let p = policies.get(role, &change.table);
+                            let p = policies.get_timed(role, &change.table);
                             by_role.push((role, p.clone()));
                             p
                         }
                     };
                     match policy {
-                        Some(p) => match (&p.rows, p.select) {
+                        Some((p, compiled)) => match (&p.rows, p.select) {
                             (_, false) | (RowRule::Nothing, _) => Some(Access::Deny),
                             (RowRule::All, true) => Some(rls::access(&p, true, true)),
                             // A recognized shape whose values this identity has: decided
@@ -481,6 +516,24 @@ impl Pump {
                             (RowRule::Check(c), true) => p.shape.as_ref().and_then(|shape| {
                                 if !policies.derived_values(identity, shape, &mut values) {
                                     return None;
+                                }
+                                // From now on only rows carrying one of its values reach
+                                // it: every other row is one its policies refuse.
+                                if by_row {
+                                    if let Some(terms) = shape.index_terms() {
+                                        let keys = terms
+                                            .iter()
+                                            .filter_map(|&t| {
+                                                let value = (*values.get(t)?)?;
+                                                Some((shape.terms.get(t)?.column, value.into()))
+                                            })
+                                            .collect();
+                                        gate_now.push((identity.clone(), keys));
+                                        let until = compiled + rls::POLICY_TTL;
+                                        gate_until = Some(
+                                            gate_until.map_or(until, |u: Instant| u.min(until)),
+                                        );
+                                    }
                                 }
                                 Some(crate::authz::shape::decide(
                                     &p,
@@ -497,6 +550,11 @@ impl Pump {
                 };
                 now_decided.push(decided);
             }
+        }
+        if let Some(until) = gate_until {
+            self.hub.gate(relid, gate_now);
+            let at = self.gate_expiry.entry(relid).or_insert(until);
+            *at = (*at).min(until);
         }
         if now_decided.iter().all(Option::is_some) {
             self.deliver_now(&change, routed, &now_decided);
