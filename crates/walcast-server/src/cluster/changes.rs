@@ -400,6 +400,14 @@ impl ClusterSource {
             );
             drop(r);
         }
+        self.discard_pending();
+        self.caught_up = false;
+        set_streamer(false);
+    }
+
+    /// Forget the transaction being gathered and the batch not yet published: the slot
+    /// streams them again from the last confirmed position.
+    fn discard_pending(&mut self) {
         self.txn.clear();
         self.txn_events.clear();
         self.txn_relations.clear();
@@ -407,8 +415,6 @@ impl ClusterSource {
         self.batch.clear();
         self.batch_bytes = 0;
         self.publish_now = false;
-        self.caught_up = false;
-        set_streamer(false);
     }
 
     /// One step as the streamer: `Some` is something for the pump.
@@ -460,13 +466,7 @@ impl ClusterSource {
             Some(Ok(e @ StreamEvent::Disconnected { .. })) => {
                 // The pump drops what it has not delivered; the slot replays it, so take it
                 // again from what was delivered.
-                self.txn.clear();
-                self.txn_events.clear();
-                self.txn_relations.clear();
-                self.in_txn = false;
-                self.batch.clear();
-                self.batch_bytes = 0;
-                self.publish_now = false;
+                self.discard_pending();
                 self.last_end = self.confirmed_end;
                 self.unconfirmed.clear();
                 self.ready.store(false, Ordering::Release);
