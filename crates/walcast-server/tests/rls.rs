@@ -524,10 +524,14 @@ const TENANT_POLICY: &str =
 /// one SELECT policy `p` using `policy`, and a `fence` table without RLS; the role may
 /// SELECT both.
 async fn tenant_table(policy: &str) -> (walcast_testkit::TestDb, tokio_postgres::Client, String) {
-    let db = PgCluster::shared()
-        .fresh_database()
-        .await
-        .expect("database");
+    tenant_table_in(PgCluster::shared(), policy).await
+}
+
+async fn tenant_table_in(
+    cluster: &PgCluster,
+    policy: &str,
+) -> (walcast_testkit::TestDb, tokio_postgres::Client, String) {
+    let db = cluster.fresh_database().await.expect("database");
     let sql = db.connect().await.expect("connect");
     let role = format!("{}_r", db.name());
     support::exec_each(
@@ -752,6 +756,163 @@ async fn a_policy_change_applies_from_its_commit() {
         "{:?}",
         sub.events
     );
+}
+
+/// A dedicated cluster where a session that sets `synchronous_commit = on` flushes its
+/// commit and then waits for a synchronous standby that never connects: its transaction is
+/// in the WAL (and so in the stream) but invisible to every other session until its wait is
+/// cancelled. Everyone else commits without waiting.
+fn cluster_with_a_standby_nobody_runs() -> PgCluster {
+    PgCluster::start(walcast_testkit::ClusterOptions {
+        settings: vec![
+            (
+                "synchronous_standby_names".into(),
+                "walcast_never_connects".into(),
+            ),
+            ("synchronous_commit".into(), "local".into()),
+        ],
+        ..Default::default()
+    })
+    .expect("dedicated cluster")
+}
+
+/// Commit `statements` (one transaction) so that walcast receives it while it is still
+/// invisible: wait until the commit waits for the standby and the walsender has sent it,
+/// leave walcast half a second to judge it, then cancel the wait (which completes the local
+/// commit and makes it visible).
+async fn commit_decoded_before_visible(
+    db: &walcast_testkit::TestDb,
+    sql: &tokio_postgres::Client,
+    statements: String,
+) {
+    let session = db.connect().await.expect("connect");
+    session
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("set");
+    let commit = tokio::spawn(async move { session.batch_execute(&statements).await });
+    let mut polls = 0;
+    loop {
+        let row = sql
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'),
+                        coalesce((SELECT bool_and(sent_lsn >= pg_current_wal_flush_lsn())
+                                  FROM pg_stat_replication), false)",
+                &[],
+            )
+            .await
+            .expect("poll");
+        let (waiting, sent): (i64, bool) = (row.get(0), row.get(1));
+        if waiting == 1 && sent {
+            break;
+        }
+        if commit.is_finished() {
+            panic!("the commit did not wait: {:?}", commit.await);
+        }
+        polls += 1;
+        assert!(polls < 500, "the commit never reached the stream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sql.batch_execute(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+    )
+    .await
+    .expect("cancel the wait");
+    commit
+        .await
+        .expect("join")
+        .expect("the commit completes locally");
+}
+
+/// The walsender may send a transaction once its commit record is flushed, before the
+/// committing backend makes it visible to other snapshots; a policy compiled in that moment
+/// would be the one the DDL replaced. Here the moment lasts half a second: nothing may be
+/// judged by the old policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_decoded_before_it_is_visible_still_applies() {
+    let cluster = cluster_with_a_standby_nobody_runs();
+    let (db, sql, role) = tenant_table_in(&cluster, "true").await;
+    let server = serve(db.url(), &format!("{}_vis", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut sub = Subscriber::join(
+        server.port,
+        "watcher",
+        &json!({"role": role, "tenant": 1}),
+        &tables,
+    )
+    .await;
+    sql.batch_execute("INSERT INTO t VALUES (1, 2); INSERT INTO fence VALUES (1)")
+        .await
+        .expect("insert");
+    sub.until_fence("fence", 1).await;
+    // The cached policy now says "every row". Tighten it and write in the same transaction.
+    commit_decoded_before_visible(
+        &db,
+        &sql,
+        format!(
+            "ALTER POLICY p ON t USING ({TENANT_POLICY});
+             INSERT INTO t VALUES (2, 2); INSERT INTO t VALUES (3, 1); INSERT INTO fence VALUES (2)"
+        ),
+    )
+    .await;
+    sub.until_fence("fence", 2).await;
+    let ids: Vec<&Value> = sub
+        .events
+        .iter()
+        .filter(|e| e["table"] == "t")
+        .map(|e| &e["record"]["id"])
+        .collect();
+    assert_eq!(ids, [&json!(1), &json!(3)], "row 2 is another tenant's");
+}
+
+/// The same moment with a policy that reads another table: a member removed from a room in
+/// the transaction that writes the room's next row must not receive that row, although a
+/// check run before the transaction is visible would still find the membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_removed_with_the_row_keeps_the_row_from_the_former_member() {
+    let cluster = cluster_with_a_standby_nobody_runs();
+    let (db, sql, role) = tenant_table_in(&cluster, "false").await;
+    support::exec_each(
+        &sql,
+        &[
+            "CREATE TABLE members (room int4, who text, PRIMARY KEY (room, who))",
+            &format!("GRANT SELECT ON members TO {role}"),
+            "INSERT INTO members VALUES (1, 'ann')",
+            "ALTER POLICY p ON t USING (EXISTS (SELECT 1 FROM members m WHERE m.room = tenant
+               AND m.who = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))",
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_mem", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut sub = Subscriber::join(
+        server.port,
+        "ann",
+        &json!({"role": role, "sub": "ann"}),
+        &tables,
+    )
+    .await;
+    sql.batch_execute("INSERT INTO t VALUES (1, 1); INSERT INTO fence VALUES (1)")
+        .await
+        .expect("insert");
+    sub.until_fence("fence", 1).await;
+    commit_decoded_before_visible(
+        &db,
+        &sql,
+        "DELETE FROM members WHERE who = 'ann';
+         INSERT INTO t VALUES (2, 1); INSERT INTO fence VALUES (2)"
+            .to_string(),
+    )
+    .await;
+    sub.until_fence("fence", 2).await;
+    let ids: Vec<&Value> = sub
+        .events
+        .iter()
+        .filter(|e| e["table"] == "t")
+        .map(|e| &e["record"]["id"])
+        .collect();
+    assert_eq!(ids, [&json!(1)], "ann left room 1 before row 2 was written");
 }
 
 /// Claims groups are judged in one transaction (one round trip for many users), but nothing

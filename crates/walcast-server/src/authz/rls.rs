@@ -12,7 +12,8 @@
 //!    │
 //!    ├─ per (table, identity) group: the images to check, as one JSON array of text values
 //!    │     one statement per group, groups in parallel on the ExclusivePool:
-//!    │       BEGIN; SET LOCAL ROLE "<role>"; SET LOCAL statement_timeout
+//!    │       BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL ROLE "<role>"; SET LOCAL statement_timeout
+//!    │       pg_current_snapshot(): must see every judged transaction, else all again shortly
 //!    │       set_config('request.jwt.claims' | '.claim.sub' | '.claim.role', $n, true)
 //!    │       SELECT ord FROM (<images cast to the column types>) AS "<table>" WHERE <policies>
 //!    │       ROLLBACK
@@ -26,7 +27,12 @@
 //!   could not run: all deliver nothing.
 //! - The WAL image is judged, not the table's current state: the row as it was committed is
 //!   what the subscriber receives, so that is what the policies see. Policies that query
-//!   other tables see those tables as they are when the check runs.
+//!   other tables see those tables as they are when the check runs, and never before the
+//!   commit of the row being judged: the walsender sends a transaction once its commit is
+//!   flushed, a moment before other sessions can see it, so the policies (compiled) and
+//!   the checks (run) use a snapshot that is verified to see the judged transactions
+//!   (tests `a_policy_change_decoded_before_it_is_visible_still_applies`,
+//!   `a_membership_removed_with_the_row_keeps_the_row_from_the_former_member`).
 //! - Batching: one statement per (batch, table, role + claims), never one per row per
 //!   subscriber. Subscribers with equal role and claims share the result.
 //! - Isolation: each group runs in its own transaction with its own role and claims (set with
@@ -285,13 +291,56 @@ WHERE p.polrelid = $2 AND p.polcmd IN ('r', '*') AND p.polqual IS NOT NULL
                   WHERE pr <> 0 AND pg_catalog.pg_has_role($1::pg_catalog.name, pr, 'USAGE')))
 ORDER BY p.polname";
 
+/// The snapshot the catalog is read in, to compare with the change's transaction.
+const SNAPSHOT_SQL: &str = "SELECT pg_catalog.pg_current_snapshot()::text";
+
 /// Read the role's privileges and the table's policies, and compile them for `table` (the
-/// stream's current description of it).
+/// stream's current description of it), as of no earlier than the commit of transaction
+/// `xid` (the change being judged).
+///
+/// Why the wait: the walsender may send a transaction as soon as its commit record is
+/// flushed, a moment before the committing backend makes it visible to other snapshots. A
+/// policy read in that moment is the one from before the DDL the stream has just passed (the
+/// Relation message that made the pump forget the old one), and the rows right after an
+/// `ALTER POLICY` would be judged by the policy it replaced. So the catalog is read in one
+/// REPEATABLE READ snapshot, and read again, after a short pause, while that snapshot does
+/// not see `xid` yet.
 pub async fn compile(
     pool: &ExclusivePool,
     role: &str,
     table: &Table,
+    xid: u32,
 ) -> Result<TablePolicy, AuthzError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match compile_once(pool, role, table, xid).await? {
+            Some(policy) => return Ok(policy),
+            None if started.elapsed() >= CHECK_TIMEOUT => {
+                return Err(AuthzError::Unavailable(format!(
+                    "transaction {xid} is committed in the stream but not yet visible"
+                )));
+            }
+            None => {
+                tracing::debug!(
+                    xid,
+                    ?pause,
+                    "policy read before its transaction was visible; reading again"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// One [`compile`] attempt: `None` when the snapshot does not see `xid` yet.
+async fn compile_once(
+    pool: &ExclusivePool,
+    role: &str,
+    table: &Table,
+    xid: u32,
+) -> Result<Option<TablePolicy>, AuthzError> {
     let mut lease = pool
         .acquire()
         .await
@@ -300,12 +349,13 @@ pub async fn compile(
     // runs, so pipelined beside the ROLLBACK below it would run after it, outside the
     // transaction and its search_path.
     let prepared = async {
+        let snapshot = lease.prepare_cached(SNAPSHOT_SQL, &[]).await?;
         let access = lease.prepare_cached(ACCESS_SQL, &[]).await?;
         let policies = lease.prepare_cached(POLICIES_SQL, &[]).await?;
-        Ok::<_, tokio_postgres::Error>((access, policies))
+        Ok::<_, tokio_postgres::Error>((snapshot, access, policies))
     }
     .await;
-    let (access_sql, policies_sql) = match prepared {
+    let (snapshot_sql, access_sql, policies_sql) = match prepared {
         Ok(p) => p,
         Err(err) => {
             let err = AuthzError::from_pg(&err);
@@ -317,24 +367,47 @@ pub async fn compile(
     let relid = table.relation_id;
     // pg_catalog only: deparsed expressions and type names come out schema-qualified, so
     // they mean the same whatever search_path the check runs with.
-    let begin = client.batch_execute("BEGIN READ ONLY; SET LOCAL search_path = pg_catalog");
+    // One snapshot for the statements below (REPEATABLE READ), the one `snapshot` reports.
+    let begin = client.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog",
+    );
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&role, &relid];
+    let snapshot = client.query_one(&snapshot_sql, &[]);
     let access = client.query_opt(&access_sql, &params);
     let policies = client.query(&policies_sql, &params);
     let end = client.batch_execute("ROLLBACK");
-    let (b, a, p, e) = tokio::join!(begin, access, policies, end);
+    let (b, s, a, p, e) = tokio::join!(begin, snapshot, access, policies, end);
     if let Err(err) = b.as_ref().and(e.as_ref()) {
         let err = AuthzError::from_pg(err);
         lease.discard();
         return Err(err);
     }
     lease.done();
+    let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
+    let snapshot: String = s.and_then(|r| r.try_get(0)).map_err(get)?;
+    let sees = crate::feed::snapshot::Xids::parse(&snapshot)
+        .ok_or_else(|| AuthzError::Unavailable(format!("unreadable snapshot {snapshot:?}")))?;
+    if !sees.sees(xid) {
+        return Ok(None);
+    }
     let row = a.map_err(|e| AuthzError::from_pg(&e))?;
+    from_catalog(role, table, row, p).map(Some)
+}
+
+/// The [`TablePolicy`] from what the catalog said: the role's access row (`None`: the role
+/// or the table is gone) and the table's SELECT policies for it.
+fn from_catalog(
+    role: &str,
+    table: &Table,
+    row: Option<tokio_postgres::Row>,
+    p: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+) -> Result<TablePolicy, AuthzError> {
+    let relid = table.relation_id;
+    let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
     let Some(row) = row else {
         // The role or the table no longer exists.
         return Ok(TablePolicy::DENY);
     };
-    let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
     let relname: String = row.try_get(0).map_err(get)?;
     let rls_on: bool = row.try_get(1).map_err(get)?;
     let forced: bool = row.try_get(2).map_err(get)?;
@@ -564,9 +637,50 @@ pub type GroupResult = (Result<Vec<bool>, AuthzError>, Duration);
 ///
 /// A single group runs without a savepoint (its transaction is its isolation). Results are
 /// in the order of `groups`.
-pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<GroupResult> {
+///
+/// `xids` are the transactions of the images: policies that read other tables must see
+/// them as of those commits (a membership removed in the same transaction as a row must
+/// keep that row from the former member), so the checks run in one REPEATABLE READ snapshot
+/// that sees all of them, taken again after a short pause while it does not (see
+/// [`compile`] for why a decoded transaction may not be visible yet).
+pub async fn check_groups(
+    pool: &ExclusivePool,
+    groups: Vec<GroupCheck>,
+    xids: &[u32],
+) -> Vec<GroupResult> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(results) = check_groups_once(pool, &groups, xids).await {
+            return results;
+        }
+        if started.elapsed() >= CHECK_TIMEOUT {
+            let err = AuthzError::Unavailable(
+                "the transactions to judge are committed in the stream but not yet visible".into(),
+            );
+            return groups
+                .iter()
+                .map(|_| (Err(err.clone()), Duration::ZERO))
+                .collect();
+        }
+        tracing::debug!(
+            ?xids,
+            ?pause,
+            "checked before the transactions were visible; checking again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// One [`check_groups`] attempt: `None` when its snapshot does not see every one of `xids`.
+async fn check_groups_once(
+    pool: &ExclusivePool,
+    groups: &[GroupCheck],
+    xids: &[u32],
+) -> Option<Vec<GroupResult>> {
     let Some(role) = groups.first().map(|g| g.identity.role.clone()) else {
-        return Vec::new();
+        return Some(Vec::new());
     };
     debug_assert!(groups.iter().all(|g| g.identity.role == role));
     let all_fail = |err: AuthzError| {
@@ -577,10 +691,19 @@ pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<
     };
     let mut lease = match pool.acquire().await {
         Ok(l) => l,
-        Err(e) => return all_fail(AuthzError::Unavailable(format!("{e:#}"))),
+        Err(e) => return Some(all_fail(AuthzError::Unavailable(format!("{e:#}")))),
     };
     let checks: Vec<&RowCheck> = groups.iter().map(|g| &*g.check).collect();
-    let (set_claims, check_statements) = match prepare_checks(&mut lease, &checks).await {
+    let prepared = async {
+        let snapshot = lease
+            .prepare_cached(SNAPSHOT_SQL, &[])
+            .await
+            .map_err(|e| AuthzError::from_pg(&e))?;
+        let (set_claims, checks) = prepare_checks(&mut lease, &checks).await?;
+        Ok::<_, AuthzError>((snapshot, set_claims, checks))
+    }
+    .await;
+    let (snapshot_sql, set_claims, check_statements) = match prepared {
         Ok(p) => p,
         Err(err) => {
             // Preparing opens no transaction: only a connection problem makes it unusable.
@@ -589,12 +712,13 @@ pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<
             } else {
                 lease.done();
             }
-            return all_fail(err);
+            return Some(all_fail(err));
         }
     };
     let client = lease.client();
+    // REPEATABLE READ: every group is judged in the one snapshot `snapshot` reports.
     let setup = format!(
-        "BEGIN; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}",
         quote_ident(&role),
         CHECK_TIMEOUT.as_millis()
     );
@@ -619,6 +743,7 @@ pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<
         .collect();
     let role_text: &str = &role;
     let begin = client.batch_execute(&setup);
+    let snapshot = client.query_one(&snapshot_sql, &[]);
     // Pipelined: every statement is sent (in order) before any reply is awaited; join! polls
     // each group's statements in order, and join_all polls the groups in order.
     let mut statements = Vec::with_capacity(groups.len());
@@ -657,16 +782,34 @@ pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<
     }
     let end = client.batch_execute("ROLLBACK");
     let started = Instant::now();
-    let (b, results, e) = tokio::join!(begin, futures_util::future::join_all(statements), end);
+    let (b, snapshot, results, e) = tokio::join!(
+        begin,
+        snapshot,
+        futures_util::future::join_all(statements),
+        end
+    );
     if let Err(err) = &e {
         // The session may still carry the role: never lend it again.
         let err = AuthzError::from_pg(err);
         lease.discard();
-        return all_fail(err);
+        return Some(all_fail(err));
     }
     lease.done();
     if let Err(err) = b {
-        return all_fail(AuthzError::from_pg(&err));
+        return Some(all_fail(AuthzError::from_pg(&err)));
+    }
+    let snapshot: String = match snapshot.and_then(|r| r.try_get(0)) {
+        Ok(s) => s,
+        Err(err) => return Some(all_fail(AuthzError::from_pg(&err))),
+    };
+    match crate::feed::snapshot::Xids::parse(&snapshot) {
+        Some(sees) if xids.iter().all(|x| sees.sees(*x)) => {}
+        Some(_) => return None,
+        None => {
+            return Some(all_fail(AuthzError::Unavailable(format!(
+                "unreadable snapshot {snapshot:?}"
+            ))))
+        }
     }
     let mut out = Vec::with_capacity(groups.len());
     let mut previous = started;
@@ -684,7 +827,7 @@ pub async fn check_groups(pool: &ExclusivePool, groups: Vec<GroupCheck>) -> Vec<
         };
         out.push((result, took));
     }
-    out
+    Some(out)
 }
 
 fn visible_ordinals(rows: Vec<tokio_postgres::Row>, count: usize) -> Result<Vec<bool>, AuthzError> {

@@ -58,12 +58,14 @@ pub struct BatchResult {
 /// checks.
 pub type LaneResult = (LaneKey, Vec<(u64, ItemOutcome)>, Duration);
 
-/// A table policy, from the cache or compiled now (and cached).
+/// A table policy, from the cache or compiled now (and cached), as of no earlier than
+/// transaction `xid`, the first change it judges.
 async fn policy(
     pool: &ExclusivePool,
     cache: &Mutex<PolicyCache>,
     role: &Arc<str>,
     table: &Arc<Table>,
+    xid: u32,
 ) -> Result<Arc<TablePolicy>, AuthzError> {
     if let Some(p) = cache
         .lock()
@@ -72,7 +74,7 @@ async fn policy(
     {
         return Ok(p);
     }
-    let compiled = Arc::new(rls::compile(pool, role, table).await?);
+    let compiled = Arc::new(rls::compile(pool, role, table, xid).await?);
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -106,6 +108,8 @@ pub async fn run(
     let mut compiled: HashMap<(Arc<str>, usize), Result<Arc<TablePolicy>, AuthzError>> =
         HashMap::new();
     let mut unshaped: std::collections::HashSet<(usize, usize)> = Default::default();
+    // The transactions of the images sent to Postgres: the check's snapshot must see them.
+    let mut xids: Vec<u32> = Vec::new();
     for (li, lane) in lanes.iter().enumerate() {
         let role = &lane.identity.role;
         for (seq, change) in &lane.items {
@@ -113,7 +117,7 @@ pub async fn run(
             let p = match compiled.get(&(role.clone(), shape)) {
                 Some(p) => p.clone(),
                 None => {
-                    let p = policy(&pool, &cache, role, &change.table).await;
+                    let p = policy(&pool, &cache, role, &change.table, change.xid).await;
                     if let Err(e) = &p {
                         tracing::warn!(error = ?e.to_string(), role = ?role, relid = change.table.relation_id, "compiling table policies failed");
                     }
@@ -194,6 +198,7 @@ pub async fn run(
                 (Some(_), Some(row)) => group.images.push(row, &check.reads),
                 _ => None,
             };
+            xids.push(change.xid);
             members.push(Member {
                 lane: li,
                 seq: *seq,
@@ -213,8 +218,10 @@ pub async fn run(
     }
     if !to_check.is_empty() {
         let (checks, members): (Vec<GroupCheck>, Vec<Vec<Member>>) = to_check.into_iter().unzip();
+        xids.sort_unstable();
+        xids.dedup();
         let started = std::time::Instant::now();
-        let results = rls::check_groups(&pool, checks).await;
+        let results = rls::check_groups(&pool, checks, &xids).await;
         metrics::authz_check_seconds(started.elapsed().as_secs_f64());
         for ((result, took), members) in results.into_iter().zip(members) {
             match &result {
