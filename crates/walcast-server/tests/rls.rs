@@ -1201,3 +1201,103 @@ async fn a_claims_only_policy_needs_no_check_per_row() {
         "rows were routed to identities whose value they do not carry"
     );
 }
+
+/// Supabase's own spelling, `owner = auth.uid()` (and `(select auth.uid())`), where
+/// `auth.uid()` is a SQL function over the claim settings: Postgres inlines it, walcast
+/// reads the inlined expression and decides rows in process, as for the spelled-out claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_auth_uid_policies_are_decided_in_process() {
+    let (db, sql, role) = tenant_table("true").await;
+    support::exec_each(
+        &sql,
+        &[
+            "CREATE SCHEMA IF NOT EXISTS auth",
+            // The definition Supabase ships (the `sub` claim, from either setting).
+            "CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+               SELECT coalesce(
+                 nullif(current_setting('request.jwt.claim.sub', true), ''),
+                 (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')
+               )::uuid $$",
+            &format!("GRANT USAGE ON SCHEMA auth TO {role}"),
+            &format!("GRANT EXECUTE ON FUNCTION auth.uid() TO {role}"),
+            "CREATE TABLE notes (id int8 PRIMARY KEY, owner uuid, team uuid)",
+            "ALTER TABLE notes ENABLE ROW LEVEL SECURITY",
+            &format!("GRANT SELECT ON notes TO {role}"),
+            "CREATE POLICY mine ON notes FOR SELECT USING (owner = auth.uid())",
+            "CREATE POLICY lead ON notes FOR SELECT USING (team = (SELECT auth.uid()))",
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_uid", db.name())).await;
+    let tables = vec!["notes".to_string(), "fence".to_string()];
+    let users: Vec<String> = (1..=4)
+        .map(|k| format!("00000000-0000-0000-0000-00000000000{k}"))
+        .collect();
+    let mut subs = Vec::new();
+    for (k, user) in users.iter().enumerate() {
+        subs.push(
+            Subscriber::join(
+                server.port,
+                &format!("user{k}"),
+                &json!({"role": role, "sub": user}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    // Warm up: one row per user derives each identity's value.
+    for (k, user) in users.iter().enumerate() {
+        sql.execute(
+            "INSERT INTO notes VALUES ($1, $2::text::uuid, NULL)",
+            &[&(k as i64), user],
+        )
+        .await
+        .expect("insert");
+    }
+    sql.execute("INSERT INTO fence VALUES (1)", &[])
+        .await
+        .expect("fence");
+    for s in &mut subs {
+        s.until_fence("fence", 1).await;
+    }
+    let before = policy_checks(server.port).await;
+    // Rows owned by user k, led by user k+1 (team), or nobody's.
+    for id in 10..50i64 {
+        let owner = &users[(id % 4) as usize];
+        let team = &users[((id + 1) % 4) as usize];
+        if id % 5 == 0 {
+            sql.execute("INSERT INTO notes VALUES ($1, NULL, NULL)", &[&id])
+                .await
+                .expect("insert");
+        } else {
+            sql.execute(
+                "INSERT INTO notes VALUES ($1, $2::text::uuid, $3::text::uuid)",
+                &[&id, owner, team],
+            )
+            .await
+            .expect("insert");
+        }
+    }
+    sql.execute("INSERT INTO fence VALUES (2)", &[])
+        .await
+        .expect("fence");
+    for (k, s) in subs.iter_mut().enumerate() {
+        s.until_fence("fence", 2).await;
+        let got: Vec<i64> = s
+            .events
+            .iter()
+            .filter(|e| e["table"] == "notes")
+            .map(|e| e["record"]["id"].as_i64().expect("id"))
+            .collect();
+        let k = k as i64;
+        let want: Vec<i64> = std::iter::once(k)
+            .chain((10..50).filter(|id| id % 5 != 0 && (id % 4 == k || (id + 1) % 4 == k)))
+            .collect();
+        assert_eq!(got, want, "user {k}");
+    }
+    assert_eq!(
+        policy_checks(server.port).await,
+        before,
+        "rows of an auth.uid() policy ran per-group policy statements"
+    );
+}

@@ -391,7 +391,74 @@ async fn compile_once(
         return Ok(None);
     }
     let row = a.map_err(|e| AuthzError::from_pg(&e))?;
-    from_catalog(role, table, row, p).map(Some)
+    let functions = match &p {
+        Ok(rows) => {
+            let quals: Vec<String> = rows.iter().filter_map(|r| r.try_get(1).ok()).collect();
+            let quals: Vec<&str> = quals.iter().map(String::as_str).collect();
+            inline_functions(pool, &shape::called_functions(&quals)).await?
+        }
+        Err(_) => shape::Functions::default(),
+    };
+    from_catalog(role, table, row, p, &functions).map(Some)
+}
+
+/// What Postgres inlines each `schema.function()` call to, as `EXPLAIN VERBOSE` deparses it
+/// with `search_path = pg_catalog` (so any name outside pg_catalog comes out qualified and
+/// is not mistaken for a built-in). A call Postgres does not inline (not a one-expression
+/// SQL function, SECURITY DEFINER, SET clauses, no EXECUTE privilege), or one that fails,
+/// is left out: the policy calling it is evaluated per group.
+async fn inline_functions(
+    pool: &ExclusivePool,
+    names: &[(String, String)],
+) -> Result<shape::Functions, AuthzError> {
+    let mut out = shape::Functions::default();
+    if names.is_empty() {
+        return Ok(out);
+    }
+    let lease = pool
+        .acquire()
+        .await
+        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    let client = lease.client();
+    for (schema, function) in names {
+        // Both parts are plain lower-case identifiers from a deparsed policy (see
+        // `called_functions`), quoted all the same.
+        let sql = format!(
+            "BEGIN READ ONLY; SET LOCAL search_path = pg_catalog; \
+             EXPLAIN (VERBOSE, COSTS OFF) SELECT {}.{}()",
+            quote_ident(schema),
+            quote_ident(function)
+        );
+        let explained = client.simple_query(&sql).await;
+        if let Err(err) = client.batch_execute("ROLLBACK").await {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            return Err(err);
+        }
+        let messages = match explained {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::debug!(schema, function, error = %err, "a policy's function could not be explained");
+                continue;
+            }
+        };
+        let name = format!("{schema}.{function}");
+        let call = format!("{name}()");
+        let body = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r
+                .get(0)
+                .and_then(|line| line.trim_start().strip_prefix("Output: "))
+                .map(str::to_owned),
+            _ => None,
+        });
+        tracing::debug!(%call, ?body, "a policy's function as Postgres inlines it");
+        match body {
+            Some(body) if body.trim() != call => out.insert(&name, &body),
+            _ => {}
+        }
+    }
+    lease.done();
+    Ok(out)
 }
 
 /// The [`TablePolicy`] from what the catalog said: the role's access row (`None`: the role
@@ -401,6 +468,7 @@ fn from_catalog(
     table: &Table,
     row: Option<tokio_postgres::Row>,
     p: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+    functions: &shape::Functions,
 ) -> Result<TablePolicy, AuthzError> {
     let relid = table.relation_id;
     let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
@@ -508,7 +576,7 @@ fn from_catalog(
         .iter()
         .map(|e| (e.permissive, e.qual.as_str()))
         .collect();
-    let shape = shape::recognize(&quals, &shape_columns).map(Arc::new);
+    let shape = shape::recognize_with(&quals, &shape_columns, functions).map(Arc::new);
     tracing::debug!(table = ?relname, role, recognized = shape.is_some(), "compiled row policies");
     Ok(TablePolicy {
         select,
@@ -989,24 +1057,25 @@ impl PolicyCache {
         )
     }
 
-    /// The expressions of `shape` not computed yet for `identity`.
-    pub fn underived(&self, identity: &Arc<Identity>, shape: &Shape) -> Vec<Arc<str>> {
+    /// The terms of `shape` not computed yet for `identity`: each one's cache key and the
+    /// expression to evaluate.
+    pub fn underived(&self, identity: &Arc<Identity>, shape: &Shape) -> Vec<(Arc<str>, Arc<str>)> {
         let known = self.derived.get(&(Arc::as_ptr(identity) as usize));
-        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut out: Vec<(Arc<str>, Arc<str>)> = Vec::new();
         for t in &shape.terms {
-            let have = known.is_some_and(|(_, k)| k.iter().any(|(x, _)| *x == t.expr));
-            if !have && !out.contains(&t.expr) {
-                out.push(t.expr.clone());
+            let have = known.is_some_and(|(_, k)| k.iter().any(|(x, _)| *x == t.key));
+            if !have && !out.iter().any(|(k, _)| *k == t.key) {
+                out.push((t.key.clone(), t.expr.clone()));
             }
         }
         out
     }
 
-    /// Remember what `exprs` are for `identity`.
+    /// Remember what the terms cached by `keys` are for `identity`.
     pub fn insert_derived(
         &mut self,
         identity: &Arc<Identity>,
-        exprs: Vec<Arc<str>>,
+        keys: Vec<Arc<str>>,
         values: Vec<Derived>,
     ) {
         if self.derived.len() >= DERIVED_MAX {
@@ -1016,7 +1085,7 @@ impl PolicyCache {
             .derived
             .entry(Arc::as_ptr(identity) as usize)
             .or_insert_with(|| (identity.clone(), Vec::new()));
-        for (e, v) in exprs.into_iter().zip(values) {
+        for (e, v) in keys.into_iter().zip(values) {
             if !entry.1.iter().any(|(x, _)| *x == e) {
                 entry.1.push((e, v));
             }

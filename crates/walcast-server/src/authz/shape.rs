@@ -54,8 +54,77 @@ pub struct Term {
     pub column: usize,
     /// The column's type (`format_type`), which E's type must equal.
     pub type_name: String,
-    /// The claims-only expression, as deparsed.
+    /// The claims-only expression, as deparsed: what is evaluated for an identity.
     pub expr: Arc<str>,
+    /// What its derived values are cached by: `expr`, followed by the inlined bodies of
+    /// the functions it calls, so that redefining such a function (which sends no Relation
+    /// message) makes the next compilation derive afresh instead of reusing old values.
+    pub key: Arc<str>,
+}
+
+/// Zero-argument functions that policies call (`auth.uid()`), by their deparsed qualified
+/// name, with the expression Postgres inlines for a call (from `EXPLAIN VERBOSE`). Only
+/// functions Postgres inlines are here: a SQL function whose body is one expression, not
+/// SECURITY DEFINER, without SET clauses.
+#[derive(Debug, Clone, Default)]
+pub struct Functions {
+    inlined: Vec<(String, Vec<Tok>, String)>,
+}
+
+impl Functions {
+    /// Remember that a call of `name` (`schema.function`, as deparsed) inlines to `body`
+    /// (EXPLAIN's deparsed output). A body
+    /// this grammar cannot read is not remembered (the call stays unrecognized).
+    pub fn insert(&mut self, name: &str, body: &str) {
+        if let Some(tokens) = tokenize(body) {
+            self.inlined
+                .push((name.to_owned(), tokens, body.trim().to_owned()));
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<(&[Tok], &str)> {
+        self.inlined
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, t, b)| (t.as_slice(), b.as_str()))
+    }
+}
+
+/// The schema-qualified zero-argument calls (`auth.uid()`) in policy texts, by deparsed name,
+/// each name `schema.function` of plain lower-case identifiers (what Postgres deparses
+/// unquoted); these are the candidates for [`Functions`].
+pub fn called_functions(quals: &[&str]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for q in quals {
+        let Some(t) = tokenize(q) else { continue };
+        for (i, tok) in t.iter().enumerate() {
+            let Tok::Ident {
+                name,
+                quoted: false,
+            } = tok
+            else {
+                continue;
+            };
+            if t.get(i + 1) != Some(&Tok::Open) || t.get(i + 2) != Some(&Tok::Close) {
+                continue;
+            }
+            let Some((schema, function)) = name.split_once('.') else {
+                continue;
+            };
+            let plain = |x: &str| {
+                !x.is_empty()
+                    && x.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            };
+            if plain(schema)
+                && plain(function)
+                && !out.iter().any(|(s, f)| s == schema && f == function)
+            {
+                out.push((schema.to_owned(), function.to_owned()));
+            }
+        }
+    }
+    out
 }
 
 /// A table's SELECT policies for a role, recognized.
@@ -83,6 +152,16 @@ pub struct ShapeColumn<'a> {
 /// Recognize a table's SELECT policies (`(permissive, deparsed qual)`). `None` unless
 /// every policy is recognized and at least one is permissive.
 pub fn recognize(policies: &[(bool, &str)], columns: &[ShapeColumn<'_>]) -> Option<Shape> {
+    recognize_with(policies, columns, &Functions::default())
+}
+
+/// [`recognize`], looking through the calls of `functions` to the expressions Postgres
+/// inlines for them.
+pub fn recognize_with(
+    policies: &[(bool, &str)],
+    columns: &[ShapeColumn<'_>],
+    functions: &Functions,
+) -> Option<Shape> {
     let mut shape = Shape {
         terms: Vec::new(),
         permissive: Vec::new(),
@@ -90,7 +169,7 @@ pub fn recognize(policies: &[(bool, &str)], columns: &[ShapeColumn<'_>]) -> Opti
     };
     for (permissive, qual) in policies {
         let tokens = tokenize(qual)?;
-        let f = formula(&tokens, columns, &mut shape.terms)?;
+        let f = formula(&tokens, columns, functions, &mut shape.terms)?;
         if *permissive {
             shape.permissive.push(f);
         } else {
@@ -256,12 +335,17 @@ fn split_at(t: &[Tok], at: &[usize]) -> Vec<Vec<Tok>> {
     parts
 }
 
-fn formula(t: &[Tok], columns: &[ShapeColumn<'_>], terms: &mut Vec<Term>) -> Option<Formula> {
+fn formula(
+    t: &[Tok],
+    columns: &[ShapeColumn<'_>],
+    functions: &Functions,
+    terms: &mut Vec<Term>,
+) -> Option<Formula> {
     if t.is_empty() {
         return None;
     }
     if t.first() == Some(&Tok::Open) && closing(t, 0) == Some(t.len() - 1) {
-        return formula(&t[1..t.len() - 1], columns, terms);
+        return formula(&t[1..t.len() - 1], columns, functions, terms);
     }
     for (word, make) in [
         ("OR", Formula::Or as fn(Vec<Formula>) -> Formula),
@@ -271,7 +355,7 @@ fn formula(t: &[Tok], columns: &[ShapeColumn<'_>], terms: &mut Vec<Term>) -> Opt
         if !at.is_empty() {
             let parts = split_at(t, &at)
                 .iter()
-                .map(|p| formula(p, columns, terms))
+                .map(|p| formula(p, columns, functions, terms))
                 .collect::<Option<Vec<_>>>()?;
             return Some(make(parts));
         }
@@ -284,7 +368,8 @@ fn formula(t: &[Tok], columns: &[ShapeColumn<'_>], terms: &mut Vec<Term>) -> Opt
         (None, Some(c)) => (c, lhs),
         _ => return None,
     };
-    if !claims_only(expr) {
+    let mut looked_through = Vec::new();
+    if !claims_only(expr, functions, &mut looked_through, 0) {
         return None;
     }
     let c = &columns[col];
@@ -295,10 +380,23 @@ fn formula(t: &[Tok], columns: &[ShapeColumn<'_>], terms: &mut Vec<Term>) -> Opt
     {
         return None;
     }
+    let expr: Arc<str> = render(expr).into();
+    let key = if looked_through.is_empty() {
+        expr.clone()
+    } else {
+        // Not SQL: a cache key only (the unit separator cannot occur in deparsed text).
+        let mut key = expr.to_string();
+        for body in looked_through {
+            key.push('\u{1f}');
+            key.push_str(body);
+        }
+        key.into()
+    };
     terms.push(Term {
         column: c.source?,
         type_name: c.type_name.to_owned(),
-        expr: render(expr).into(),
+        expr,
+        key,
     });
     Some(Formula::Term(terms.len() - 1))
 }
@@ -316,26 +414,49 @@ fn column(t: &[Tok], columns: &[ShapeColumn<'_>]) -> Option<usize> {
     columns.iter().position(|c| c.name == name)
 }
 
-const SETTINGS: [&str; 3] = [
+/// The settings a claims-only expression may read: the three walcast sets per identity, and
+/// `request.jwt.claim`, which Supabase's `auth.jwt()` reads first and nobody sets (NULL both
+/// when a value is derived and when a row is checked).
+const SETTINGS: [&str; 4] = [
     "request.jwt.claims",
     "request.jwt.claim.sub",
     "request.jwt.claim.role",
+    "request.jwt.claim",
 ];
+/// Built-in functions of their arguments alone that may wrap claims (`auth.uid()`'s body).
+const CALLS: [&str; 2] = ["COALESCE", "NULLIF"];
+/// How deep inlined bodies may nest (a body calling another inlined function).
+const INLINE_DEPTH: usize = 4;
+
+/// What an open parenthesis opened.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paren {
+    Group,
+    /// `( SELECT expr [AS name] )`.
+    Select,
+    /// The argument list of one of [`CALLS`].
+    Args,
+}
 const TYPES: [&str; 8] = [
     "text", "jsonb", "json", "uuid", "integer", "bigint", "smallint", "boolean",
 ];
 
-/// Whether the tokens are an expression of constants and the claim settings only.
-fn claims_only(t: &[Tok]) -> bool {
+/// Whether the tokens are an expression of constants and the claim settings only, looking
+/// through the calls of `functions` (their bodies pushed onto `looked_through`).
+fn claims_only<'f>(
+    t: &[Tok],
+    functions: &'f Functions,
+    looked_through: &mut Vec<&'f str>,
+    depth: usize,
+) -> bool {
     let mut i = 0;
-    // Per open parenthesis: whether it opens a `( SELECT expr [AS name] )`.
-    let mut open: Vec<bool> = Vec::new();
+    let mut open: Vec<Paren> = Vec::new();
     while i < t.len() {
         match &t[i] {
             Tok::Open => {
                 // `( SELECT expr )`: a scalar sub-select without FROM is its expression.
                 let select = t.get(i + 1).is_some_and(|x| is_word(x, "SELECT"));
-                open.push(select);
+                open.push(if select { Paren::Select } else { Paren::Group });
                 if select {
                     i += 1;
                 }
@@ -347,12 +468,13 @@ fn claims_only(t: &[Tok]) -> bool {
             }
             // The output name of the sub-select's column, right before its end.
             x if is_word(x, "AS")
-                && open.last() == Some(&true)
+                && open.last() == Some(&Paren::Select)
                 && matches!(t.get(i + 1), Some(Tok::Ident { .. }))
                 && t.get(i + 2) == Some(&Tok::Close) =>
             {
                 i += 1
             }
+            Tok::Comma if open.last() == Some(&Paren::Args) => {}
             Tok::Str(_) | Tok::Num(_) | Tok::Arrow | Tok::ArrowText => {}
             Tok::Cast => match t.get(i + 1) {
                 Some(Tok::Ident {
@@ -361,6 +483,10 @@ fn claims_only(t: &[Tok]) -> bool {
                 }) if TYPES.contains(&name.as_str()) => i += 1,
                 _ => return false,
             },
+            x if CALLS.iter().any(|c| is_word(x, c)) && t.get(i + 1) == Some(&Tok::Open) => {
+                open.push(Paren::Args);
+                i += 1;
+            }
             Tok::Ident {
                 name,
                 quoted: false,
@@ -382,6 +508,21 @@ fn claims_only(t: &[Tok]) -> bool {
                     }
                     _ => return false,
                 }
+            }
+            // `schema.function()` that Postgres inlines to a claims-only expression.
+            Tok::Ident {
+                name,
+                quoted: false,
+            } if t.get(i + 1) == Some(&Tok::Open) && t.get(i + 2) == Some(&Tok::Close) => {
+                let Some((body, text)) = functions.get(name) else {
+                    return false;
+                };
+                if depth >= INLINE_DEPTH || !claims_only(body, functions, looked_through, depth + 1)
+                {
+                    return false;
+                }
+                looked_through.push(text);
+                i += 2;
             }
             Tok::Ident { .. } | Tok::Comma | Tok::Eq => return false,
         }
@@ -421,7 +562,7 @@ impl Shape {
     ) -> bool {
         out.clear();
         for t in &self.terms {
-            match lookup(&t.expr) {
+            match lookup(&t.key) {
                 Some(Some((value, ty))) if *ty == t.type_name => out.push(value.as_deref()),
                 _ => return false,
             }
@@ -651,6 +792,53 @@ mod tests {
         // A restrictive policy narrows, never widens: the permissive terms still index.
         let s = recognize(&[(true, own), (false, "(n = 3)")], &c).unwrap();
         assert_eq!(s.index_terms(), Some(vec![0]));
+    }
+
+    #[test]
+    fn inlined_functions_are_looked_through() {
+        let c = cols();
+        // What EXPLAIN VERBOSE shows for Supabase's auth.uid() (search_path = pg_catalog).
+        let body = "(COALESCE(NULLIF(current_setting('request.jwt.claim.sub'::text, true), ''::text), ((NULLIF(current_setting('request.jwt.claims'::text, true), ''::text))::jsonb ->> 'sub'::text)))::uuid";
+        let mut f = Functions::default();
+        f.insert("auth.uid", body);
+        let q = "(o2 = auth.uid())";
+        assert_eq!(recognize(&[(true, q)], &c), None, "not without the body");
+        let s = recognize_with(&[(true, q)], &c, &f).expect("recognized");
+        assert_eq!(&*s.terms[0].expr, "auth.uid ( )");
+        assert!(s.terms[0].key.starts_with("auth.uid ( )\u{1f}"));
+        assert!(s.terms[0].key.ends_with(body));
+        // The sub-select form.
+        let q2 = "(o2 = ( SELECT auth.uid() AS uid))";
+        assert!(recognize_with(&[(true, q2)], &c, &f).is_some());
+        // Another body, another key: a redefinition derives afresh.
+        let mut g = Functions::default();
+        g.insert(
+            "auth.uid",
+            "((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'other'::text)::uuid",
+        );
+        let s2 = recognize_with(&[(true, q)], &c, &g).expect("recognized");
+        assert_ne!(s.terms[0].key, s2.terms[0].key);
+        assert_eq!(s.terms[0].expr, s2.terms[0].expr);
+        // Bodies that read anything but the claims are not looked through.
+        for bad in [
+            "public.current_setting('request.jwt.claims'::text, true)",
+            "( SELECT m.who FROM members m)",
+            "(current_setting('search_path'::text))::uuid",
+            "auth.uid()",
+            "COALESCE(NULLIF(now(), now()))",
+        ] {
+            let mut h = Functions::default();
+            h.insert("auth.uid", bad);
+            assert_eq!(recognize_with(&[(true, q)], &c, &h), None, "{bad}");
+        }
+        // A comma outside COALESCE/NULLIF arguments stays refused.
+        let mut h = Functions::default();
+        h.insert("auth.uid", "(NULLIF('a'::text, 'b'::text), 'c'::text)");
+        assert_eq!(recognize_with(&[(true, q)], &c, &h), None);
+        assert_eq!(
+            called_functions(&[q, q2, "(owner = \"Auth\".uid())", "(owner = a.b.c())"]),
+            vec![("auth".to_string(), "uid".to_string())]
+        );
     }
 
     #[test]

@@ -292,10 +292,11 @@ async fn by_shape(
         // Known but unusable (raised, or another type): the row check decides.
         return None;
     }
-    match shape::derive(pool, identity, &missing).await {
+    let (keys, exprs): (Vec<Arc<str>>, Vec<Arc<str>>) = missing.into_iter().unzip();
+    match shape::derive(pool, identity, &exprs).await {
         Ok(values) => {
             let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.insert_derived(identity, missing, values);
+            cache.insert_derived(identity, keys, values);
             decide(&cache)
         }
         Err(e) => {
