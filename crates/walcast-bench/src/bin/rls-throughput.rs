@@ -26,6 +26,9 @@
 //!   drops the other users' rows before authorization.
 //! - `unrecognized`: the same rows behind a policy calling a plpgsql function (a shape no
 //!   recognizer can see through: evaluated per claims group).
+//! - `owner-auth-uid`: `owner` with Supabase's spelling, `owner = auth.uid()`, where
+//!   `auth.uid()` is Supabase's SQL function over the `sub` claim (returning text here, as
+//!   the bench's user ids are not uuids); walcast looks through it to the claims.
 //!
 //! The owner-shaped modes run the `rls` pass only.
 
@@ -58,7 +61,8 @@ struct Opts {
     /// channels, like real clients whose tokens carry their own `exp`/`iat`/session.
     #[arg(long)]
     token_per_channel: bool,
-    /// Policy shape: tenant | owner | owner-filtered | unrecognized (see the module docs).
+    /// Policy shape: tenant | owner | owner-filtered | unrecognized | owner-auth-uid (see the
+    /// module docs).
     #[arg(long, default_value = "tenant")]
     mode: Mode,
     #[command(flatten)]
@@ -85,6 +89,7 @@ enum Mode {
     Owner,
     OwnerFiltered,
     Unrecognized,
+    OwnerAuthUid,
 }
 
 impl Mode {
@@ -94,6 +99,7 @@ impl Mode {
             Mode::Owner => "owner",
             Mode::OwnerFiltered => "owner-filtered",
             Mode::Unrecognized => "unrecognized",
+            Mode::OwnerAuthUid => "owner-auth-uid",
         }
     }
 
@@ -112,6 +118,13 @@ fn owner_setup(mode: Mode) -> String {
         "CREATE FUNCTION rls_bench_is_mine(o text) RETURNS boolean LANGUAGE plpgsql STABLE AS $f$
            BEGIN RETURN o = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'); END $f$;
          CREATE POLICY owned_rows ON rls_owned FOR SELECT TO rls_bench USING (rls_bench_is_mine(owner));"
+    } else if mode == Mode::OwnerAuthUid {
+        "CREATE SCHEMA IF NOT EXISTS auth;
+         CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS $f$
+           SELECT coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                           (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')) $f$;
+         GRANT USAGE ON SCHEMA auth TO rls_bench;
+         CREATE POLICY owned_rows ON rls_owned FOR SELECT TO rls_bench USING (owner = auth.uid());"
     } else {
         "CREATE POLICY owned_rows ON rls_owned FOR SELECT TO rls_bench
            USING (owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'));"
