@@ -103,3 +103,59 @@ async fn wal_level_replica_is_an_error_with_its_fix() {
         out.stderr
     );
 }
+
+/// `walcast check` says which tables' policies are decided in process and names each policy
+/// that keeps a table on per-user evaluation, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_the_policies_evaluated_per_user_and_why() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let sql = db.connect().await.unwrap();
+    sql.batch_execute(
+        "CREATE SCHEMA auth;
+         CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS $$
+           SELECT coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                           (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub'))::uuid $$;
+         CREATE FUNCTION is_mine(o uuid) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+           BEGIN RETURN o = auth.uid(); END $$;
+         CREATE TABLE notes (id int PRIMARY KEY, owner uuid);
+         ALTER TABLE notes REPLICA IDENTITY FULL;
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON notes FOR SELECT USING (owner = auth.uid());
+         CREATE TABLE members (room int, who uuid, PRIMARY KEY (room, who));
+         CREATE TABLE msgs (id int PRIMARY KEY, room int, owner uuid);
+         ALTER TABLE msgs REPLICA IDENTITY FULL;
+         ALTER TABLE msgs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON msgs FOR SELECT USING (owner = auth.uid());
+         CREATE POLICY in_room ON msgs FOR SELECT
+           USING (room IN (SELECT m.room FROM members m WHERE m.who = auth.uid()));
+         CREATE POLICY by_fn ON msgs FOR SELECT USING (is_mine(owner));
+         CREATE POLICY not_eq ON msgs FOR SELECT USING (owner <> auth.uid());
+         CREATE PUBLICATION walcast FOR TABLE notes, msgs;",
+    )
+    .await
+    .unwrap();
+    let out = check(db.url());
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    let s = &out.stdout;
+    assert!(
+        s.contains("ok    public.notes: its SELECT policies compare columns with claims: decided in process"),
+        "{s}"
+    );
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("warn  public.msgs: rows are authorized per user"))
+        .unwrap_or_else(|| panic!("no per-user line for msgs: {s}"));
+    assert!(
+        line.contains("policy \"in_room\" reads another table"),
+        "{line}"
+    );
+    assert!(
+        line.contains("policy \"by_fn\" calls public.is_mine()"),
+        "{line}"
+    );
+    assert!(
+        line.contains("policy \"not_eq\" is not a comparison"),
+        "{line}"
+    );
+    assert!(!line.contains("policy \"own\""), "{line}");
+}

@@ -411,15 +411,33 @@ async fn inline_functions(
     pool: &ExclusivePool,
     names: &[(String, String)],
 ) -> Result<shape::Functions, AuthzError> {
-    let mut out = shape::Functions::default();
     if names.is_empty() {
-        return Ok(out);
+        return Ok(shape::Functions::default());
     }
     let lease = pool
         .acquire()
         .await
         .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
-    let client = lease.client();
+    match explain_inlined(lease.client(), names).await {
+        Ok(out) => {
+            lease.done();
+            Ok(out)
+        }
+        Err(err) => {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            Err(err)
+        }
+    }
+}
+
+/// [`inline_functions`] on one connection (also `walcast check`'s). An error means the
+/// connection may be left inside a transaction: do not use it again.
+pub async fn explain_inlined(
+    client: &tokio_postgres::Client,
+    names: &[(String, String)],
+) -> Result<shape::Functions, tokio_postgres::Error> {
+    let mut out = shape::Functions::default();
     for (schema, function) in names {
         // Both parts are plain lower-case identifiers from a deparsed policy (see
         // `called_functions`), quoted all the same.
@@ -430,11 +448,7 @@ async fn inline_functions(
             quote_ident(function)
         );
         let explained = client.simple_query(&sql).await;
-        if let Err(err) = client.batch_execute("ROLLBACK").await {
-            let err = AuthzError::from_pg(&err);
-            lease.discard();
-            return Err(err);
-        }
+        client.batch_execute("ROLLBACK").await?;
         let messages = match explained {
             Ok(m) => m,
             Err(err) => {
@@ -452,12 +466,10 @@ async fn inline_functions(
             _ => None,
         });
         tracing::debug!(%call, ?body, "a policy's function as Postgres inlines it");
-        match body {
-            Some(body) if body.trim() != call => out.insert(&name, &body),
-            _ => {}
+        if let Some(body) = body.filter(|b| b.trim() != call) {
+            out.insert(&name, &body);
         }
     }
-    lease.done();
     Ok(out)
 }
 

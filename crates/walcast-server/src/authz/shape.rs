@@ -179,6 +179,42 @@ pub fn recognize_with(
     (!shape.permissive.is_empty()).then_some(shape)
 }
 
+/// Why a policy (`qual`, deparsed) is not decided in process, in words for `walcast check`;
+/// `None` when it would be (alone, for a table with `columns`).
+pub fn why_per_user(
+    qual: &str,
+    columns: &[ShapeColumn<'_>],
+    functions: &Functions,
+) -> Option<String> {
+    if recognize_with(&[(true, qual)], columns, functions).is_some() {
+        return None;
+    }
+    let not_a_comparison = "is not a comparison of a column with claims (combined with AND/OR) \
+         on a text, uuid or integer column: e.g. NOT, IS, <>, another operator or type";
+    let Some(t) = tokenize(qual) else {
+        return Some(not_a_comparison.into());
+    };
+    if t.iter().any(|x| is_word(x, "FROM")) {
+        return Some(
+            "reads another table (a sub-select with FROM, e.g. a membership check)".into(),
+        );
+    }
+    for (i, x) in t.iter().enumerate() {
+        let Tok::Ident { name, .. } = x else { continue };
+        let known = name == "current_setting"
+            || CALLS.iter().any(|c| is_word(x, c))
+            || functions
+                .get(name)
+                .is_some_and(|(body, _)| claims_only(body, functions, &mut Vec::new(), 1));
+        if t.get(i + 1) == Some(&Tok::Open) && !known {
+            return Some(format!(
+                "calls {name}(), which Postgres does not inline to an expression of the claims alone"
+            ));
+        }
+    }
+    Some(not_a_comparison.into())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Tok {
     Ident { name: String, quoted: bool },

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use anyhow::Result;
 use walcast_replication::ReplicationConfig;
 
+use crate::authz::rls;
+use crate::authz::shape::{self, ShapeColumn};
 use crate::cli::CheckArgs;
 use crate::db::sql;
 
@@ -211,12 +213,15 @@ pub async fn diagnose(
                     "ALTER TABLE {quoted} ENABLE ROW LEVEL SECURITY; -- and CREATE POLICY … FOR SELECT"
                 )),
             ));
-        } else if ident != "f" {
-            out.push(Finding::new(
-                Level::Warn,
-                format!("{schema}.{name}: row-level security is on but the old row is not logged: its DELETEs cannot be authorized and are not delivered"),
-                Some(full_fix),
-            ));
+        } else {
+            if ident != "f" {
+                out.push(Finding::new(
+                    Level::Warn,
+                    format!("{schema}.{name}: row-level security is on but the old row is not logged: its DELETEs cannot be authorized and are not delivered"),
+                    Some(full_fix),
+                ));
+            }
+            out.push(policy_cost(client, &schema, &name).await?);
         }
     }
 
@@ -282,6 +287,93 @@ pub async fn diagnose(
         }
     }
     Ok(out)
+}
+
+/// How the table's SELECT policies are evaluated: in process (rows routed by the claims'
+/// values, cost independent of the number of users) or per user (one policy statement per
+/// claims group per batch), naming each policy that keeps it per user and why.
+async fn policy_cost(client: &tokio_postgres::Client, schema: &str, name: &str) -> Result<Finding> {
+    // Deparsed as the server's compiler sees them (authz/rls.rs): with search_path =
+    // pg_catalog, so every name outside pg_catalog comes out qualified.
+    // One step after the other: a query given as text is parsed in a round trip of its own,
+    // so pipelined beside the COMMIT it would run after it, outside the search_path.
+    client
+        .batch_execute("BEGIN READ ONLY; SET LOCAL search_path = pg_catalog")
+        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&schema, &name];
+    let policies = client
+        .query(
+            "SELECT p.polname::text, p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid)
+         FROM pg_catalog.pg_policy p
+         JOIN pg_catalog.pg_class c ON c.oid = p.polrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2 AND p.polcmd IN ('r', '*')
+           AND p.polqual IS NOT NULL
+         ORDER BY 1",
+            &params,
+        )
+        .await;
+    let columns = client
+        .query(
+            "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                coalesce((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                          WHERE co.oid = a.attcollation), true)
+         FROM pg_catalog.pg_attribute a
+         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+            &params,
+        )
+        .await;
+    client.batch_execute("COMMIT").await?;
+    let (policies, columns) = (policies?, columns?);
+    let columns: Vec<(String, String, bool)> = columns
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let shape_columns: Vec<ShapeColumn<'_>> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t, d))| ShapeColumn {
+            name: n,
+            type_name: t,
+            source: Some(i),
+            deterministic: *d,
+        })
+        .collect();
+    let policies: Vec<(String, bool, String)> = policies
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    if !policies.iter().any(|(_, permissive, _)| *permissive) {
+        return Ok(Finding::new(
+            Level::Ok,
+            format!("{schema}.{name}: no permissive SELECT policy: no subscriber gets its rows"),
+            None,
+        ));
+    }
+    let quals: Vec<&str> = policies.iter().map(|(_, _, q)| q.as_str()).collect();
+    let functions = rls::explain_inlined(client, &shape::called_functions(&quals)).await?;
+    let all: Vec<(bool, &str)> = policies.iter().map(|(_, p, q)| (*p, q.as_str())).collect();
+    if shape::recognize_with(&all, &shape_columns, &functions).is_some() {
+        return Ok(Finding::new(
+            Level::Ok,
+            format!("{schema}.{name}: its SELECT policies compare columns with claims: decided in process, whatever the number of users"),
+            None,
+        ));
+    }
+    let mut why = String::new();
+    for (policy, _, qual) in &policies {
+        if let Some(reason) = shape::why_per_user(qual, &shape_columns, &functions) {
+            let _ = write!(why, "; policy \"{policy}\" {reason}");
+        }
+    }
+    Ok(Finding::new(
+        Level::Warn,
+        format!("{schema}.{name}: rows are authorized per user (one policy query per distinct token per batch; slower as users grow){why}"),
+        Some("-- where you can, write SELECT policies as column = claim comparisons, e.g. USING (owner = auth.uid()) or USING (tenant = (auth.jwt() ->> 'tenant')::int)".into()),
+    ))
 }
 
 fn bytes(n: i64) -> String {
