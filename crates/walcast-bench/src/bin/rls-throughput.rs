@@ -31,6 +31,13 @@
 //!   the bench's user ids are not uuids); walcast looks through it to the claims.
 //!
 //! The owner-shaped modes run the `rls` pass only.
+//!
+//! `--rate N` is the latency mode: the same subscribers, but the rows are single-row commits
+//! paced at N per second over `--writers` connections; each row carries the writer's clock
+//! just before its INSERT, and each delivery's age on receipt is its commit-to-client
+//! latency (p50 / p99 / max over the pass; each user's first row, which warms its identity
+//! up, is left out). Use `--synchronous-commit on`: with `off` the walsender waits for the
+//! WAL writer (`wal_writer_delay`), which would be most of the latency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +64,13 @@ struct Opts {
     /// Rows per transaction.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Latency mode: single-row commits at this many per second (from `--writers`
+    /// connections, `--batch` ignored); reports commit-to-client p50/p99/max besides the rate.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Writer connections in latency mode.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
     /// Mint a token per channel (at join time, so `exp` varies): as many claims groups as
     /// channels, like real clients whose tokens carry their own `exp`/`iat`/session.
     #[arg(long)]
@@ -141,6 +155,26 @@ fn owner_setup(mode: Mode) -> String {
 struct Counters {
     frames: Vec<AtomicU64>,
     last_ns: AtomicU64,
+    /// Latency mode: each delivery's age (ns) on receipt.
+    ages: std::sync::Mutex<Vec<u64>>,
+}
+
+/// The writer clock a latency-mode row carries in its body (`t<ns since base>`).
+fn row_age_ns(frame: &str, now_ns: u64) -> Option<u64> {
+    let at = frame.find("\"body\":\"t")? + "\"body\":\"t".len();
+    let digits: &str = &frame[at..];
+    let end = digits.find('"')?;
+    let sent: u64 = digits[..end].parse().ok()?;
+    Some(now_ns.saturating_sub(sent))
+}
+
+/// Percentile `p` (0..=100) of sorted `v`, in milliseconds.
+fn pct_ms(v: &[u64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() - 1) as f64 * p / 100.0).round() as usize;
+    v[i] as f64 / 1e6
 }
 
 async fn run(o: Opts) -> Result<()> {
@@ -168,6 +202,7 @@ async fn run(o: Opts) -> Result<()> {
     let counters = Arc::new(Counters {
         frames: (0..o.subscribers).map(|_| AtomicU64::new(0)).collect(),
         last_ns: AtomicU64::new(0),
+        ages: Default::default(),
     });
     // One token per tenant, shared by its channels: the claims (including `exp`) of a
     // tenant's channels are identical, so they form exactly `--groups` claims groups. A token
@@ -218,8 +253,12 @@ async fn run(o: Opts) -> Result<()> {
                         let Some(Ok(msg)) = msg else { return };
                         if let Message::Text(t) = msg {
                             if t.contains("\"postgres_changes\"") {
+                                let now_ns = base.elapsed().as_nanos() as u64;
                                 counters.frames[i].fetch_add(1, Ordering::Relaxed);
-                                counters.last_ns.store(base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                                counters.last_ns.store(now_ns, Ordering::Relaxed);
+                                if let Some(age) = row_age_ns(&t, now_ns) {
+                                    counters.ages.lock().unwrap_or_else(|p| p.into_inner()).push(age);
+                                }
                             }
                         }
                     }
@@ -267,7 +306,23 @@ async fn run(o: Opts) -> Result<()> {
             .collect();
         let expected: u64 = expected_per_sub.iter().sum();
         let start_ns = base.elapsed().as_nanos() as u64;
+        counters
+            .ages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let mut written = 0;
+        if let Some(rate) = o.rate {
+            written = o.rows;
+            let committed = paced_writes(&harness, &o, rate, next_id, base).await?;
+            next_id += o.rows as i64;
+            let took = (base.elapsed().as_nanos() as u64 - start_ns) as f64 / 1e9;
+            println!(
+                "{:>14} {mode:>6}: {committed} single-row commits in {took:.2} s = {:.0} commits/s (asked {rate})",
+                o.mode.name(),
+                committed as f64 / took
+            );
+        }
         while written < o.rows {
             let n = o.batch.min(o.rows - written);
             let first = next_id;
@@ -321,8 +376,69 @@ async fn run(o: Opts) -> Result<()> {
             o.mode.name(),
             delivered as f64 / secs
         );
+        if o.rate.is_some() {
+            let mut ages =
+                std::mem::take(&mut *counters.ages.lock().unwrap_or_else(|p| p.into_inner()));
+            ages.sort_unstable();
+            println!(
+                "{:>14} {mode:>6}: commit-to-client p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} deliveries",
+                o.mode.name(),
+                pct_ms(&ages, 50.0),
+                pct_ms(&ages, 99.0),
+                pct_ms(&ages, 100.0),
+                ages.len()
+            );
+        }
     }
     Ok(())
+}
+
+/// Latency mode's writers: `o.rows` single-row commits, ids from `first`, row r owned by
+/// user (tenant) r % groups, paced at `rate` per second in total; returns the commits made.
+async fn paced_writes(
+    harness: &Harness,
+    o: &Opts,
+    rate: u32,
+    first: i64,
+    base: Instant,
+) -> Result<usize> {
+    let writers = o.writers.max(1);
+    let mut tasks = Vec::with_capacity(writers);
+    for w in 0..writers {
+        let client = harness.db.connect().await?;
+        let (rows, groups, mode) = (o.rows, o.groups, o.mode);
+        // Each writer takes every `writers`-th row, one commit per tick.
+        let period = Duration::from_secs_f64(writers as f64 / f64::from(rate.max(1)));
+        tasks.push(tokio::spawn(async move {
+            let insert = if mode == Mode::Tenant {
+                "INSERT INTO rls_rows (id, tenant, body) VALUES ($1, $2::int8::int4, $3)"
+            } else {
+                "INSERT INTO rls_owned (id, owner, body) VALUES ($1, 'user-' || $2::int8, $3)"
+            };
+            let statement = client.prepare(insert).await?;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut done = 0usize;
+            for r in (w..rows).step_by(writers) {
+                tick.tick().await;
+                // Each user's first row warms its identity up (the first check derives its
+                // values): marked `w`, it is delivered and counted but has no age.
+                let mark = if r < groups { 'w' } else { 't' };
+                let sent = format!("{mark}{}", base.elapsed().as_nanos());
+                let owner = (r % groups) as i64;
+                client
+                    .execute(&statement, &[&(first + r as i64), &owner, &sent])
+                    .await?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.context("writer task")??;
+    }
+    Ok(total)
 }
 
 fn main() -> Result<()> {
