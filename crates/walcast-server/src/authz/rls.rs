@@ -311,26 +311,34 @@ pub async fn compile(
     table: &Table,
     xid: u32,
 ) -> Result<TablePolicy, AuthzError> {
+    until_visible(|| compile_once(pool, role, table, xid)).await
+}
+
+/// Run `attempt` until it answers (its snapshot saw the transactions it judges), pausing 1,
+/// 2, 4 … 50 ms between attempts; after [`CHECK_TIMEOUT`] the answer is `Unavailable` (the
+/// caller tries again later and delivers nothing meanwhile).
+async fn until_visible<T, F, Fut>(mut attempt: F) -> Result<T, AuthzError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, AuthzError>>,
+{
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
-        match compile_once(pool, role, table, xid).await? {
-            Some(policy) => return Ok(policy),
-            None if started.elapsed() >= CHECK_TIMEOUT => {
-                return Err(AuthzError::Unavailable(format!(
-                    "transaction {xid} is committed in the stream but not yet visible"
-                )));
-            }
-            None => {
-                tracing::debug!(
-                    xid,
-                    ?pause,
-                    "policy read before its transaction was visible; reading again"
-                );
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
+        if let Some(answer) = attempt().await? {
+            return Ok(answer);
         }
+        if started.elapsed() >= CHECK_TIMEOUT {
+            return Err(AuthzError::Unavailable(
+                "the transactions to judge are committed in the stream but not yet visible".into(),
+            ));
+        }
+        tracing::debug!(
+            ?pause,
+            "read before the judged transactions were visible; reading again"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 
@@ -728,28 +736,13 @@ pub async fn check_groups(
     groups: Vec<GroupCheck>,
     xids: &[u32],
 ) -> Vec<GroupResult> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(1);
-    loop {
-        if let Some(results) = check_groups_once(pool, &groups, xids).await {
-            return results;
-        }
-        if started.elapsed() >= CHECK_TIMEOUT {
-            let err = AuthzError::Unavailable(
-                "the transactions to judge are committed in the stream but not yet visible".into(),
-            );
-            return groups
-                .iter()
-                .map(|_| (Err(err.clone()), Duration::ZERO))
-                .collect();
-        }
-        tracing::debug!(
-            ?xids,
-            ?pause,
-            "checked before the transactions were visible; checking again"
-        );
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
+    let answer = until_visible(|| async { Ok(check_groups_once(pool, &groups, xids).await) });
+    match answer.await {
+        Ok(results) => results,
+        Err(err) => groups
+            .iter()
+            .map(|_| (Err(err.clone()), Duration::ZERO))
+            .collect(),
     }
 }
 
