@@ -111,7 +111,8 @@ line(ts(0, 12, "Commit to send latency", [
      ts(12, 12, "Authorization checks / s by outcome", [
          (rate("walcast_authz_checks_total", "outcome"), "{{outcome}}"),
          (rate("walcast_authz_stopped_channels_total"), "channels stopped"),
-         (rate("walcast_authz_identities_routed_total"), "identities routed")], "ops",
+         (rate("walcast_authz_identities_routed_total"), "identities routed"),
+         (rate("walcast_authz_derivations_batched_total"), "identities derived in batches")], "ops",
         "Row-level security checks (one per table x identity group x batch)"))
 
 row("Broadcast and presence")

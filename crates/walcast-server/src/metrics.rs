@@ -21,6 +21,7 @@ pub const UPGRADE_REFUSED: &str = "walcast_upgrades_refused_total";
 pub const AUTHZ_CHECKS: &str = "walcast_authz_checks_total";
 pub const AUTHZ_STOPPED: &str = "walcast_authz_stopped_channels_total";
 pub const AUTHZ_IDENTITIES_ROUTED: &str = "walcast_authz_identities_routed_total";
+pub const AUTHZ_DERIVATIONS_BATCHED: &str = "walcast_authz_derivations_batched_total";
 pub const COMMIT_TO_SEND: &str = "walcast_commit_to_send_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
@@ -187,6 +188,7 @@ fn zero_every_series() {
     }
     counter!(BROADCASTS_REPLAYED).absolute(0);
     counter!(AUTHZ_IDENTITIES_ROUTED).absolute(0);
+    counter!(AUTHZ_DERIVATIONS_BATCHED).absolute(0);
     // Registering the histograms makes them render (with no samples) before the first one.
     let _ = histogram!(COMMIT_TO_SEND);
     let _ = histogram!(AUTHZ_CHECK_SECONDS);
@@ -235,6 +237,10 @@ pub fn describe() {
     describe_counter!(
         AUTHZ_STOPPED,
         "Channels whose postgres_changes were stopped because their authorization failed"
+    );
+    describe_counter!(
+        AUTHZ_DERIVATIONS_BATCHED,
+        "Identities whose claims values (for policies decided in process) were computed in a batch of many, in one round trip"
     );
     describe_counter!(
         AUTHZ_IDENTITIES_ROUTED,
@@ -493,6 +499,11 @@ pub fn authz_check(outcome: &'static str) {
 /// with value gates, only those whose value the row carries, whatever the number of users.
 pub fn authz_identities_routed(n: u64) {
     counter!(AUTHZ_IDENTITIES_ROUTED).increment(n);
+}
+
+/// Identities whose claims values were computed together, in one round trip.
+pub fn authz_derivations_batched(n: u64) {
+    counter!(AUTHZ_DERIVATIONS_BATCHED).increment(n);
 }
 
 pub fn authz_stopped(channels: u64) {

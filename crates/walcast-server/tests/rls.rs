@@ -1301,3 +1301,71 @@ async fn supabase_auth_uid_policies_are_decided_in_process() {
         "rows of an auth.uid() policy ran per-group policy statements"
     );
 }
+
+/// New identities on a table whose policy is decided in process share one check batch, and
+/// their claims values are computed together in one round trip (a thousand users signing
+/// in at once would otherwise cost a thousand): every one still gets exactly its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_identities_on_a_claims_only_policy_are_derived_together() {
+    let (db, sql, role) = tenant_table(TENANT_POLICY).await;
+    let server = serve(db.url(), &format!("{}_many", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    // One identity first: its row compiles (and caches) the table's policy.
+    let mut first = Subscriber::join(
+        server.port,
+        "first",
+        &json!({"role": role, "tenant": 0}),
+        &tables,
+    )
+    .await;
+    sql.batch_execute("INSERT INTO t VALUES (0, 0); INSERT INTO fence VALUES (1)")
+        .await
+        .expect("insert");
+    first.until_fence("fence", 1).await;
+    let mut subs = Vec::new();
+    for tenant in 1..=12 {
+        subs.push(
+            Subscriber::join(
+                server.port,
+                &format!("tenant{tenant}"),
+                &json!({"role": role, "tenant": tenant}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    let batched_before = metric_sum(server.port, "walcast_authz_derivations_batched_total").await;
+    let checks_before = policy_checks(server.port).await;
+    // One transaction with a row for every new tenant, then a few more each.
+    let mut rows = String::from("BEGIN;");
+    for id in 1..=36i64 {
+        rows.push_str(&format!(
+            "INSERT INTO t VALUES ({id}, {});",
+            (id - 1) % 12 + 1
+        ));
+    }
+    rows.push_str("INSERT INTO fence VALUES (2); COMMIT;");
+    sql.batch_execute(&rows).await.expect("insert");
+    for (k, s) in subs.iter_mut().enumerate() {
+        s.until_fence("fence", 2).await;
+        let tenant = k as i64 + 1;
+        let got: Vec<i64> = s
+            .events
+            .iter()
+            .filter(|e| e["table"] == "t")
+            .map(|e| e["record"]["id"].as_i64().expect("id"))
+            .collect();
+        let want: Vec<i64> = (1..=36).filter(|id| (id - 1) % 12 + 1 == tenant).collect();
+        assert_eq!(got, want, "tenant {tenant}");
+    }
+    let batched = metric_sum(server.port, "walcast_authz_derivations_batched_total").await;
+    assert!(
+        batched - batched_before >= 2,
+        "new identities' values were not computed together ({batched_before} -> {batched})"
+    );
+    assert_eq!(
+        policy_checks(server.port).await,
+        checks_before,
+        "rows of a claims-only policy ran per-group policy statements"
+    );
+}

@@ -35,6 +35,8 @@ use walcast_core::change::{Change, ChangeKind, Value};
 use walcast_core::hub::{Access, Identity};
 use walcast_pgoutput::ReplicaIdentity;
 
+use tokio_postgres::types::Type;
+
 use super::rls::{self, AuthzError, RlsDeletes, TablePolicy};
 use crate::db::sql::ExclusivePool;
 
@@ -694,14 +696,8 @@ pub fn decide(
     rls::access(policy, primary == Some(true), old == Some(true))
 }
 
-/// Compute `exprs` for one identity in Postgres, under its role and claims, in one
-/// transaction that is rolled back. A statement that raises makes every one unusable
-/// (`None`); a connection problem is an error (try again later).
-pub async fn derive(
-    pool: &ExclusivePool,
-    identity: &Identity,
-    exprs: &[Arc<str>],
-) -> Result<Vec<Derived>, AuthzError> {
+/// The statement that computes `exprs`: each one's text and type.
+fn derive_sql(exprs: &[Arc<str>]) -> String {
     let mut sql = String::from("SELECT ");
     for (i, e) in exprs.iter().enumerate() {
         if i > 0 {
@@ -712,6 +708,134 @@ pub async fn derive(
             "({e})::pg_catalog.text, pg_catalog.pg_typeof({e})::pg_catalog.text"
         ));
     }
+    sql
+}
+
+/// [`derive`] for many identities of one role in one transaction and one pipelined round
+/// trip: `BEGIN READ ONLY; SET LOCAL ROLE; search_path; timeout`, then per identity
+/// `SAVEPOINT; claims; SELECT exprs; ROLLBACK TO SAVEPOINT`, then `ROLLBACK`. An identity
+/// whose statement raises gets unusable values (as with [`derive`]); an identity left out
+/// of the answer (`None`) is computed later, one by one. Any failure of the batch itself is
+/// an error: the caller falls back to [`derive`] per identity.
+///
+/// This is what keeps a cold start cheap: until an identity's values are known, every row of
+/// the table is routed to it and judged by a per-group check, so a thousand users joining
+/// at once would otherwise wait for a thousand sequential round trips.
+pub async fn derive_many(
+    pool: &ExclusivePool,
+    role: &str,
+    wanted: &[(Arc<Identity>, Vec<Arc<str>>)],
+) -> Result<Vec<Option<Vec<Derived>>>, AuthzError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lease = pool
+        .acquire()
+        .await
+        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    let setup = format!(
+        "BEGIN READ ONLY; SET LOCAL ROLE {}; SET LOCAL statement_timeout = {}; \
+         SET LOCAL search_path = pg_catalog",
+        rls::quote_ident(role),
+        rls::CHECK_TIMEOUT.as_millis()
+    );
+    // Prepared inside the transaction, so names resolve with search_path = pg_catalog (a
+    // plan keeps the search_path it was made with when Postgres re-plans it).
+    let prepared = async {
+        lease.client().batch_execute(&setup).await?;
+        let claims = lease
+            .client()
+            .prepare_typed(rls::SET_CLAIMS_SQL, &[Type::TEXT, Type::TEXT, Type::TEXT])
+            .await?;
+        // Distinct statements, and which one each identity runs.
+        let mut statements: Vec<(String, tokio_postgres::Statement)> = Vec::new();
+        let mut index = Vec::with_capacity(wanted.len());
+        for (_, exprs) in wanted {
+            let sql = derive_sql(exprs);
+            match statements.iter().position(|(s, _)| *s == sql) {
+                Some(k) => index.push(k),
+                None => {
+                    let st = lease.client().prepare(&sql).await?;
+                    statements.push((sql, st));
+                    index.push(statements.len() - 1);
+                }
+            }
+        }
+        Ok::<_, tokio_postgres::Error>((claims, statements, index))
+    }
+    .await;
+    let (claims_st, statements, index) = match prepared {
+        Ok(p) => p,
+        Err(err) => {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            return Err(err);
+        }
+    };
+    let client = lease.client();
+    let role_text: &str = role;
+    let mut steps = Vec::with_capacity(wanted.len());
+    for ((identity, exprs), &k) in wanted.iter().zip(&index) {
+        let st = &statements[k].1;
+        let claims_st = &claims_st;
+        steps.push(async move {
+            let claims: &str = &identity.claims;
+            let sub = rls::claim_str(&identity.claims, "sub");
+            let sub: &str = &sub;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&claims, &sub, &role_text];
+            let (s, c, row, r) = tokio::join!(
+                client.batch_execute("SAVEPOINT walcast_derive"),
+                client.query(claims_st, &params),
+                client.query_one(st, &[]),
+                client.batch_execute("ROLLBACK TO SAVEPOINT walcast_derive"),
+            );
+            (s.and(c.map(drop)).and(r), row, exprs.len())
+        });
+    }
+    let (results, end) = tokio::join!(
+        futures_util::future::join_all(steps),
+        client.batch_execute("ROLLBACK")
+    );
+    if let Err(err) = end {
+        // The session may still carry the role: never lend it again.
+        let err = AuthzError::from_pg(&err);
+        lease.discard();
+        return Err(err);
+    }
+    lease.done();
+    let get = |e: tokio_postgres::Error| AuthzError::Unavailable(e.to_string());
+    let mut out = Vec::with_capacity(results.len());
+    for (setup, row, n) in results {
+        out.push(match (setup, row) {
+            (Ok(()), Ok(row)) => {
+                let mut values = Vec::with_capacity(n);
+                for i in 0..n {
+                    let value: Option<String> = row.try_get(2 * i).map_err(get)?;
+                    let ty: String = row.try_get(2 * i + 1).map_err(get)?;
+                    values.push(Some((value, ty)));
+                }
+                Some(values)
+            }
+            // The expression raised for these claims: unusable, as with `derive`.
+            (_, Err(e)) if matches!(AuthzError::from_pg(&e), AuthzError::Failed { .. }) => {
+                Some(vec![None; n])
+            }
+            _ => None,
+        });
+    }
+    Ok(out)
+}
+
+/// Compute `exprs` for one identity in Postgres, under its role and claims, in one
+/// transaction that is rolled back. A statement that raises makes every one unusable
+/// (`None`); a connection problem is an error (try again later).
+pub async fn derive(
+    pool: &ExclusivePool,
+    identity: &Identity,
+    exprs: &[Arc<str>],
+) -> Result<Vec<Derived>, AuthzError> {
+    let sql = derive_sql(exprs);
     let lease = pool
         .acquire()
         .await

@@ -82,6 +82,101 @@ async fn policy(
     Ok(compiled)
 }
 
+/// A term's cache key and the expression to evaluate for it.
+type KeyedExpr = (Arc<str>, Arc<str>);
+
+/// Compiled policies of this batch, by (role, table shape).
+type Compiled = HashMap<(Arc<str>, usize), Result<Arc<TablePolicy>, AuthzError>>;
+
+/// The policy for `change`'s table under `role`: compiled once per batch and table shape.
+async fn compiled_policy(
+    pool: &ExclusivePool,
+    cache: &Mutex<PolicyCache>,
+    compiled: &mut Compiled,
+    role: &Arc<str>,
+    change: &Change,
+) -> Result<Arc<TablePolicy>, AuthzError> {
+    let shape = Arc::as_ptr(&change.table) as usize;
+    if let Some(p) = compiled.get(&(role.clone(), shape)) {
+        return p.clone();
+    }
+    let p = policy(pool, cache, role, &change.table, change.xid).await;
+    if let Err(e) = &p {
+        tracing::warn!(error = ?e.to_string(), role = ?role, relid = change.table.relation_id, "compiling table policies failed");
+    }
+    compiled.insert((role.clone(), shape), p.clone());
+    p
+}
+
+/// Compute, in one round trip, the claims values that recognized shapes of this batch need
+/// and that its identities do not have yet (see [`shape::derive_many`]); what this leaves
+/// out, `by_shape` computes one identity at a time.
+async fn prederive(
+    pool: &ExclusivePool,
+    cache: &Mutex<PolicyCache>,
+    lanes: &[LaneWork],
+    compiled: &mut Compiled,
+) {
+    let Some(role) = lanes.first().map(|l| l.identity.role.clone()) else {
+        return;
+    };
+    // Per identity: (cache key, expression) of each value it lacks.
+    let mut wanted: Vec<(Arc<Identity>, Vec<KeyedExpr>)> = Vec::new();
+    for lane in lanes {
+        for (_, change) in &lane.items {
+            let Ok(p) = compiled_policy(pool, cache, compiled, &role, change).await else {
+                continue;
+            };
+            let (RowRule::Check(_), true, Some(shape)) = (&p.rows, p.select, &p.shape) else {
+                continue;
+            };
+            let missing = cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .underived(&lane.identity, shape);
+            if missing.is_empty() {
+                continue;
+            }
+            match wanted
+                .iter_mut()
+                .find(|(i, _)| Arc::ptr_eq(i, &lane.identity))
+            {
+                Some((_, have)) => {
+                    for m in missing {
+                        if !have.iter().any(|(k, _)| *k == m.0) {
+                            have.push(m);
+                        }
+                    }
+                }
+                None => wanted.push((lane.identity.clone(), missing)),
+            }
+        }
+    }
+    // One identity costs the same round trip either way.
+    if wanted.len() < 2 {
+        return;
+    }
+    let requests: Vec<(Arc<Identity>, Vec<Arc<str>>)> = wanted
+        .iter()
+        .map(|(i, m)| (i.clone(), m.iter().map(|(_, e)| e.clone()).collect()))
+        .collect();
+    match shape::derive_many(pool, &role, &requests).await {
+        Ok(values) => {
+            metrics::authz_derivations_batched(values.iter().flatten().count() as u64);
+            let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+            for ((identity, missing), values) in wanted.into_iter().zip(values) {
+                if let Some(values) = values {
+                    let keys = missing.into_iter().map(|(k, _)| k).collect();
+                    cache.insert_derived(&identity, keys, values);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = ?e.to_string(), identities = requests.len(), "deriving claims values in one batch failed; one by one instead");
+        }
+    }
+}
+
 /// One change's share of a check group.
 struct Member {
     lane: usize,
@@ -105,26 +200,16 @@ pub async fn run(
     // Per (lane, table shape): the group of images to check.
     let mut groups: Vec<(GroupCheck, Vec<Member>)> = Vec::new();
     let mut group_of: HashMap<(usize, usize), usize> = HashMap::new();
-    let mut compiled: HashMap<(Arc<str>, usize), Result<Arc<TablePolicy>, AuthzError>> =
-        HashMap::new();
+    let mut compiled: Compiled = HashMap::new();
     let mut unshaped: std::collections::HashSet<(usize, usize)> = Default::default();
     // The transactions of the images sent to Postgres: the check's snapshot must see them.
     let mut xids: Vec<u32> = Vec::new();
+    prederive(&pool, &cache, &lanes, &mut compiled).await;
     for (li, lane) in lanes.iter().enumerate() {
-        let role = &lane.identity.role;
         for (seq, change) in &lane.items {
             let shape = Arc::as_ptr(&change.table) as usize;
-            let p = match compiled.get(&(role.clone(), shape)) {
-                Some(p) => p.clone(),
-                None => {
-                    let p = policy(&pool, &cache, role, &change.table, change.xid).await;
-                    if let Err(e) = &p {
-                        tracing::warn!(error = ?e.to_string(), role = ?role, relid = change.table.relation_id, "compiling table policies failed");
-                    }
-                    compiled.insert((role.clone(), shape), p.clone());
-                    p
-                }
-            };
+            let p =
+                compiled_policy(&pool, &cache, &mut compiled, &lane.identity.role, change).await;
             let p = match p {
                 Ok(p) => p,
                 Err(e) => {

@@ -57,6 +57,8 @@ pub const MAX_QUEUED: usize = 100_000;
 const GATHER_MAX: Duration = Duration::from_millis(25);
 /// Check batches of one role run side by side (the size of the authorization pool).
 const AUTHZ_PARALLEL: usize = 4;
+/// Check batches in flight at most when starting lanes that run alone.
+const SOLO_IN_FLIGHT: usize = 2 * AUTHZ_PARALLEL;
 /// Longest undelivered changes may hold back confirmations while their checks cannot run
 /// (the database shutting down, authorization connections refused): past it the stream is
 /// let go and resumed later from the last confirmed position. A logical walsender waits for
@@ -615,13 +617,33 @@ impl Pump {
         }
         self.gathering_since = None;
         let generation = self.lanes.generation();
-        // Lanes proven fast share a transaction per role; the others run alone.
+        // Lanes proven fast share a transaction per role; the others run alone. A lane whose
+        // items all fall on tables whose cached policy needs no per-group statement (a shape
+        // decided in process, or no row check at all) cannot be slow: it shares too, and
+        // the batch computes the claims values of all its new identities in one round trip
+        // (checks::prederive), which is what makes a thousand new users cheap.
+        let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
         let mut shared: std::collections::BTreeMap<Arc<str>, Vec<LaneWork>> = Default::default();
         let mut solo: Vec<LaneWork> = Vec::new();
         for key in ready {
             let Some(lane) = self.lanes.get_mut(key) else {
                 continue;
             };
+            let cheap = lane
+                .items
+                .iter()
+                .filter(|i| i.verdict == Verdict::Pending)
+                .all(|i| {
+                    policies
+                        .get(&lane.identity.role, &i.change.table)
+                        .is_some_and(|p| p.shape.is_some() || !matches!(p.rows, RowRule::Check(_)))
+                });
+            let shares = cheap || lane.shares(now);
+            // Solo batches wait for the pool anyway: beyond a few in flight, a lane waits
+            // for the next round, by when its table's policy is compiled and may be cheap.
+            if !shares && self.checks.len() + solo.len() >= SOLO_IN_FLIGHT {
+                continue;
+            }
             let mut items = Vec::new();
             for item in lane.items.iter_mut() {
                 if item.verdict == Verdict::Pending && items.len() < BATCH_MAX {
@@ -636,7 +658,7 @@ impl Pump {
                 identity: lane.identity.clone(),
                 items,
             };
-            if lane.shares(now) {
+            if shares {
                 shared
                     .entry(lane.identity.role.clone())
                     .or_default()
@@ -645,6 +667,7 @@ impl Pump {
                 solo.push(work);
             }
         }
+        drop(policies);
         let mut batches: Vec<Vec<LaneWork>> = solo.into_iter().map(|w| vec![w]).collect();
         for (_, works) in shared {
             let n = works.len().clamp(1, AUTHZ_PARALLEL);
