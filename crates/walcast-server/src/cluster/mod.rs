@@ -28,6 +28,7 @@ pub mod link;
 pub mod node;
 pub mod nodes;
 pub mod presence;
+pub mod sessions;
 
 pub use node::ClusterNode;
 

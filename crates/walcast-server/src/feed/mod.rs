@@ -83,7 +83,7 @@ impl Feeds {
         *self.rls_deletes.lock().unwrap_or_else(|p| p.into_inner()) = d;
     }
 
-    fn rls_deletes(&self) -> RlsDeletes {
+    pub(crate) fn rls_deletes(&self) -> RlsDeletes {
         *self.rls_deletes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -143,6 +143,11 @@ pub enum Lost {
     /// The token the parked channel was authorized with expired: nothing after that is
     /// delivered on its authority.
     TokenExpired,
+    /// Cluster mode: the session was resumed on another node, which took it over.
+    Moved,
+    /// Cluster mode: what the session missed is no longer in the cluster's change stream
+    /// (trimmed, or Redis lost it).
+    Trimmed,
 }
 
 impl Lost {
@@ -154,6 +159,8 @@ impl Lost {
             Lost::Changed => "ResyncRequired: the channel was rejoined with different postgres_changes bindings, so what the old ones buffered was dropped; refetch your data",
             Lost::Dropped => "ResyncRequired: the server could not keep this session while it was away; refetch your data",
             Lost::TokenExpired => "ResyncRequired: the token this session was authorized with expired while it was away, so nothing more was kept for it; refetch your data",
+            Lost::Moved => "ResyncRequired: this session was resumed on another walcast node, which took it over; refetch your data",
+            Lost::Trimmed => "ResyncRequired: the changes this session missed are no longer in the cluster's change stream; refetch your data",
         }
     }
 
@@ -164,6 +171,8 @@ impl Lost {
             Lost::Changed => "changed",
             Lost::Dropped => "dropped",
             Lost::TokenExpired => "token_expired",
+            Lost::Moved => "moved",
+            Lost::Trimmed => "trimmed",
         }
     }
 }
@@ -183,8 +192,9 @@ enum Mode {
 
 struct State {
     mode: Mode,
-    /// Deliveries since the client's last frame (live) or since then and while parked.
-    tail: VecDeque<OutFrame>,
+    /// Deliveries since the client's last frame (live) or since then and while parked, each
+    /// with its position (`Position::ZERO` for a change-stream notice).
+    tail: VecDeque<(Position, OutFrame)>,
     tail_bytes: usize,
     /// Last position pushed: a position is never pushed twice.
     last: Position,
@@ -319,9 +329,47 @@ impl Resumable {
         }
         before();
         let replayed = s.tail.len();
-        outbox.push_unbounded(s.tail.iter().cloned());
+        outbox.push_unbounded(s.tail.iter().map(|(_, f)| f.clone()));
         s.mode = Mode::Live { outbox, socket };
         replayed
+    }
+
+    /// Put `frames` (what the channel missed up to `through`, in commit order, replayed from
+    /// the cluster's change stream) before what it buffered since; buffered deliveries at or
+    /// below `through` are among them and go. Within the session's bounds, like any buffering.
+    pub fn prepend_replay(&self, frames: Vec<(Position, OutFrame)>, through: Position) {
+        let limits = &self.shared.limits;
+        let mut s = self.lock();
+        if s.lost.is_some() || matches!(s.mode, Mode::Closed) {
+            return;
+        }
+        let later: Vec<(Position, OutFrame)> = s
+            .tail
+            .drain(..)
+            .filter(|(at, _)| *at == Position::ZERO || *at > through)
+            .collect();
+        let kept = s.tail_bytes;
+        self.clear_tail_bytes(&mut s, kept);
+        s.last = s.last.max(through);
+        for (at, frame) in frames.into_iter().chain(later) {
+            self.keep(&mut s, at, &frame, limits);
+        }
+    }
+
+    /// What the channel missed cannot be replayed: its rejoin is told to resync.
+    pub fn set_lost(&self, why: Lost) {
+        let mut s = self.lock();
+        s.lost = Some(why);
+        self.clear_tail(&mut s);
+    }
+
+    fn clear_tail_bytes(&self, s: &mut State, bytes: usize) {
+        if bytes > 0 {
+            self.session_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.shared.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            metrics::resume_buffered_bytes(-(bytes as f64));
+        }
+        s.tail_bytes = 0;
     }
 
     fn close(&self) {
@@ -335,14 +383,14 @@ impl Resumable {
     }
 
     /// Keep a frame for replay, within the session's and the server's bounds.
-    fn keep(&self, s: &mut State, frame: &OutFrame, limits: &SessionLimits) {
+    fn keep(&self, s: &mut State, at: Position, frame: &OutFrame, limits: &SessionLimits) {
         if s.lost.is_some() {
             return;
         }
         let len = frame.len();
         let session = self.session_bytes.fetch_add(len, Ordering::AcqRel) + len;
         let total = self.shared.bytes.fetch_add(len, Ordering::AcqRel) + len;
-        s.tail.push_back(frame.clone());
+        s.tail.push_back((at, frame.clone()));
         s.tail_bytes += len;
         metrics::resume_buffered_bytes(len as f64);
         if session > limits.session_bytes || total > limits.total_bytes {
@@ -366,7 +414,7 @@ impl Resumable {
             Mode::Live { outbox, .. } => {
                 let outbox = outbox.clone();
                 if replayable {
-                    self.keep(&mut s, &frame, limits);
+                    self.keep(&mut s, at.unwrap_or(Position::ZERO), &frame, limits);
                 }
                 // Forwarded under the lock: frames reach the socket in push order, and an
                 // attach never interleaves with a push.
@@ -375,7 +423,7 @@ impl Resumable {
             }
             Mode::Parked { .. } => {
                 if replayable {
-                    self.keep(&mut s, &frame, limits);
+                    self.keep(&mut s, at.unwrap_or(Position::ZERO), &frame, limits);
                 }
                 true
             }
@@ -509,6 +557,32 @@ impl Sessions {
                 }
             }
         }
+    }
+
+    /// Whether this node has channels of `key` (live, parked or lost).
+    pub fn has(&self, key: &SessionKey) -> bool {
+        self.lock().sessions.contains_key(key)
+    }
+
+    /// Cluster mode: another node took the session over. Its channels here are closed and
+    /// returned (the caller unsubscribes them); a rejoin here is told it moved.
+    pub fn hand_over(&self, key: &SessionKey, now: Instant) -> Vec<Arc<Resumable>> {
+        let mut reg = self.lock();
+        let channels = reg
+            .sessions
+            .get(key)
+            .map(|s| s.channels.clone())
+            .unwrap_or_default();
+        for r in &channels {
+            self.remember(&mut reg, r, Lost::Moved, now);
+        }
+        channels
+    }
+
+    /// Remember that a rejoin of `key` on `topic` must resync (a take-over failed).
+    pub fn note_lost(&self, key: &SessionKey, topic: Arc<str>, why: Lost, now: Instant) {
+        let until = now + self.shared.limits.window * REMEMBER_WINDOWS;
+        self.lock().lost.insert((key.clone(), topic), (why, until));
     }
 
     /// A fresh channel of `key` (its outbox for the hub and the topic).
