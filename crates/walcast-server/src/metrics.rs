@@ -113,7 +113,16 @@ const CHANNEL_CLOSE_REASONS: [&str; 8] = [
 ];
 const CHANGE_KINDS: [&str; 4] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
 const ORIGINS: [&str; 3] = ["client", "http", "database"];
-const RESYNC_REASONS: [&str; 4] = ["expired", "overflow", "changed", "dropped"];
+const RESYNC_REASONS: [&str; 7] = [
+    "expired",
+    "overflow",
+    "changed",
+    "dropped",
+    // Cluster mode (`crate::cluster::sessions`).
+    "moved",
+    "trimmed",
+    "takeover_failed",
+];
 
 /// Create every series at 0 (see [`JOIN_ERROR_REASONS`] and friends).
 fn zero_every_series() {

@@ -24,7 +24,7 @@
 //!   belong to the claimer from the claim on (`node` column): the previous owner neither
 //!   updates nor deletes them. Two nodes claiming at once serialize on the rows; the later
 //!   one asks the earlier one to hand over, which it does only once its own take-over is
-//!   complete (one take-over or hand-over at a time per node).
+//!   complete (one take-over or hand-over of a session at a time per node).
 //! - Nothing silently lost: a stream that no longer reaches back to `acked` (trimmed past
 //!   MAXLEN) makes the channel lost (`ResyncRequired`); so does any failure to take over
 //!   (Redis or Postgres unreachable). A channel the previous owner no longer had is resumed
@@ -60,8 +60,42 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Stream entries read per round trip when reading back.
 const READ_BACK_COUNT: usize = 512;
 
-/// One take-over or hand-over at a time on this node (see the invariants).
-static TAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// One take-over or hand-over of a session at a time on this node (see the invariants);
+/// different sessions proceed in parallel.
+static TAKING: std::sync::LazyLock<Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<()>>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Held while a session is taken over or handed over here.
+struct SessionLock {
+    key: SessionKey,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+async fn lock_session(key: &SessionKey) -> SessionLock {
+    let lock = TAKING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.clone())
+        .or_default()
+        .clone();
+    SessionLock {
+        key: key.clone(),
+        _held: lock.lock_owned().await,
+    }
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        let mut locks = TAKING.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and this guard's: nobody waits, forget the key.
+        if locks
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
+            locks.remove(&self.key);
+        }
+    }
+}
 
 /// Why a take-over failed (the join is then told to resync).
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +131,7 @@ pub async fn take_over(state: &AppState, key: &SessionKey, topic: &str) {
     let Some(cluster) = state.cluster.clone() else {
         return;
     };
-    let _one = TAKING.lock().await;
+    let _one = lock_session(key).await;
     if state.sessions.has(key) {
         return;
     }
@@ -262,9 +296,13 @@ pub fn spawn_handover(state: Arc<AppState>, cluster: Arc<Cluster>) {
                     tracing::warn!("ignoring a malformed session hand-over request");
                     continue;
                 };
-                if let Err(e) = hand_over(&state, &cluster, request).await {
-                    tracing::warn!(error = %e, "cannot answer a session hand-over request");
-                }
+                // Each on its own: one waiting for its session's lock holds up no other.
+                let (state, cluster) = (state.clone(), cluster.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = hand_over(&state, &cluster, request).await {
+                        tracing::warn!(error = %e, "cannot answer a session hand-over request");
+                    }
+                });
             }
             tracing::debug!("session hand-over listener lost Redis; reconnecting");
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -279,11 +317,11 @@ async fn hand_over(
     cluster: &Cluster,
     request: Request,
 ) -> Result<(), redis::RedisError> {
-    let _one = TAKING.lock().await;
     let key = SessionKey {
         id: Arc::from(request.id.as_str()),
         who: Arc::from(request.who.as_str()),
     };
+    let _one = lock_session(&key).await;
     let mut handed: HashMap<String, Handed> = HashMap::new();
     for r in state.sessions.hand_over(&key, Instant::now()) {
         state.hub.unsubscribe(r.id);
