@@ -175,28 +175,39 @@ async fn setup(slot: &str) -> (walcast_testkit::TestDb, tokio_postgres::Client, 
 /// session from A's record and replays what was committed after row 5 from the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resumes_on_another_node_after_kill_9() {
-    let (db, sql, redis) = setup("kill").await;
-    let slot = support::name(&db, "sesskill");
+    resume_after_kill("follower", "sesskill").await;
+}
+
+/// The same with the streamer killed: B takes the slot over while (or after) the session is
+/// taken over; rows committed in between come from the replay or live, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_another_node_after_kill_9_of_the_streamer() {
+    resume_after_kill("streamer", "sesskills").await;
+}
+
+async fn resume_after_kill(killed_role: &str, name: &str) {
+    let (db, sql, redis) = setup(name).await;
+    let slot = support::name(&db, name);
     let servers = nodes(db.url(), &slot, &redis, 2).await;
     let mut a = None;
     for (i, s) in servers.iter().enumerate() {
-        if role(s).await.as_deref() == Some("follower") {
+        if role(s).await.as_deref() == Some(killed_role) {
             a = Some(i);
         }
     }
-    let a = a.expect("a follower");
+    let a = a.unwrap_or_else(|| panic!("a {killed_role}"));
     let b = 1 - a;
-    let session = "sess-kill-0123456789";
-    let (mut on_a, system) = join_session(&servers[a], session).await;
+    let session = format!("{name}-0123456789");
+    let (mut on_a, system) = join_session(&servers[a], &session).await;
     no_resync(&system);
-    see_first_five(&mut on_a, &sql, session).await;
+    see_first_five(&mut on_a, &sql, &session).await;
 
     kill(&servers[a]);
     drop(on_a);
     // Committed while the client has no connection.
     insert(&sql, 6..=15).await;
 
-    let (mut on_b, system) = join_session(&servers[b], session).await;
+    let (mut on_b, system) = join_session(&servers[b], &session).await;
     no_resync(&system);
     // Live after the rejoin, then a last one: everything in between is visible.
     insert(&sql, 16..=20).await;
