@@ -10,8 +10,8 @@
 //!             A alive: drops its copy of S (parked or live; a rejoin on A is told it moved),
 //!                      RPUSH reply key {topic: acked}  ─▶ B BLPOPs it (HANDOVER_WAIT)
 //!             A dead (no subscriber, or no answer in time): the records' acked is used
-//!   3 restore each channel of S on B, parked: topic member, hub subscriber after floor F
-//!             (what B routed so far); live deliveries after F buffer as usual
+//!   3 restore each channel of S on B, parked: topic member, hub subscriber after acked;
+//!             F = what B had routed then. Changes B routes from then on buffer as usual
 //!   4 replay  XREVRANGE walcast:<slot>:changes back to the entry ending at or before acked
 //!             ─▶ decode (each entry carries its Relation messages) ─▶ changes in (acked, F]
 //!             ─▶ a private hub and topics holding only this channel: the same routing,
@@ -29,9 +29,11 @@
 //!   MAXLEN) makes the channel lost (`ResyncRequired`); so does any failure to take over
 //!   (Redis or Postgres unreachable). A channel the previous owner no longer had is resumed
 //!   as lost too.
-//! - Exactly once, in commit order: the replay holds positions in (acked, F], live
-//!   deliveries are after F, and buffered deliveries at or below F are dropped before the
-//!   replay is put in front of them.
+//! - Exactly once, in commit order: the replay holds the stream's positions in (acked, F];
+//!   what B routes after subscribing reaches the channel live (after F, or a transaction
+//!   published late, which the replay then lacks), and a buffered delivery the replay also
+//!   holds is dropped when the replay is put in front. The stream is in commit order, so a
+//!   late transaction comes after everything replayed.
 //! - A client that reconnects to the same node resumes locally, as in one process: nothing
 //!   here runs.
 
@@ -217,12 +219,15 @@ async fn try_take_over(
         if p.r.lost().is_some() {
             continue;
         }
+        // After `acked`, not after what this node routed: a transaction committed before
+        // the floor and not yet in the stream (a node started while the streamer was
+        // failing over) is routed to it live once published, since it is not in the replay.
         session_store::join_topic(state, &p);
-        let floor = session_store::subscribe(state, &p, None);
-        match replay(state, cluster, &p, floor).await {
+        let routed = session_store::subscribe(state, &p, Some(p.acked));
+        match replay(state, cluster, &p, routed).await {
             Ok(Some(frames)) => {
                 crate::metrics::session_replayed_from_stream(frames.len());
-                p.r.prepend_replay(frames, floor);
+                p.r.prepend_replay(frames);
             }
             Ok(None) => p.r.set_lost(Lost::Trimmed),
             Err(e) => {

@@ -334,23 +334,28 @@ impl Resumable {
         replayed
     }
 
-    /// Put `frames` (what the channel missed up to `through`, in commit order, replayed from
-    /// the cluster's change stream) before what it buffered since; buffered deliveries at or
-    /// below `through` are among them and go. Within the session's bounds, like any buffering.
-    pub fn prepend_replay(&self, frames: Vec<(Position, OutFrame)>, through: Position) {
+    /// Put `frames` (what the channel missed, in commit order, replayed from the cluster's
+    /// change stream) before what it buffered since. A buffered delivery whose position is
+    /// among them was routed live while the replay was read: the replay's copy stands.
+    /// Within the session's bounds, like any buffering.
+    pub fn prepend_replay(&self, frames: Vec<(Position, OutFrame)>) {
         let limits = &self.shared.limits;
         let mut s = self.lock();
         if s.lost.is_some() || matches!(s.mode, Mode::Closed) {
             return;
         }
+        let replayed: std::collections::HashSet<Position> =
+            frames.iter().map(|(at, _)| *at).collect();
         let later: Vec<(Position, OutFrame)> = s
             .tail
             .drain(..)
-            .filter(|(at, _)| *at == Position::ZERO || *at > through)
+            .filter(|(at, _)| !replayed.contains(at))
             .collect();
         let kept = s.tail_bytes;
         self.clear_tail_bytes(&mut s, kept);
-        s.last = s.last.max(through);
+        if let Some(newest) = frames.iter().map(|(at, _)| *at).max() {
+            s.last = s.last.max(newest);
+        }
         for (at, frame) in frames.into_iter().chain(later) {
             self.keep(&mut s, at, &frame, limits);
         }

@@ -479,10 +479,11 @@ pub(crate) async fn prepare(
 }
 
 /// Subscribe a prepared channel's bindings to the hub, after `after` (`None`: after what
-/// was routed so far). Returns the channel's floor: it gets every change after it.
+/// was routed so far). Returns what the hub had routed when it subscribed: every change
+/// routed from then on reaches the channel when it is after `after`.
 pub(crate) fn subscribe(state: &AppState, p: &Prepared, after: Option<Position>) -> Position {
     if p.bindings.is_empty() {
-        return after.unwrap_or_else(|| state.hub.routed_through());
+        return state.hub.routed_through();
     }
     let target = ChannelTarget {
         outbox: p.r.clone(),
@@ -492,8 +493,7 @@ pub(crate) fn subscribe(state: &AppState, p: &Prepared, after: Option<Position>)
         after,
     };
     let hub = &state.hub;
-    let floor = hub.subscribe(p.r.id, target, p.bindings.clone(), || hub.routed_through());
-    after.unwrap_or(floor)
+    hub.subscribe(p.r.id, target, p.bindings.clone(), || hub.routed_through())
 }
 
 /// Make a prepared channel a member of its broadcast topic, when it receives broadcasts.
