@@ -197,6 +197,18 @@ async fn try_take_over(
     crate::metrics::session_taken_over(handed.is_some());
     tracing::info!(from = %previous, alive = handed.is_some(), channels = records.len(), "taking a session over from another node");
     let now = Instant::now();
+    if let Some(h) = &handed {
+        // Channels the previous owner had but had not recorded yet (it records a new one
+        // at once, so this is a matter of milliseconds): their rejoin must not start after
+        // a gap unawares.
+        for topic in h.keys() {
+            if !records.iter().any(|(rec, _)| &rec.topic == topic) {
+                state
+                    .sessions
+                    .note_lost(key, Arc::from(topic.as_str()), Lost::Dropped, now);
+            }
+        }
+    }
     for (mut rec, expired) in records {
         let mut lost = expired.then_some(Lost::Expired);
         if let Some(h) = &handed {
