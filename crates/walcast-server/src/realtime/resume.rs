@@ -803,3 +803,105 @@ pub fn expire(state: &crate::state::AppState, now: Instant) -> usize {
     }
     gone.len()
 }
+
+#[cfg(test)]
+mod cluster_replay_tests {
+    use super::*;
+    use crate::realtime::outbox::bounded;
+    use walcast_replication::Lsn;
+
+    fn frame(s: &str) -> OutFrame {
+        OutFrame::text(s.to_string())
+    }
+
+    fn at(lsn: u64) -> Position {
+        Position::new(Lsn(lsn), 0)
+    }
+
+    /// A channel taken over from another node: the replay from the change stream goes
+    /// before what was buffered while it was read, what both hold comes once, and nothing
+    /// older than the replay is taken afterwards.
+    #[test]
+    fn a_replay_goes_before_the_buffer_and_nothing_repeats() {
+        let sessions = Sessions::new(SessionLimits::default());
+        let (first, _first_reader) = bounded(100, usize::MAX);
+        let key = SessionKey {
+            id: Arc::from("sess-01234567"),
+            who: Arc::from("anon"),
+        };
+        let meta = Meta {
+            identity: Arc::new(Identity {
+                role: Arc::from("anon"),
+                claims: Arc::from("{}"),
+            }),
+            broadcast: false,
+        };
+        let spec = ChannelSpec {
+            vsn: Vsn::V2,
+            private: false,
+            entries: Vec::new(),
+        };
+        let r = sessions.register(key, 1, Arc::from("realtime:t"), spec, meta, first, 1);
+        r.start_at(at(10));
+        assert_eq!(sessions.park(&r, 1, Instant::now()), Park::Parked);
+        // Routed live while the replay was read: 30 is in the replay too, 40 is not.
+        assert!(r.push_at(at(30), 0, frame("live 30")));
+        assert!(r.push_at(at(40), 0, frame("live 40")));
+        r.prepend_replay(vec![
+            (at(20), frame("replay 20")),
+            (at(30), frame("replay 30")),
+        ]);
+        // Older than what was replayed: never taken again. Newer: taken.
+        assert!(r.push_at(at(25), 0, frame("late 25")));
+        assert!(r.push_at(at(50), 0, frame("live 50")));
+        let (second, reader) = bounded(100, usize::MAX);
+        assert_eq!(r.attach(second, 2, || ()), 4);
+        let mut got = Vec::new();
+        while let Some(OutFrame::Text(b) | OutFrame::Binary(b)) = reader.pop() {
+            got.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        assert_eq!(got, ["replay 20", "replay 30", "live 40", "live 50"]);
+        assert_eq!(sessions.parked(), 0);
+    }
+
+    /// A lost channel (the stream was trimmed past it) takes no replay and is told to
+    /// resync at its rejoin.
+    #[test]
+    fn a_lost_channel_takes_no_replay() {
+        let sessions = Sessions::new(SessionLimits::default());
+        let (first, _reader) = bounded(100, usize::MAX);
+        let key = SessionKey {
+            id: Arc::from("sess-01234567"),
+            who: Arc::from("anon"),
+        };
+        let meta = Meta {
+            identity: Arc::new(Identity {
+                role: Arc::from("anon"),
+                claims: Arc::from("{}"),
+            }),
+            broadcast: false,
+        };
+        let spec = ChannelSpec {
+            vsn: Vsn::V2,
+            private: false,
+            entries: Vec::new(),
+        };
+        let r = sessions.register(
+            key.clone(),
+            1,
+            Arc::from("realtime:t"),
+            spec.clone(),
+            meta,
+            first,
+            1,
+        );
+        r.start_at(at(10));
+        r.set_lost(Lost::Trimmed);
+        r.prepend_replay(vec![(at(20), frame("replay 20"))]);
+        assert_eq!(sessions.buffered_bytes(), 0);
+        match sessions.claim(&key, "realtime:t", &spec) {
+            Claim::Fresh { lost, .. } => assert_eq!(lost, Some(Lost::Trimmed)),
+            Claim::Resume(_) => panic!("a lost channel was resumed"),
+        }
+    }
+}
