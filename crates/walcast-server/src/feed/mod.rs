@@ -301,6 +301,7 @@ pub async fn admit(
         .join_limits
         .check(&client, std::time::Instant::now(), 1)
         .is_err()
+        || !app.cluster_join_share(&client, 1)
     {
         return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,

@@ -704,7 +704,17 @@ impl Session {
         let shared = if over_socket {
             Err(Refused::Client)
         } else {
-            self.state.join_limits.check(&self.client, now.at, 1)
+            self.state
+                .join_limits
+                .check(&self.client, now.at, 1)
+                .and_then(|()| {
+                    // Cluster mode: the client's share counts its joins on every node.
+                    if self.state.cluster_join_share(&self.client, 1) {
+                        Ok(())
+                    } else {
+                        Err(Refused::Client)
+                    }
+                })
         };
         if let Err(refused) = shared {
             metrics::join_error("join_rate");
