@@ -214,6 +214,14 @@ line(ts(0, 8, "Redis link and cluster size", [
          (rate("walcast_cluster_messages_total", "kind, direction"), "{{kind}} {{direction}}")], "ops",
         "Broadcasts, presence states and sync requests published, received and dropped"))
 
+row("Sessions across nodes")
+line(ts(0, 12, "Sessions taken over / s", [
+         (rate("walcast_cluster_sessions_taken_over_total", "from"), "from {{from}}")], "ops",
+        "Cluster mode: sessions resumed on another node than the one that kept them (alive: handed over; records: that node was gone)"),
+     ts(12, 12, "Replayed from the change stream / s", [
+         (rate("walcast_cluster_session_replayed_deliveries_total"), "replayed")], "ops",
+        "Deliveries a taken-over session missed, replayed from the cluster's Redis stream"))
+
 def variable(name, query, all_=False):
     v = {"name": name, "label": name, "type": "query", "datasource": DS,
          "query": {"query": query, "refId": name}, "definition": query, "refresh": 1,

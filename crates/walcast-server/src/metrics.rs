@@ -114,7 +114,16 @@ const CHANNEL_CLOSE_REASONS: [&str; 8] = [
 ];
 const CHANGE_KINDS: [&str; 4] = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"];
 const ORIGINS: [&str; 3] = ["client", "http", "database"];
-const RESYNC_REASONS: [&str; 4] = ["expired", "overflow", "changed", "dropped"];
+const RESYNC_REASONS: [&str; 7] = [
+    "expired",
+    "overflow",
+    "changed",
+    "dropped",
+    // Cluster mode (`crate::cluster::sessions`).
+    "moved",
+    "trimmed",
+    "takeover_failed",
+];
 
 /// Create every series at 0 (see [`JOIN_ERROR_REASONS`] and friends).
 fn zero_every_series() {
@@ -691,4 +700,37 @@ pub fn cluster_followed(n: u64) {
 
 pub fn cluster_skipped(n: u64) {
     counter!(CLUSTER_SKIPPED).increment(n);
+}
+
+// Cluster mode: sessions resumed on another node than the one that kept them
+// (`crate::cluster::sessions`).
+/// Sessions this node took over from another node, by whether that node handed them over
+/// (`alive`) or they came from its records (`records`: the node was gone).
+pub const CLUSTER_SESSIONS_TAKEN_OVER: &str = "walcast_cluster_sessions_taken_over_total";
+/// Deliveries replayed from the cluster's change stream to taken-over sessions.
+pub const CLUSTER_SESSION_REPLAYED: &str = "walcast_cluster_session_replayed_deliveries_total";
+
+/// Describe the session take-over metrics and create their series (cluster mode only).
+pub fn describe_cluster_sessions() {
+    describe_counter!(
+        CLUSTER_SESSIONS_TAKEN_OVER,
+        "Sessions taken over from another node (from: alive = handed over, records = that node was gone)"
+    );
+    describe_counter!(
+        CLUSTER_SESSION_REPLAYED,
+        "Deliveries replayed from the cluster's change stream to sessions taken over from another node"
+    );
+    for from in ["alive", "records"] {
+        counter!(CLUSTER_SESSIONS_TAKEN_OVER, "from" => from).absolute(0);
+    }
+    counter!(CLUSTER_SESSION_REPLAYED).absolute(0);
+}
+
+pub fn session_taken_over(alive: bool) {
+    let from = if alive { "alive" } else { "records" };
+    counter!(CLUSTER_SESSIONS_TAKEN_OVER, "from" => from).increment(1);
+}
+
+pub fn session_replayed_from_stream(n: usize) {
+    counter!(CLUSTER_SESSION_REPLAYED).increment(n as u64);
 }

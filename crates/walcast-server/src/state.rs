@@ -98,6 +98,8 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cluster mode, running: the Redis link, node registry and broadcast/presence bus.
     pub cluster_node: Option<Arc<crate::cluster::ClusterNode>>,
+    /// Cluster mode: the per-client join and HTTP broadcast shares, counted on every node.
+    pub cluster_limits: Option<Arc<crate::cluster::limits::ClusterLimits>>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -142,6 +144,7 @@ impl AppState {
             private_reads,
             cluster: None,
             cluster_node: None,
+            cluster_limits: None,
             jwt,
             hub,
             sql,
@@ -168,7 +171,15 @@ impl AppState {
     pub fn with_cluster_node(mut self) -> AppState {
         if let Some(c) = self.cluster.clone() {
             crate::metrics::describe_cluster();
-            self.cluster_node = Some(crate::cluster::ClusterNode::start(c, self.topics.clone()));
+            self.cluster_node = Some(crate::cluster::ClusterNode::start(
+                c.clone(),
+                self.topics.clone(),
+            ));
+            self.cluster_limits = Some(Arc::new(crate::cluster::limits::ClusterLimits::start(
+                c,
+                self.join_limits.per_client(),
+                self.rest_limits.per_client(),
+            )));
         }
         self
     }
@@ -304,5 +315,24 @@ pub struct SocketGuard(Arc<AppState>);
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         self.0.sockets.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AppState {
+    /// Cluster mode: take `n` joins from `client`'s share counted on every node (after the
+    /// node's own limits passed). Always true in one process.
+    pub fn cluster_join_share(&self, client: &Arc<str>, n: u32) -> bool {
+        self.cluster_limits.as_ref().is_none_or(|l| {
+            l.joins
+                .check(client, crate::cluster::limits::second_now(), n)
+        })
+    }
+
+    /// The same for HTTP broadcasts.
+    pub fn cluster_http_broadcast_share(&self, client: &Arc<str>, n: u32) -> bool {
+        self.cluster_limits.as_ref().is_none_or(|l| {
+            l.http_broadcasts
+                .check(client, crate::cluster::limits::second_now(), n)
+        })
     }
 }

@@ -172,12 +172,12 @@ fn xlog(data: Bytes, at: Lsn) -> StreamEvent {
 }
 
 /// One entry read from the Redis stream.
-struct Entry {
-    id: String,
-    end: Lsn,
-    prev: Option<Lsn>,
-    rel: Vec<Bytes>,
-    txn: Vec<Bytes>,
+pub(crate) struct Entry {
+    pub id: String,
+    pub end: Lsn,
+    pub prev: Option<Lsn>,
+    pub rel: Vec<Bytes>,
+    pub txn: Vec<Bytes>,
 }
 
 fn bulk(v: &Value) -> Option<&[u8]> {
@@ -188,7 +188,7 @@ fn bulk(v: &Value) -> Option<&[u8]> {
     }
 }
 
-fn parse_entry(v: &Value) -> Option<Entry> {
+pub(crate) fn parse_entry(v: &Value) -> Option<Entry> {
     let Value::Array(parts) = v else { return None };
     let id = String::from_utf8(bulk(parts.first()?)?.to_vec()).ok()?;
     let Value::Array(fields) = parts.get(1)? else {

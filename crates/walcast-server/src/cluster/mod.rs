@@ -28,6 +28,7 @@ pub mod link;
 pub mod node;
 pub mod nodes;
 pub mod presence;
+pub mod sessions;
 
 pub use node::ClusterNode;
 
@@ -38,6 +39,7 @@ use crate::cli::ClusterArgs;
 
 pub mod changes;
 pub mod lease;
+pub mod limits;
 
 /// A fresh multiplexed connection whose commands give up after `timeout` (each caller
 /// reconnects after an error: no hidden retries that would outlast a lease).

@@ -226,6 +226,10 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             "restoring the sessions of the last run took too long; their rejoins start afresh"
         ),
     }
+    if let Some(cluster) = state.cluster.clone() {
+        // Sessions resume on any node: answer other nodes taking ours over.
+        crate::cluster::sessions::spawn_handover(state.clone(), cluster);
+    }
     let (store_stop, store_stopped) = tokio::sync::oneshot::channel::<()>();
     let store = tokio::spawn(
         crate::realtime::session_store::SessionStore::new(state.clone(), ceiling).run(async {

@@ -83,7 +83,7 @@ impl Feeds {
         *self.rls_deletes.lock().unwrap_or_else(|p| p.into_inner()) = d;
     }
 
-    fn rls_deletes(&self) -> RlsDeletes {
+    pub(crate) fn rls_deletes(&self) -> RlsDeletes {
         *self.rls_deletes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -301,6 +301,7 @@ pub async fn admit(
         .join_limits
         .check(&client, std::time::Instant::now(), 1)
         .is_err()
+        || !app.cluster_join_share(&client, 1)
     {
         return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,

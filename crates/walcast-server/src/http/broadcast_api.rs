@@ -206,6 +206,11 @@ fn rate(s: &HttpState, client: &std::sync::Arc<str>, n: usize) -> Result<(), Ref
         ));
     }
     match limits.check(client, std::time::Instant::now(), n) {
+        // Cluster mode: the client's share counts its broadcasts on every node.
+        Ok(()) if !s.app.cluster_http_broadcast_share(client, n) => Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            "You have exceeded your rate limit".into(),
+        )),
         Ok(()) => Ok(()),
         Err(Refused::Client | Refused::Server) => Err((
             StatusCode::TOO_MANY_REQUESTS,

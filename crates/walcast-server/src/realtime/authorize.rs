@@ -135,6 +135,10 @@ async fn authorize(state: &AppState, req: AuthorizeRequest) -> Result<Authorized
     } else {
         build_bindings(state, role, &req.entries).await
     };
+    if let Some((key, topic)) = &req.session {
+        // A session another node kept is taken over here, so the join resumes it.
+        crate::cluster::sessions::take_over(state, key, topic).await;
+    }
     Ok(Authorized {
         perms,
         changes,

@@ -143,6 +143,11 @@ pub enum Lost {
     /// The token the parked channel was authorized with expired: nothing after that is
     /// delivered on its authority.
     TokenExpired,
+    /// Cluster mode: the session was resumed on another node, which took it over.
+    Moved,
+    /// Cluster mode: what the session missed is no longer in the cluster's change stream
+    /// (trimmed, or Redis lost it).
+    Trimmed,
 }
 
 impl Lost {
@@ -154,6 +159,8 @@ impl Lost {
             Lost::Changed => "ResyncRequired: the channel was rejoined with different postgres_changes bindings, so what the old ones buffered was dropped; refetch your data",
             Lost::Dropped => "ResyncRequired: the server could not keep this session while it was away; refetch your data",
             Lost::TokenExpired => "ResyncRequired: the token this session was authorized with expired while it was away, so nothing more was kept for it; refetch your data",
+            Lost::Moved => "ResyncRequired: this session was resumed on another walcast node, which took it over; refetch your data",
+            Lost::Trimmed => "ResyncRequired: the changes this session missed are no longer in the cluster's change stream; refetch your data",
         }
     }
 
@@ -164,6 +171,8 @@ impl Lost {
             Lost::Changed => "changed",
             Lost::Dropped => "dropped",
             Lost::TokenExpired => "token_expired",
+            Lost::Moved => "moved",
+            Lost::Trimmed => "trimmed",
         }
     }
 }
@@ -183,8 +192,9 @@ enum Mode {
 
 struct State {
     mode: Mode,
-    /// Deliveries since the client's last frame (live) or since then and while parked.
-    tail: VecDeque<OutFrame>,
+    /// Deliveries since the client's last frame (live) or since then and while parked, each
+    /// with its position (`Position::ZERO` for a change-stream notice).
+    tail: VecDeque<(Position, OutFrame)>,
     tail_bytes: usize,
     /// Last position pushed: a position is never pushed twice.
     last: Position,
@@ -319,9 +329,52 @@ impl Resumable {
         }
         before();
         let replayed = s.tail.len();
-        outbox.push_unbounded(s.tail.iter().cloned());
+        outbox.push_unbounded(s.tail.iter().map(|(_, f)| f.clone()));
         s.mode = Mode::Live { outbox, socket };
         replayed
+    }
+
+    /// Put `frames` (what the channel missed, in commit order, replayed from the cluster's
+    /// change stream) before what it buffered since. A buffered delivery whose position is
+    /// among them was routed live while the replay was read: the replay's copy stands.
+    /// Within the session's bounds, like any buffering.
+    pub fn prepend_replay(&self, frames: Vec<(Position, OutFrame)>) {
+        let limits = &self.shared.limits;
+        let mut s = self.lock();
+        if s.lost.is_some() || matches!(s.mode, Mode::Closed) {
+            return;
+        }
+        let replayed: std::collections::HashSet<Position> =
+            frames.iter().map(|(at, _)| *at).collect();
+        let later: Vec<(Position, OutFrame)> = s
+            .tail
+            .drain(..)
+            .filter(|(at, _)| !replayed.contains(at))
+            .collect();
+        let kept = s.tail_bytes;
+        self.clear_tail_bytes(&mut s, kept);
+        if let Some(newest) = frames.iter().map(|(at, _)| *at).max() {
+            s.last = s.last.max(newest);
+        }
+        for (at, frame) in frames.into_iter().chain(later) {
+            self.keep(&mut s, at, &frame, limits);
+        }
+    }
+
+    /// What the channel missed cannot be replayed: its rejoin is told to resync.
+    pub fn set_lost(&self, why: Lost) {
+        let mut s = self.lock();
+        s.lost = Some(why);
+        self.clear_tail(&mut s);
+    }
+
+    fn clear_tail_bytes(&self, s: &mut State, bytes: usize) {
+        if bytes > 0 {
+            self.session_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.shared.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            metrics::resume_buffered_bytes(-(bytes as f64));
+        }
+        s.tail_bytes = 0;
     }
 
     fn close(&self) {
@@ -335,14 +388,14 @@ impl Resumable {
     }
 
     /// Keep a frame for replay, within the session's and the server's bounds.
-    fn keep(&self, s: &mut State, frame: &OutFrame, limits: &SessionLimits) {
+    fn keep(&self, s: &mut State, at: Position, frame: &OutFrame, limits: &SessionLimits) {
         if s.lost.is_some() {
             return;
         }
         let len = frame.len();
         let session = self.session_bytes.fetch_add(len, Ordering::AcqRel) + len;
         let total = self.shared.bytes.fetch_add(len, Ordering::AcqRel) + len;
-        s.tail.push_back(frame.clone());
+        s.tail.push_back((at, frame.clone()));
         s.tail_bytes += len;
         metrics::resume_buffered_bytes(len as f64);
         if session > limits.session_bytes || total > limits.total_bytes {
@@ -366,7 +419,7 @@ impl Resumable {
             Mode::Live { outbox, .. } => {
                 let outbox = outbox.clone();
                 if replayable {
-                    self.keep(&mut s, &frame, limits);
+                    self.keep(&mut s, at.unwrap_or(Position::ZERO), &frame, limits);
                 }
                 // Forwarded under the lock: frames reach the socket in push order, and an
                 // attach never interleaves with a push.
@@ -375,7 +428,7 @@ impl Resumable {
             }
             Mode::Parked { .. } => {
                 if replayable {
-                    self.keep(&mut s, &frame, limits);
+                    self.keep(&mut s, at.unwrap_or(Position::ZERO), &frame, limits);
                 }
                 true
             }
@@ -509,6 +562,32 @@ impl Sessions {
                 }
             }
         }
+    }
+
+    /// Whether this node has channels of `key` (live, parked or lost).
+    pub fn has(&self, key: &SessionKey) -> bool {
+        self.lock().sessions.contains_key(key)
+    }
+
+    /// Cluster mode: another node took the session over. Its channels here are closed and
+    /// returned (the caller unsubscribes them); a rejoin here is told it moved.
+    pub fn hand_over(&self, key: &SessionKey, now: Instant) -> Vec<Arc<Resumable>> {
+        let mut reg = self.lock();
+        let channels = reg
+            .sessions
+            .get(key)
+            .map(|s| s.channels.clone())
+            .unwrap_or_default();
+        for r in &channels {
+            self.remember(&mut reg, r, Lost::Moved, now);
+        }
+        channels
+    }
+
+    /// Remember that a rejoin of `key` on `topic` must resync (a take-over failed).
+    pub fn note_lost(&self, key: &SessionKey, topic: Arc<str>, why: Lost, now: Instant) {
+        let until = now + self.shared.limits.window * REMEMBER_WINDOWS;
+        self.lock().lost.insert((key.clone(), topic), (why, until));
     }
 
     /// A fresh channel of `key` (its outbox for the hub and the topic).
@@ -723,4 +802,106 @@ pub fn expire(state: &crate::state::AppState, now: Instant) -> usize {
         tracing::debug!(channels = gone.len(), "parked session channels dropped");
     }
     gone.len()
+}
+
+#[cfg(test)]
+mod cluster_replay_tests {
+    use super::*;
+    use crate::realtime::outbox::bounded;
+    use walcast_replication::Lsn;
+
+    fn frame(s: &str) -> OutFrame {
+        OutFrame::text(s.to_string())
+    }
+
+    fn at(lsn: u64) -> Position {
+        Position::new(Lsn(lsn), 0)
+    }
+
+    /// A channel taken over from another node: the replay from the change stream goes
+    /// before what was buffered while it was read, what both hold comes once, and nothing
+    /// older than the replay is taken afterwards.
+    #[test]
+    fn a_replay_goes_before_the_buffer_and_nothing_repeats() {
+        let sessions = Sessions::new(SessionLimits::default());
+        let (first, _first_reader) = bounded(100, usize::MAX);
+        let key = SessionKey {
+            id: Arc::from("sess-01234567"),
+            who: Arc::from("anon"),
+        };
+        let meta = Meta {
+            identity: Arc::new(Identity {
+                role: Arc::from("anon"),
+                claims: Arc::from("{}"),
+            }),
+            broadcast: false,
+        };
+        let spec = ChannelSpec {
+            vsn: Vsn::V2,
+            private: false,
+            entries: Vec::new(),
+        };
+        let r = sessions.register(key, 1, Arc::from("realtime:t"), spec, meta, first, 1);
+        r.start_at(at(10));
+        assert_eq!(sessions.park(&r, 1, Instant::now()), Park::Parked);
+        // Routed live while the replay was read: 30 is in the replay too, 40 is not.
+        assert!(r.push_at(at(30), 0, frame("live 30")));
+        assert!(r.push_at(at(40), 0, frame("live 40")));
+        r.prepend_replay(vec![
+            (at(20), frame("replay 20")),
+            (at(30), frame("replay 30")),
+        ]);
+        // Older than what was replayed: never taken again. Newer: taken.
+        assert!(r.push_at(at(25), 0, frame("late 25")));
+        assert!(r.push_at(at(50), 0, frame("live 50")));
+        let (second, reader) = bounded(100, usize::MAX);
+        assert_eq!(r.attach(second, 2, || ()), 4);
+        let mut got = Vec::new();
+        while let Some(OutFrame::Text(b) | OutFrame::Binary(b)) = reader.pop() {
+            got.push(String::from_utf8_lossy(&b).into_owned());
+        }
+        assert_eq!(got, ["replay 20", "replay 30", "live 40", "live 50"]);
+        assert_eq!(sessions.parked(), 0);
+    }
+
+    /// A lost channel (the stream was trimmed past it) takes no replay and is told to
+    /// resync at its rejoin.
+    #[test]
+    fn a_lost_channel_takes_no_replay() {
+        let sessions = Sessions::new(SessionLimits::default());
+        let (first, _reader) = bounded(100, usize::MAX);
+        let key = SessionKey {
+            id: Arc::from("sess-01234567"),
+            who: Arc::from("anon"),
+        };
+        let meta = Meta {
+            identity: Arc::new(Identity {
+                role: Arc::from("anon"),
+                claims: Arc::from("{}"),
+            }),
+            broadcast: false,
+        };
+        let spec = ChannelSpec {
+            vsn: Vsn::V2,
+            private: false,
+            entries: Vec::new(),
+        };
+        let r = sessions.register(
+            key.clone(),
+            1,
+            Arc::from("realtime:t"),
+            spec.clone(),
+            meta,
+            first,
+            1,
+        );
+        r.start_at(at(10));
+        r.set_lost(Lost::Trimmed);
+        r.prepend_replay(vec![(at(20), frame("replay 20"))]);
+        assert_eq!(sessions.buffered_bytes(), 0);
+        match sessions.claim(&key, "realtime:t", &spec) {
+            Claim::Fresh { lost, .. } => assert_eq!(lost, Some(Lost::Trimmed)),
+            Claim::Resume(_) => panic!("a lost channel was resumed"),
+        }
+    }
 }

@@ -150,6 +150,9 @@ pub struct AuthorizeRequest {
     /// `config.broadcast.replay` of a private channel's join: read the stored messages to
     /// replay after the reply (a new token replays nothing).
     pub replay: Option<ReplayConfig>,
+    /// Cluster mode: the join's session and full topic, so that a session another node
+    /// owned is taken over before the join commits (`cluster::sessions`).
+    pub session: Option<(SessionKey, Arc<str>)>,
 }
 
 /// The answer to [`WorkKind::Authorize`].
@@ -701,7 +704,17 @@ impl Session {
         let shared = if over_socket {
             Err(Refused::Client)
         } else {
-            self.state.join_limits.check(&self.client, now.at, 1)
+            self.state
+                .join_limits
+                .check(&self.client, now.at, 1)
+                .and_then(|()| {
+                    // Cluster mode: the client's share counts its joins on every node.
+                    if self.state.cluster_join_share(&self.client, 1) {
+                        Ok(())
+                    } else {
+                        Err(Refused::Client)
+                    }
+                })
         };
         if let Err(refused) = shared {
             metrics::join_error("join_rate");
@@ -783,6 +796,15 @@ impl Session {
             presence: join.config.presence.enabled,
             entries: join.config.postgres_changes.clone(),
             replay: join.config.broadcast.replay,
+            session: self.resume.as_ref().map(|sid| {
+                (
+                    SessionKey {
+                        id: sid.id.clone(),
+                        who: who_of(&identity),
+                    },
+                    Arc::from(topic.as_str()),
+                )
+            }),
         };
         let pending = PendingJoin {
             join_ref: frame.join_ref,
@@ -1173,6 +1195,7 @@ impl Session {
                 Vec::new()
             },
             replay: None,
+            session: None,
         };
         let state = BusyState::Reauthorizing {
             token: Arc::from(token),

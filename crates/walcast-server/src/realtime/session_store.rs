@@ -102,15 +102,24 @@ pub struct SessionStore {
     written: HashMap<RowKey, Row>,
     /// The table is missing (no privileges to create it): records are not kept.
     disabled: bool,
+    /// Cluster mode: this node's id, the owner of the records it writes ('' otherwise).
+    /// Records another node claimed (it resumed the session) are neither updated nor
+    /// deleted by this one.
+    node: String,
 }
 
 impl SessionStore {
     pub fn new(state: Arc<AppState>, ceiling: ConfirmCeiling) -> SessionStore {
         SessionStore {
-            state,
             ceiling,
             written: HashMap::new(),
             disabled: false,
+            node: state
+                .cluster
+                .as_ref()
+                .map(|c| c.node_id().to_owned())
+                .unwrap_or_default(),
+            state,
         }
     }
 
@@ -184,8 +193,8 @@ impl SessionStore {
             client
                 .execute(
                     "INSERT INTO realtime.walcast_sessions AS s \
-                       (session_id, who, topic, role, claims, vsn, private, entries, broadcast, acked, parked_at, updated_at) \
-                     SELECT i, w, t, r, c, v, p, e, b, a, CASE WHEN pk THEN now() END, now() \
+                       (session_id, who, topic, role, claims, vsn, private, entries, broadcast, acked, parked_at, updated_at, node) \
+                     SELECT i, w, t, r, c, v, p, e, b, a, CASE WHEN pk THEN now() END, now(), $12 \
                        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
                                    $7::bool[], $8::text[], $9::bool[], $10::text[], $11::bool[]) \
                             AS u(i, w, t, r, c, v, p, e, b, a, pk) \
@@ -195,10 +204,11 @@ impl SessionStore {
                        broadcast = excluded.broadcast, acked = excluded.acked, \
                        parked_at = CASE WHEN excluded.parked_at IS NULL THEN NULL \
                                         ELSE coalesce(s.parked_at, excluded.parked_at) END, \
-                       updated_at = now()",
+                       updated_at = now() \
+                     WHERE s.node = excluded.node",
                     &[
                         &ids, &whos, &topics, &roles, &claims, &vsns, &privates, &entries,
-                        &broadcasts, &acked, &parked,
+                        &broadcasts, &acked, &parked, &self.node,
                     ],
                 )
                 .await
@@ -212,8 +222,8 @@ impl SessionStore {
                 .execute(
                     "DELETE FROM realtime.walcast_sessions s \
                       USING unnest($1::text[], $2::text[], $3::text[]) AS u(i, w, t) \
-                      WHERE s.session_id = u.i AND s.who = u.w AND s.topic = u.t",
-                    &[&ids, &whos, &topics],
+                      WHERE s.session_id = u.i AND s.who = u.w AND s.topic = u.t AND s.node = $4",
+                    &[&ids, &whos, &topics, &self.node],
                 )
                 .await
                 .context("deleting session records")?;
@@ -291,6 +301,12 @@ pub async fn restore(state: &Arc<AppState>, slot: &str, ceiling: &ConfirmCeiling
         );
         state.sessions.records_lost(Instant::now());
     }
+    if state.cluster.is_some() {
+        // Cluster mode: a session is restored by the node its client rejoins, when it
+        // rejoins (cluster::sessions), never by every node at startup.
+        ceiling.set(None);
+        return Ok(0);
+    }
     let rows = client
         .query(
             "SELECT session_id, who, topic, role, claims, vsn, private, entries, broadcast, acked \
@@ -337,18 +353,79 @@ async fn restore_one(
     confirmed: Option<Lsn>,
     now: Instant,
 ) -> Result<Arc<Resumable>> {
-    let session_id: String = row.try_get(0)?;
-    let who: String = row.try_get(1)?;
-    let topic: String = row.try_get(2)?;
-    let role: String = row.try_get(3)?;
-    let claims: String = row.try_get(4)?;
-    let vsn: String = row.try_get(5)?;
-    let private: bool = row.try_get(6)?;
-    let entries: String = row.try_get(7)?;
-    let broadcast: bool = row.try_get(8)?;
-    let acked: String = row.try_get(9)?;
-    let vsn = Vsn::from_query(Some(&vsn)).context("a recorded serializer version")?;
-    let acked = Position::parse(&acked).context("a recorded position")?;
+    let rec = record_of(row)?;
+    // Everything after `acked` must still be in the slot.
+    let p = prepare(
+        state,
+        &rec,
+        |acked| confirmed.is_some_and(|c| c > acked.lsn),
+        now,
+    )
+    .await?;
+    if p.r.lost().is_some() {
+        return Ok(p.r);
+    }
+    subscribe(state, &p, Some(p.acked));
+    join_topic(state, &p);
+    Ok(p.r)
+}
+
+/// One channel's record, as read back.
+#[derive(Debug, Clone)]
+pub(crate) struct Record {
+    pub session_id: String,
+    pub who: String,
+    pub topic: String,
+    pub role: String,
+    pub claims: String,
+    pub vsn: String,
+    pub private: bool,
+    pub entries: String,
+    pub broadcast: bool,
+    pub acked: String,
+}
+
+/// The record in a row whose first ten columns are
+/// `session_id, who, topic, role, claims, vsn, private, entries, broadcast, acked`.
+pub(crate) fn record_of(row: &tokio_postgres::Row) -> Result<Record> {
+    Ok(Record {
+        session_id: row.try_get(0)?,
+        who: row.try_get(1)?,
+        topic: row.try_get(2)?,
+        role: row.try_get(3)?,
+        claims: row.try_get(4)?,
+        vsn: row.try_get(5)?,
+        private: row.try_get(6)?,
+        entries: row.try_get(7)?,
+        broadcast: row.try_get(8)?,
+        acked: row.try_get(9)?,
+    })
+}
+
+/// A channel restored from its record, parked, not yet subscribed anywhere.
+pub(crate) struct Prepared {
+    pub r: Arc<Resumable>,
+    pub bindings: Vec<walcast_core::subscription::Binding>,
+    pub identity: Arc<Identity>,
+    pub vsn: Vsn,
+    pub topic: Arc<str>,
+    pub private: bool,
+    pub broadcast: bool,
+    /// The last position its client surely saw.
+    pub acked: Position,
+}
+
+/// Restore `rec` as a parked channel: lost when `gone(acked)` says what it missed cannot be
+/// replayed, or its bindings no longer pass their checks.
+pub(crate) async fn prepare(
+    state: &AppState,
+    rec: &Record,
+    gone: impl FnOnce(Position) -> bool,
+    now: Instant,
+) -> Result<Prepared> {
+    let vsn = Vsn::from_query(Some(&rec.vsn)).context("a recorded serializer version")?;
+    let acked = Position::parse(&rec.acked).context("a recorded position")?;
+    let entries = &rec.entries;
     let payload = serde_json::value::RawValue::from_string(format!(
         "{{\"config\":{{\"postgres_changes\":{entries}}}}}"
     ))
@@ -356,29 +433,26 @@ async fn restore_one(
     let join = JoinPayload::parse(&payload);
     let bindings = join.config.postgres_changes;
     let identity = Arc::new(Identity {
-        role: Arc::from(role.as_str()),
-        claims: Arc::from(claims.as_str()),
+        role: Arc::from(rec.role.as_str()),
+        claims: Arc::from(rec.claims.as_str()),
     });
-    let spec = ChannelSpec::new(vsn, private, &bindings);
-    // Everything after `acked` must still be in the slot.
-    let mut lost = confirmed
-        .is_some_and(|c| c > acked.lsn)
-        .then_some(Lost::Dropped);
+    let spec = ChannelSpec::new(vsn, rec.private, &bindings);
+    let mut lost = gone(acked).then_some(Lost::Dropped);
     let checked = if bindings.is_empty() || lost.is_some() {
         crate::realtime::changes::Checked::default()
     } else {
-        crate::realtime::changes::build_bindings(state, &role, &bindings).await
+        crate::realtime::changes::build_bindings(state, &rec.role, &bindings).await
     };
     if !checked.errors.is_empty() {
         lost = Some(Lost::Dropped);
     }
     let id = state.next_subscriber_id();
-    let topic: Arc<str> = Arc::from(topic.as_str());
+    let topic: Arc<str> = Arc::from(rec.topic.as_str());
     let r = state.sessions.restore(
         RestoredChannel {
             key: SessionKey {
-                id: Arc::from(session_id.as_str()),
-                who: Arc::from(who.as_str()),
+                id: Arc::from(rec.session_id.as_str()),
+                who: Arc::from(rec.who.as_str()),
             },
             id,
             topic: topic.clone(),
@@ -387,39 +461,58 @@ async fn restore_one(
             lost,
             meta: Meta {
                 identity: identity.clone(),
-                broadcast,
+                broadcast: rec.broadcast,
             },
         },
         now,
     );
-    if lost.is_some() {
-        return Ok(r);
+    Ok(Prepared {
+        r,
+        bindings: checked.bindings,
+        identity,
+        vsn,
+        topic,
+        private: rec.private,
+        broadcast: rec.broadcast,
+        acked,
+    })
+}
+
+/// Subscribe a prepared channel's bindings to the hub, after `after` (`None`: after what
+/// was routed so far). Returns what the hub had routed when it subscribed: every change
+/// routed from then on reaches the channel when it is after `after`.
+pub(crate) fn subscribe(state: &AppState, p: &Prepared, after: Option<Position>) -> Position {
+    if p.bindings.is_empty() {
+        return state.hub.routed_through();
     }
-    if !checked.bindings.is_empty() {
-        let target = ChannelTarget {
-            outbox: r.clone(),
-            framing: Framing::Phoenix(vsn),
-            topic: topic.clone(),
-            identity,
-            after: Some(acked),
+    let target = ChannelTarget {
+        outbox: p.r.clone(),
+        framing: Framing::Phoenix(p.vsn),
+        topic: p.topic.clone(),
+        identity: p.identity.clone(),
+        after,
+    };
+    let hub = &state.hub;
+    hub.subscribe(p.r.id, target, p.bindings.clone(), || hub.routed_through())
+}
+
+/// Make a prepared channel a member of its broadcast topic, when it receives broadcasts.
+pub(crate) fn join_topic(state: &AppState, p: &Prepared) {
+    if !p.broadcast {
+        return;
+    }
+    if let Some(key) = TopicKey::from_topic(&p.topic, p.private) {
+        let member = Member {
+            outbox: p.r.clone(),
+            vsn: p.vsn,
+            broadcast: true,
+            presence: false,
+            replayed: None,
         };
-        state.hub.subscribe(id, target, checked.bindings, || ());
+        let opts = JoinOptions {
+            presence_state: None,
+            max_members: None,
+        };
+        let _ = state.topics.join(&key, p.r.id, member, opts, || ());
     }
-    if broadcast {
-        if let Some(key) = TopicKey::from_topic(&topic, private) {
-            let member = Member {
-                outbox: r.clone(),
-                vsn,
-                broadcast: true,
-                presence: false,
-                replayed: None,
-            };
-            let opts = JoinOptions {
-                presence_state: None,
-                max_members: None,
-            };
-            let _ = state.topics.join(&key, id, member, opts, || ());
-        }
-    }
-    Ok(r)
 }
