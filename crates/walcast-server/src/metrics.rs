@@ -681,3 +681,20 @@ pub fn cluster_followed(n: u64) {
 pub fn cluster_skipped(n: u64) {
     counter!(CLUSTER_SKIPPED).increment(n);
 }
+
+// Cluster mode: whether postgres_changes flow (issue #13, follower readiness).
+/// 1 while some node of the cluster streams the slot, as this node last saw it.
+pub const CLUSTER_CHANGES_FLOWING: &str = "walcast_cluster_changes_flowing";
+
+/// Describe [`CLUSTER_CHANGES_FLOWING`] (cluster mode only).
+pub fn describe_cluster_flow() {
+    describe_gauge!(
+        CLUSTER_CHANGES_FLOWING,
+        "Cluster mode: 1 while some node streams the slot (the streamer: its replication connection is up; a follower: a streamer marked the slot within 2 x --failover-timeout-secs), 0 while postgres_changes do not flow"
+    );
+    gauge!(CLUSTER_CHANGES_FLOWING).set(0.0);
+}
+
+pub fn cluster_changes_flowing(flowing: bool) {
+    gauge!(CLUSTER_CHANGES_FLOWING).set(if flowing { 1.0 } else { 0.0 });
+}

@@ -27,6 +27,15 @@
 //!   told) does the node go back to what the pump had delivered, and read from there again.
 //! - A follower whose next entry was trimmed away (its `prev` is past what the follower
 //!   routed) is told it missed changes, like a recreated slot.
+//! - A follower is up (ready, its channels told `ok`) only while changes flow: Redis
+//!   confirmed the `streaming` mark (set by a lease holder whose replication connection is
+//!   up, living `F` = `--failover-timeout-secs`, see [`crate::cluster::lease`]) within the
+//!   last `F`, so some node streamed within the last 2F. Past that, whether no node streams
+//!   or Redis cannot be read, the pump is told the stream is lost, exactly as a single node
+//!   whose replication connection dropped: `/readyz` 503, a `system` error on
+//!   postgres_changes channels, `ok` again once a mark is seen. Anything shorter (a Redis
+//!   blip, Redis restarted empty and marked again in time, a failover) is not reported: the
+//!   follower reads on after its last entry and its pump drops nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +48,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use walcast_replication::{Lsn, ReplicationConfig, ReplicationError, Replicator, StreamEvent};
 
-use super::lease::LeaseState;
+use super::lease::{LeaseState, SlotUp};
 use super::Cluster;
 use crate::metrics;
 
@@ -54,6 +63,11 @@ const READ_BLOCK: Duration = Duration::from_millis(200);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before trying again after Redis or the slot said no.
 const RETRY: Duration = Duration::from_millis(200);
+
+/// How often a follower asks whether some node streams the slot.
+fn flow_check_every(failover: Duration) -> Duration {
+    (failover / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
 
 /// Most transactions published in one round trip, and about how many bytes.
 const PUBLISH_BATCH: usize = 64;
@@ -275,12 +289,18 @@ pub struct ClusterSource {
     holding: bool,
     /// The follower's stream is down and the pump was told.
     down_told: bool,
-    /// The follower read the stream at least once.
-    followed: bool,
     /// The pump was given a first event after following began.
     announced: bool,
     /// A streamer took over: caught up with the Redis stream before streaming.
     caught_up: bool,
+    /// This node's replication connection, for the lease task's `streaming` mark.
+    slot_up: SlotUp,
+    /// As a follower: when Redis last confirmed that some node streams the slot (the
+    /// `streaming` key was there), or when following began.
+    flow_seen_at: Instant,
+    next_flow_check: Instant,
+    /// Why the last read of the change stream failed, while reads fail.
+    read_error: Option<String>,
 }
 
 impl ClusterSource {
@@ -290,6 +310,7 @@ impl ClusterSource {
         lease: watch::Receiver<LeaseState>,
         give_up: Arc<AtomicBool>,
         ready: Arc<AtomicBool>,
+        slot_up: SlotUp,
     ) -> ClusterSource {
         CLUSTERED.store(true, Ordering::Release);
         set_streamer(false);
@@ -318,9 +339,12 @@ impl ClusterSource {
             confirmed_id: None,
             holding: false,
             down_told: false,
-            followed: false,
             announced: false,
             caught_up: false,
+            slot_up,
+            flow_seen_at: Instant::now(),
+            next_flow_check: Instant::now(),
+            read_error: None,
         }
     }
 
@@ -372,6 +396,7 @@ impl ClusterSource {
                     if self.holding {
                         r.hold();
                     }
+                    self.slot_up.set(Some(r.streaming_flag()));
                     self.replicator = Some(r);
                     set_streamer(true);
                 }
@@ -393,6 +418,7 @@ impl ClusterSource {
     /// Stop streaming the slot (lease lost). The transaction being gathered was neither
     /// published nor handed on: the next streamer replays it.
     fn stop_streaming(&mut self, why: &str) {
+        self.slot_up.set(None);
         if let Some(r) = self.replicator.take() {
             tracing::warn!(
                 reason = why,
@@ -402,6 +428,8 @@ impl ClusterSource {
         }
         self.discard_pending();
         self.caught_up = false;
+        // It streamed until now: as a follower it counts from here.
+        self.flow_seen_at = Instant::now();
         set_streamer(false);
     }
 
@@ -434,16 +462,32 @@ impl ClusterSource {
             _ = tokio::time::sleep_until(until) => return None,
             _ = lease_changed(&mut self.lease) => return None,
         };
-        self.ready
-            .store(replicator.backend_pid().is_some(), Ordering::Release);
+        let up = replicator.backend_pid().is_some();
+        self.ready.store(up, Ordering::Release);
+        metrics::cluster_changes_flowing(up);
+        if up {
+            // This node streams: as a follower again, it counts from here.
+            self.flow_seen_at = Instant::now();
+        }
+        if up && self.down_told {
+            // Told the stream was lost as a follower; streaming now: it is back.
+            self.down_told = false;
+            if self.announced {
+                self.pending.push_back(StreamEvent::Reconnected {
+                    resume_from: self.last_end,
+                });
+            }
+        }
         match item {
             None => {
+                self.slot_up.set(None);
                 self.replicator = None;
                 None
             }
             Some(Err(e)) if slot_busy(&e) => {
                 // The previous streamer's walsender still has the slot: wait for it to go.
                 tracing::info!(error = %e, "the slot is still in use by the previous streamer; retrying");
+                self.slot_up.set(None);
                 self.replicator = None;
                 tokio::time::sleep(RETRY).await;
                 None
@@ -604,49 +648,115 @@ impl ClusterSource {
     }
 
     /// One step as a follower: `Some` is something for the pump.
+    ///
+    /// One rule decides whether changes flow, whatever went wrong: Redis confirmed a
+    /// `streaming` mark (which lives `F` = `--failover-timeout-secs`) within the last `F`,
+    /// so some node streamed within the last 2F. A shorter Redis blip or an empty Redis
+    /// that a streamer marks again in time changes nothing: no 503, no system message, and
+    /// reading resumes after the last entry.
     async fn follow_once(&mut self) -> Option<StreamEvent> {
         let mut lease = self.lease.clone();
         let got = tokio::select! {
             r = self.read(Some(READ_BLOCK)) => r,
             _ = lease_changed(&mut lease) => return None,
         };
-        match got {
+        let read_ok = match got {
             Ok(_) => {
-                self.ready.store(true, Ordering::Release);
-                if self.down_told {
-                    self.down_told = false;
-                    return Some(StreamEvent::Reconnected {
-                        resume_from: self.last_end,
-                    });
+                if self.read_error.take().is_some() {
+                    tracing::info!("reading the cluster's change stream again");
                 }
-                if !self.announced {
-                    // The pump marks the stream up on its first event: tell it at once,
-                    // not at the first change.
-                    self.announced = true;
-                    return Some(StreamEvent::Keepalive {
-                        wal_end: self.last_end,
-                    });
-                }
-                None
+                self.check_flow().await;
+                true
             }
             Err(e) => {
                 self.conn = None;
-                self.ready.store(false, Ordering::Release);
-                if self.followed && !self.down_told {
-                    tracing::warn!(error = %e, "lost the cluster's change stream; reconnecting");
-                    self.down_told = true;
-                    // The pump drops what it has not delivered: read it again.
-                    self.last_end = self.confirmed_end;
-                    self.last_id = self.confirmed_id.clone().or(self.last_id.take());
-                    self.unconfirmed.clear();
-                    self.relations.clear();
-                    return Some(StreamEvent::Disconnected {
-                        reason: format!("the cluster's change stream (Redis) is unreachable: {e}"),
-                    });
+                if self.read_error.is_none() {
+                    tracing::warn!(error = %e, "cannot read the cluster's change stream; retrying");
                 }
-                tokio::time::sleep(RETRY).await;
-                None
+                self.read_error = Some(e.to_string());
+                false
             }
+        };
+        let failover = self.cluster.failover_timeout();
+        let flowing = self.flow_seen_at.elapsed() <= failover;
+        metrics::cluster_changes_flowing(flowing && read_ok);
+        if !flowing {
+            self.ready.store(false, Ordering::Release);
+            if !self.down_told {
+                let secs = (failover * 2).as_secs();
+                let reason = match &self.read_error {
+                    Some(e) => format!(
+                        "the cluster's change stream (Redis) has been unreachable for over {} s: {e}",
+                        failover.as_secs()
+                    ),
+                    None => format!(
+                        "no node of the cluster has streamed the slot for {secs} s \
+                         (the streamer cannot reach the database, or no node can stream)"
+                    ),
+                };
+                tracing::warn!(reason = %reason, "postgres_changes are not flowing");
+                return Some(self.lost(reason));
+            }
+            if !read_ok {
+                tokio::time::sleep(RETRY).await;
+            }
+            return None;
+        }
+        if !read_ok {
+            tokio::time::sleep(RETRY).await;
+            return None;
+        }
+        self.ready.store(true, Ordering::Release);
+        if self.down_told {
+            self.down_told = false;
+            if self.announced {
+                return Some(StreamEvent::Reconnected {
+                    resume_from: self.last_end,
+                });
+            }
+        }
+        if !self.announced {
+            // The pump marks the stream up on its first event: tell it at once, not at the
+            // first change.
+            self.announced = true;
+            return Some(StreamEvent::Keepalive {
+                wal_end: self.last_end,
+            });
+        }
+        None
+    }
+
+    /// Tell the pump the stream is lost: it drops what it has not delivered, so read that
+    /// again from what it had delivered.
+    fn lost(&mut self, reason: String) -> StreamEvent {
+        self.ready.store(false, Ordering::Release);
+        self.down_told = true;
+        self.last_end = self.confirmed_end;
+        self.last_id = self.confirmed_id.clone().or(self.last_id.take());
+        self.unconfirmed.clear();
+        self.relations.clear();
+        StreamEvent::Disconnected { reason }
+    }
+
+    /// As a follower, at most every [`flow_check_every`]: does some node stream the slot?
+    /// Only Redis answering "yes" moves `flow_seen_at`.
+    async fn check_flow(&mut self) {
+        let now = Instant::now();
+        if now < self.next_flow_check {
+            return;
+        }
+        self.next_flow_check = now + flow_check_every(self.cluster.failover_timeout());
+        let key = super::lease::streaming_key(&self.cluster);
+        let asked = async {
+            let mut c = self.conn().await?;
+            let n: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut c).await?;
+            redis::RedisResult::Ok(n == 1)
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, asked).await {
+            Ok(Ok(true)) => self.flow_seen_at = now,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot ask Redis whether a node streams"),
+            Err(_) => tracing::debug!("Redis did not say in time whether a node streams"),
         }
     }
 
@@ -691,7 +801,6 @@ impl ClusterSource {
         }
         cmd.arg("STREAMS").arg(&key).arg(&last_id);
         let v: Value = cmd.query_async(&mut c).await?;
-        self.followed = true;
         let Some(entries) = parse_read(v) else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Parse,
@@ -828,6 +937,7 @@ impl ClusterSource {
 
     pub async fn shutdown(mut self) -> Result<Lsn, ReplicationError> {
         set_streamer(false);
+        self.slot_up.set(None);
         match self.replicator.take() {
             Some(r) => r.shutdown().await,
             None => Ok(self.confirmed_end),

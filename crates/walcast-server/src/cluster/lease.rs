@@ -5,6 +5,9 @@
 //!  the holder, every `renew` (ttl/3):        extend.lua: PEXPIRE only if the value is still <node>
 //!                                            ─▶ may stream until  sent_at + 2/3 ttl   (`until`)
 //!  clean shutdown:                           release.lua: DEL only if the value is still <node>
+//!  on taking it (acquire.lua):               HSET walcast:<slot>:lease_info node <node> since <ms>
+//!  the holder, at each renewal, while its
+//!  replication connection is up:             SET walcast:<slot>:streaming <node> PX failover
 //!
 //!  time ─────────────────────────────────────────────────────────────────────────▶
 //!  renew sent ─┬─ until (stop streaming) ─── ttl/3 margin ─── key expires ─── next holder
@@ -17,12 +20,18 @@
 //!   was sent, a third of the TTL before the key can expire: it has dropped its replication
 //!   connection before anyone else may acquire the lease. A renewal that fails or times out
 //!   does not move `until`.
+//! - `streaming` says that postgres_changes flow: it exists only while some lease holder has
+//!   had its replication connection up within the last `--failover-timeout-secs`. Holding
+//!   the lease is not enough (a holder cut from Postgres keeps renewing). Followers read it
+//!   and allow one more failover timeout before they call the stream lost (see
+//!   [`crate::cluster::changes`]), so a handover or a Redis restarted empty that a streamer
+//!   marks again within that time goes unreported.
 //! - This is only the first fence. Publishing checks the lease atomically in the same Lua
 //!   script (see [`crate::cluster::changes`]), so a holder that stalled past its lease cannot
 //!   publish; and Postgres lets one walsender use the slot at a time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -68,11 +77,22 @@ impl LeaseTimes {
     }
 }
 
+/// KEYS: lease, streaming. ARGV: node, ttl ms, "1" while streaming, streaming ttl ms.
 const EXTEND: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if ARGV[3] == '1' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"#;
+
+/// KEYS: lease, lease_info. ARGV: node, ttl ms. 1 when this node took the lease.
+const ACQUIRE: &str = r#"
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[2], 'node', ARGV[1], 'since', now)
+return 1
 "#;
 
 const RELEASE: &str = r#"
@@ -87,11 +107,48 @@ pub fn lease_key(cluster: &Cluster) -> String {
     cluster.key("lease")
 }
 
+/// Who took the lease last, and when (Redis time, ms): `node`, `since`.
+pub fn lease_info_key(cluster: &Cluster) -> String {
+    cluster.key("lease_info")
+}
+
+/// The key that exists while postgres_changes flow (see the module docs).
+pub fn streaming_key(cluster: &Cluster) -> String {
+    cluster.key("streaming")
+}
+
+/// How long `streaming` outlives the last renewal of a holder that streamed.
+pub fn streaming_ttl(failover: Duration) -> Duration {
+    failover
+}
+
+/// Whether this node's replication connection is up: the flag of the replicator the change
+/// source is streaming with, if any. Shared by the source (which sets it) and the lease task
+/// (which marks the slot as streamed while it is up).
+#[derive(Clone, Default)]
+pub struct SlotUp(Arc<Mutex<Option<Arc<AtomicBool>>>>);
+
+impl SlotUp {
+    /// Follow `flag` (a replicator's streaming flag), or nothing (`None`: not streaming).
+    pub fn set(&self, flag: Option<Arc<AtomicBool>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = flag;
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire))
+    }
+}
+
 /// Runs the lease until `stop` flips (or `give_up` is set: this node cannot stream, e.g. a
 /// definite replication error), then releases it. The receiver follows the state.
 pub fn spawn(
     cluster: Arc<Cluster>,
     give_up: Arc<AtomicBool>,
+    slot_up: SlotUp,
     mut stop: watch::Receiver<bool>,
 ) -> (watch::Receiver<LeaseState>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(LeaseState::Follower);
@@ -100,6 +157,10 @@ pub fn spawn(
         let key = lease_key(&cluster);
         let me = cluster.node_id().to_string();
         let extend = redis::Script::new(EXTEND);
+        let acquire = redis::Script::new(ACQUIRE);
+        let info_key = lease_info_key(&cluster);
+        let streaming_key = streaming_key(&cluster);
+        let streaming_ms = streaming_ttl(cluster.failover_timeout()).as_millis() as u64;
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         loop {
             if *stop.borrow() || give_up.load(Ordering::Acquire) {
@@ -114,23 +175,26 @@ pub fn spawn(
                 };
                 let ttl_ms = times.ttl.as_millis() as u64;
                 let won: bool = if held {
+                    let streaming = if slot_up.is_up() { "1" } else { "0" };
                     let n: i64 = extend
                         .key(&key)
+                        .key(&streaming_key)
+                        .arg(&me)
+                        .arg(ttl_ms)
+                        .arg(streaming)
+                        .arg(streaming_ms)
+                        .invoke_async(c)
+                        .await?;
+                    n == 1
+                } else {
+                    let n: i64 = acquire
+                        .key(&key)
+                        .key(&info_key)
                         .arg(&me)
                         .arg(ttl_ms)
                         .invoke_async(c)
                         .await?;
                     n == 1
-                } else {
-                    let v: Option<String> = redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&me)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(ttl_ms)
-                        .query_async(c)
-                        .await?;
-                    v.is_some()
                 };
                 redis::RedisResult::Ok(won)
             };

@@ -39,6 +39,8 @@ use crate::cli::ClusterArgs;
 pub mod changes;
 pub mod lease;
 
+pub mod inspect;
+
 /// A fresh multiplexed connection whose commands give up after `timeout` (each caller
 /// reconnects after an error: no hidden retries that would outlast a lease).
 pub(crate) async fn connect(

@@ -260,8 +260,14 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let source = match state.cluster.clone() {
         Some(cluster) => {
             let give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (lease, task) =
-                crate::cluster::lease::spawn(cluster.clone(), give_up.clone(), lease_stopped);
+            crate::metrics::describe_cluster_flow();
+            let slot_up = crate::cluster::lease::SlotUp::default();
+            let (lease, task) = crate::cluster::lease::spawn(
+                cluster.clone(),
+                give_up.clone(),
+                slot_up.clone(),
+                lease_stopped,
+            );
             lease_task = Some(task);
             crate::wal::pump::Source::Cluster(Box::new(
                 crate::cluster::changes::ClusterSource::new(
@@ -270,6 +276,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
                     lease,
                     give_up,
                     cluster_ready,
+                    slot_up,
                 ),
             ))
         }
