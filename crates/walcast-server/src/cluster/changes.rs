@@ -49,6 +49,7 @@ use tokio::time::Instant;
 use walcast_replication::{Lsn, ReplicationConfig, ReplicationError, Replicator, StreamEvent};
 
 use super::lease::{LeaseState, SlotUp};
+use super::link::Link;
 use super::Cluster;
 use crate::metrics;
 
@@ -261,7 +262,12 @@ pub struct ClusterSource {
     give_up: Arc<AtomicBool>,
     /// Ready to deliver changes (for `/readyz` and joins), shared with the app state.
     ready: Arc<AtomicBool>,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    /// The node's Redis link: publishing, catching up, the `streaming` check.
+    link: Link,
+    /// A connection of its own for `XREAD BLOCK`: a blocking read holds its connection for
+    /// up to [`READ_BLOCK`], and on the shared link every other command of the node (lease
+    /// renewals, heartbeats, relayed broadcasts) would queue behind it.
+    block_conn: Option<redis::aio::MultiplexedConnection>,
     replicator: Option<Replicator>,
     publish: redis::Script,
     /// Events waiting for the pump.
@@ -306,6 +312,7 @@ pub struct ClusterSource {
 impl ClusterSource {
     pub fn new(
         cluster: Arc<Cluster>,
+        link: Link,
         cfg: ReplicationConfig,
         lease: watch::Receiver<LeaseState>,
         give_up: Arc<AtomicBool>,
@@ -320,7 +327,8 @@ impl ClusterSource {
             lease,
             give_up,
             ready,
-            conn: None,
+            link,
+            block_conn: None,
             replicator: None,
             publish: redis::Script::new(PUBLISH),
             pending: VecDeque::new(),
@@ -352,12 +360,18 @@ impl ClusterSource {
         self.cluster.key("changes")
     }
 
-    async fn conn(&mut self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        if let Some(c) = &self.conn {
+    /// The shared link's connection (an error while the link is down).
+    fn conn(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        self.link.conn().ok_or_else(super::lease::link_down)
+    }
+
+    /// The connection for blocking reads.
+    async fn block_conn(&mut self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = &self.block_conn {
             return Ok(c.clone());
         }
-        let c = super::connect(&self.cluster, COMMAND_TIMEOUT).await?;
-        self.conn = Some(c.clone());
+        let c = super::connect(&self.cluster, COMMAND_TIMEOUT + READ_BLOCK).await?;
+        self.block_conn = Some(c.clone());
         Ok(c)
     }
 
@@ -617,7 +631,7 @@ impl ClusterSource {
                 _ => return false,
             };
             let attempt = async {
-                let mut c = self.conn().await?;
+                let mut c = self.conn()?;
                 let mut call = self.publish.prepare_invoke();
                 call.key(super::lease::lease_key(&self.cluster))
                     .key(&key)
@@ -639,7 +653,6 @@ impl ClusterSource {
                 Ok(Ok(_)) => return false,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot publish transactions; retrying while the lease lasts");
-                    self.conn = None;
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(_) => return false,
@@ -669,7 +682,7 @@ impl ClusterSource {
                 true
             }
             Err(e) => {
-                self.conn = None;
+                self.block_conn = None;
                 if self.read_error.is_none() {
                     tracing::warn!(error = %e, "cannot read the cluster's change stream; retrying");
                 }
@@ -748,7 +761,7 @@ impl ClusterSource {
         self.next_flow_check = now + flow_check_every(self.cluster.failover_timeout());
         let key = super::lease::streaming_key(&self.cluster);
         let asked = async {
-            let mut c = self.conn().await?;
+            let mut c = self.conn()?;
             let n: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut c).await?;
             redis::RedisResult::Ok(n == 1)
         };
@@ -762,7 +775,6 @@ impl ClusterSource {
 
     /// Read entries after the last one into `pending`; how many entries came.
     async fn read(&mut self, block: Option<Duration>) -> redis::RedisResult<usize> {
-        let mut c = self.conn().await?;
         let key = self.stream_key();
         let last_id = match &self.last_id {
             Some(id) => id.clone(),
@@ -775,7 +787,7 @@ impl ClusterSource {
                     .arg("-")
                     .arg("COUNT")
                     .arg(1)
-                    .query_async(&mut c)
+                    .query_async(&mut self.conn()?)
                     .await?;
                 let newest = match v {
                     Value::Array(entries) => entries.first().and_then(parse_entry),
@@ -800,7 +812,10 @@ impl ClusterSource {
             cmd.arg("BLOCK").arg(b.as_millis() as u64);
         }
         cmd.arg("STREAMS").arg(&key).arg(&last_id);
-        let v: Value = cmd.query_async(&mut c).await?;
+        let v: Value = match block {
+            Some(_) => cmd.query_async(&mut self.block_conn().await?).await?,
+            None => cmd.query_async(&mut self.conn()?).await?,
+        };
         let Some(entries) = parse_read(v) else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Parse,

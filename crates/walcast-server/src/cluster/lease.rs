@@ -37,6 +37,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::link::Link;
 use super::Cluster;
 
 /// Whether this node may stream, and until when.
@@ -147,6 +148,7 @@ impl SlotUp {
 /// definite replication error), then releases it. The receiver follows the state.
 pub fn spawn(
     cluster: Arc<Cluster>,
+    link: Link,
     give_up: Arc<AtomicBool>,
     slot_up: SlotUp,
     mut stop: watch::Receiver<bool>,
@@ -161,7 +163,6 @@ pub fn spawn(
         let info_key = lease_info_key(&cluster);
         let streaming_key = streaming_key(&cluster);
         let streaming_ms = streaming_ttl(cluster.failover_timeout()).as_millis() as u64;
-        let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         loop {
             if *stop.borrow() || give_up.load(Ordering::Acquire) {
                 break;
@@ -169,10 +170,10 @@ pub fn spawn(
             let held = matches!(*tx.borrow(), LeaseState::Held { .. });
             let sent_at = Instant::now();
             let outcome = async {
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => conn.insert(super::connect(&cluster, times.renew).await?),
-                };
+                // The node's one Redis link: the lease lives or lapses with what /readyz
+                // reports as the node's Redis.
+                let mut conn = link.conn().ok_or_else(link_down)?;
+                let c = &mut conn;
                 let ttl_ms = times.ttl.as_millis() as u64;
                 let won: bool = if held {
                     let streaming = if slot_up.is_up() { "1" } else { "0" };
@@ -215,11 +216,9 @@ pub fn spawn(
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot reach Redis for the streamer lease");
-                    conn = None;
                 }
                 Err(_) => {
                     tracing::warn!("Redis did not answer for the streamer lease in time");
-                    conn = None;
                 }
             }
             // A held lease whose `until` passed is gone for this node (the key may still be
@@ -241,18 +240,23 @@ pub fn spawn(
         let was_held = matches!(*tx.borrow(), LeaseState::Held { .. });
         tx.send_replace(LeaseState::Follower);
         if was_held {
-            release(&cluster, conn).await;
+            release(&cluster, &link).await;
         }
     });
     (rx, handle)
 }
 
-async fn release(cluster: &Cluster, conn: Option<redis::aio::MultiplexedConnection>) {
+/// The error of a command that could not be sent: the link is down.
+pub(crate) fn link_down() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "Redis is unreachable (the node's link is down)",
+    ))
+}
+
+async fn release(cluster: &Cluster, link: &Link) {
     let attempt = async {
-        let mut c = match conn {
-            Some(c) => c,
-            None => super::connect(cluster, Duration::from_secs(1)).await?,
-        };
+        let mut c = link.conn().ok_or_else(link_down)?;
         let n: i64 = redis::Script::new(RELEASE)
             .key(lease_key(cluster))
             .arg(cluster.node_id())

@@ -262,8 +262,16 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             let give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
             crate::metrics::describe_cluster_flow();
             let slot_up = crate::cluster::lease::SlotUp::default();
+            // The lease and the change stream issue their commands through the node's one
+            // Redis link (only the blocking read has a connection of its own).
+            let link = state
+                .cluster_node
+                .as_ref()
+                .map(|n| n.link.clone())
+                .context("cluster mode without a running cluster node")?;
             let (lease, task) = crate::cluster::lease::spawn(
                 cluster.clone(),
+                link.clone(),
                 give_up.clone(),
                 slot_up.clone(),
                 lease_stopped,
@@ -272,6 +280,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             crate::wal::pump::Source::Cluster(Box::new(
                 crate::cluster::changes::ClusterSource::new(
                     cluster,
+                    link,
                     cfg.clone(),
                     lease,
                     give_up,
