@@ -1,8 +1,9 @@
 //! Operating a cluster (issue #13): `walcast check --redis-url` reports Redis, the live nodes,
 //! the streamer and the change stream; a follower's `/readyz` and its postgres_changes
 //! channels tell the truth when no node streams the slot, as a single node does when its
-//! stream is lost. Real redis-server, real Postgres, the streamer's database connection
-//! through a fault proxy that cuts and refuses it.
+//! stream is lost, and not for a Redis blip; a streamer cut from Postgres hands the slot to
+//! a node that can reach it. Real redis-server, real Postgres, the nodes' database
+//! connections through fault proxies that cut and refuse them.
 
 mod support;
 
@@ -73,8 +74,13 @@ async fn check_reports_the_cluster_and_followers_say_when_no_node_streams() {
         .unwrap();
     let redis = RedisServer::start().unwrap();
     let slot = support::name(&db, "ops");
-    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], db.port()))).unwrap();
-    let streamer_url = proxy.url_for(db.url()).unwrap();
+    let pg = SocketAddr::from(([127, 0, 0, 1], db.port()));
+    let (proxy_s, proxy_f) = (
+        FaultProxy::start(pg).unwrap(),
+        FaultProxy::start(pg).unwrap(),
+    );
+    let streamer_url = proxy_s.url_for(db.url()).unwrap();
+    let follower_url = proxy_f.url_for(db.url()).unwrap();
 
     // The first node takes the lease; the second follows.
     let s = node(&streamer_url, &slot, &redis.url(), "s").await;
@@ -82,7 +88,7 @@ async fn check_reports_the_cluster_and_followers_say_when_no_node_streams() {
         st == 200 && b.contains("role: streamer")
     })
     .await;
-    let f = node(db.url(), &slot, &redis.url(), "f").await;
+    let f = node(&follower_url, &slot, &redis.url(), "f").await;
     until_readyz(&f, "said follower", |st, b| {
         st == 200 && b.contains("role: follower") && b.contains("nodes=2 redis=ok")
     })
@@ -128,18 +134,16 @@ async fn check_reports_the_cluster_and_followers_say_when_no_node_streams() {
         "{o}"
     );
 
-    // The streamer loses its database (cut, and reconnections refused) but keeps its lease:
-    // nobody streams. Once the mark expires the follower says so, like a lost stream.
-    proxy.refuse(true);
-    proxy.cut();
-    let body = until_readyz(&f, "said no node streams", |st, b| {
-        st == 503 && b.contains("no node of the cluster has streamed the slot for 4 s")
+    // Both nodes lose the database (cut, and reconnections refused): nobody can stream
+    // (the lease may pass between them). The follower says so, like a lost stream.
+    for p in [&proxy_s, &proxy_f] {
+        p.refuse(true);
+        p.cut();
+    }
+    let body = until_readyz(&f, "said the stream is lost", |st, b| {
+        st == 503 && b.contains("not ready: replication stream lost: ")
     })
     .await;
-    assert!(
-        body.starts_with("not ready: replication stream lost: "),
-        "{body}"
-    );
     assert!(body.contains("cluster: node=f nodes=2 redis=ok"), "{body}");
     let down = system(&mut c, "error").await;
     assert_eq!(down[4]["message"], STREAM_DOWN, "{down}");
@@ -153,22 +157,18 @@ async fn check_reports_the_cluster_and_followers_say_when_no_node_streams() {
         out.stderr
     );
     assert!(
-        out.stdout
-            .contains("warn  streamer: s holds the lease since ")
-            && out.stdout.contains(
-                "but has not streamed the slot recently: postgres_changes are not flowing"
-            ),
+        out.stdout.contains("warn  streamer: ")
+            && out.stdout.contains("postgres_changes are not flowing"),
         "{}",
         out.stdout
     );
 
-    // The database is back: the streamer streams again, the follower is ready again, its
+    // The database is back: a node streams again, the follower's node is ready again, its
     // channel is told so and gets what is committed from then on.
-    proxy.refuse(false);
-    until_readyz(&f, "was ready again", |st, b| {
-        st == 200 && b.contains("role: follower")
-    })
-    .await;
+    for p in [&proxy_s, &proxy_f] {
+        p.refuse(false);
+    }
+    until_readyz(&f, "was ready again", |st, _| st == 200).await;
     system(&mut c, "ok").await;
     sql.execute("INSERT INTO c VALUES (2)", &[]).await.unwrap();
     let change = c
@@ -306,4 +306,68 @@ async fn a_redis_blip_does_not_drain_followers() {
     );
     let change = frames.last().and_then(|fr| fr.json()).unwrap();
     assert_eq!(change[4]["data"]["record"]["id"], 1, "{change}");
+}
+
+/// A streamer cut from Postgres (but not from Redis) lets the lease go once it has not
+/// streamed for the failover timeout; the node that can reach the database takes the slot
+/// and its subscriber gets what was committed meanwhile, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamer_cut_from_postgres_hands_the_slot_over() {
+    let (db, sql) = support::database().await;
+    let _ = sql.batch_execute("CREATE ROLE anon NOLOGIN").await;
+    sql.batch_execute("CREATE TABLE c (id int PRIMARY KEY); GRANT SELECT ON c TO anon;")
+        .await
+        .unwrap();
+    let redis = RedisServer::start().unwrap();
+    let slot = support::name(&db, "pgcut");
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], db.port()))).unwrap();
+    let s = node(&proxy.url_for(db.url()).unwrap(), &slot, &redis.url(), "s").await;
+    until_readyz(&s, "said streamer", |st, b| {
+        st == 200 && b.contains("role: streamer")
+    })
+    .await;
+    let f = node(db.url(), &slot, &redis.url(), "f").await;
+    until_readyz(&f, "said follower", |st, b| {
+        st == 200 && b.contains("role: follower")
+    })
+    .await;
+    let t = token("anon", 3600);
+    let mut c = f.connect(&t).await;
+    let reply = c
+        .join(
+            "1",
+            "realtime:pgcut",
+            json!([{"event": "INSERT", "schema": "public", "table": "c"}]),
+            &t,
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    system(&mut c, "ok").await;
+    sql.execute("INSERT INTO c VALUES (1)", &[]).await.unwrap();
+
+    proxy.refuse(true);
+    proxy.cut();
+    for id in 2..=4i32 {
+        sql.execute("INSERT INTO c VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    until_readyz(&f, "took over the slot", |st, b| {
+        st == 200 && b.contains("role: streamer")
+    })
+    .await;
+    sql.execute("INSERT INTO c VALUES (5)", &[]).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let Some(frame) = c.until(WAIT, |v| v[3] == "postgres_changes").await else {
+            break;
+        };
+        got.push(frame[4]["data"]["record"]["id"].as_i64().unwrap_or(-1));
+    }
+    assert_eq!(got, vec![1, 2, 3, 4, 5], "log of f:\n{}", f.log());
+    // A duplicate would come right after: the next change is the fence.
+    sql.execute("INSERT INTO c VALUES (6)", &[]).await.unwrap();
+    let next = c.until(WAIT, |v| v[3] == "postgres_changes").await.unwrap();
+    assert_eq!(next[4]["data"]["record"]["id"], 6, "{next}");
+    assert!(s.log().contains("letting another node try"), "{}", s.log());
 }

@@ -301,6 +301,9 @@ pub struct ClusterSource {
     caught_up: bool,
     /// This node's replication connection, for the lease task's `streaming` mark.
     slot_up: SlotUp,
+    /// The current replicator has had a connection (after which it reports its own
+    /// reconnections to the pump).
+    slot_connected: bool,
     /// As a follower: when Redis last confirmed that some node streams the slot (the
     /// `streaming` key was there), or when following began.
     flow_seen_at: Instant,
@@ -350,6 +353,7 @@ impl ClusterSource {
             announced: false,
             caught_up: false,
             slot_up,
+            slot_connected: false,
             flow_seen_at: Instant::now(),
             next_flow_check: Instant::now(),
             read_error: None,
@@ -411,6 +415,7 @@ impl ClusterSource {
                         r.hold();
                     }
                     self.slot_up.set(Some(r.streaming_flag()));
+                    self.slot_connected = false;
                     self.replicator = Some(r);
                     set_streamer(true);
                 }
@@ -432,6 +437,10 @@ impl ClusterSource {
     /// Stop streaming the slot (lease lost). The transaction being gathered was neither
     /// published nor handed on: the next streamer replays it.
     fn stop_streaming(&mut self, why: &str) {
+        if self.is_streaming_slot() {
+            // It streamed until now: as a follower it counts from here.
+            self.flow_seen_at = Instant::now();
+        }
         self.slot_up.set(None);
         if let Some(r) = self.replicator.take() {
             tracing::warn!(
@@ -442,8 +451,6 @@ impl ClusterSource {
         }
         self.discard_pending();
         self.caught_up = false;
-        // It streamed until now: as a follower it counts from here.
-        self.flow_seen_at = Instant::now();
         set_streamer(false);
     }
 
@@ -471,6 +478,22 @@ impl ClusterSource {
             return self.finish_batch().await.map(Ok);
         }
         let replicator = self.replicator.as_mut()?;
+        if replicator.backend_pid().is_some() {
+            self.flow_seen_at = Instant::now();
+            if !self.slot_connected {
+                // A replicator says nothing about its first connection; when the pump was
+                // told the stream was lost (as a follower, or by this replicator's failed
+                // first attempts), tell it it is back.
+                self.slot_connected = true;
+                if self.down_told {
+                    self.down_told = false;
+                    self.ready.store(true, Ordering::Release);
+                    return Some(Ok(StreamEvent::Reconnected {
+                        resume_from: self.last_end,
+                    }));
+                }
+            }
+        }
         let item = tokio::select! {
             item = replicator.recv() => item,
             _ = tokio::time::sleep_until(until) => return None,
@@ -483,10 +506,15 @@ impl ClusterSource {
             // This node streams: as a follower again, it counts from here.
             self.flow_seen_at = Instant::now();
         }
-        if up && self.down_told {
-            // Told the stream was lost as a follower; streaming now: it is back.
+        if matches!(item, Some(Ok(StreamEvent::Reconnected { .. }))) {
+            // The replicator reports its own reconnections.
             self.down_told = false;
-            if self.announced {
+        }
+        if up && !self.slot_connected {
+            // As above, seen after an item instead.
+            self.slot_connected = true;
+            if self.down_told {
+                self.down_told = false;
                 self.pending.push_back(StreamEvent::Reconnected {
                     resume_from: self.last_end,
                 });
@@ -528,6 +556,7 @@ impl ClusterSource {
                 self.last_end = self.confirmed_end;
                 self.unconfirmed.clear();
                 self.ready.store(false, Ordering::Release);
+                self.down_told = true;
                 Some(Ok(e))
             }
             Some(Ok(e)) => {

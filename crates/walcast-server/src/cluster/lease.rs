@@ -26,6 +26,10 @@
 //!   and allow one more failover timeout before they call the stream lost (see
 //!   [`crate::cluster::changes`]), so a handover or a Redis restarted empty that a streamer
 //!   marks again within that time goes unreported.
+//! - A holder whose replication connection has not been up for a whole failover timeout
+//!   (since it took the lease or last streamed) releases the lease and does not try again
+//!   for another failover timeout: a streamer cut from Postgres hands the slot to a node that
+//!   can reach it. Nodes that all cannot stream take turns, harmlessly.
 //! - This is only the first fence. Publishing checks the lease atomically in the same Lua
 //!   script (see [`crate::cluster::changes`]), so a holder that stalled past its lease cannot
 //!   publish; and Postgres lets one walsender use the slot at a time.
@@ -163,11 +167,22 @@ pub fn spawn(
         let info_key = lease_info_key(&cluster);
         let streaming_key = streaming_key(&cluster);
         let streaming_ms = streaming_ttl(cluster.failover_timeout()).as_millis() as u64;
+        // While held: when the lease was taken, or this node's slot was last seen up.
+        let mut streamed_at = Instant::now();
+        // After stepping down: no acquisition before this, so another node gets its turn.
+        let mut resting_until: Option<Instant> = None;
         loop {
             if *stop.borrow() || give_up.load(Ordering::Acquire) {
                 break;
             }
             let held = matches!(*tx.borrow(), LeaseState::Held { .. });
+            if !held && resting_until.is_some_and(|t| t > Instant::now()) {
+                tokio::select! {
+                    _ = tokio::time::sleep(times.poll) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
             let sent_at = Instant::now();
             let outcome = async {
                 // The node's one Redis link: the lease lives or lapses with what /readyz
@@ -203,6 +218,7 @@ pub fn spawn(
                 Ok(Ok(true)) => {
                     if !held {
                         tracing::info!(node = %me, "took the streamer lease");
+                        streamed_at = Instant::now();
                     }
                     tx.send_replace(LeaseState::Held {
                         until: sent_at + times.valid_for,
@@ -226,6 +242,18 @@ pub fn spawn(
             if matches!(*tx.borrow(), LeaseState::Held { until } if until <= Instant::now()) {
                 tracing::warn!(node = %me, "could not renew the streamer lease in time; stopped streaming");
                 tx.send_replace(LeaseState::Follower);
+            }
+            // A holder that cannot stream (cut from Postgres, the slot busy) for a whole
+            // failover timeout lets the lease go: another node may reach the database.
+            if matches!(*tx.borrow(), LeaseState::Held { .. }) {
+                if slot_up.is_up() {
+                    streamed_at = Instant::now();
+                } else if streamed_at.elapsed() > cluster.failover_timeout() {
+                    tracing::warn!(node = %me, waited = ?cluster.failover_timeout(), "holding the streamer lease without streaming the slot; letting another node try");
+                    tx.send_replace(LeaseState::Follower);
+                    release(&cluster, &link).await;
+                    resting_until = Some(Instant::now() + cluster.failover_timeout());
+                }
             }
             let wait = if matches!(*tx.borrow(), LeaseState::Held { .. }) {
                 times.renew.saturating_sub(sent_at.elapsed())
