@@ -304,6 +304,88 @@ async fn release(cluster: &Cluster, link: &Link) {
 mod tests {
     use super::*;
 
+    /// The scripts against a real redis-server: only a free lease is taken (and recorded
+    /// with who and when), only its holder extends it, and only a holder that streams marks
+    /// the slot as streamed.
+    #[tokio::test]
+    async fn acquire_extend_and_the_streaming_mark() {
+        let redis = walcast_testkit::RedisServer::start().unwrap();
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let base = c.clone();
+        let (acquire, extend) = (redis::Script::new(ACQUIRE), redis::Script::new(EXTEND));
+        let take = |node: &'static str| {
+            let mut c = base.clone();
+            let acquire = acquire.clone();
+            async move {
+                let n: i64 = acquire
+                    .key("lease")
+                    .key("info")
+                    .arg(node)
+                    .arg(5000)
+                    .invoke_async(&mut c)
+                    .await
+                    .unwrap();
+                n
+            }
+        };
+        let renew = |node: &'static str, streaming: &'static str| {
+            let mut c = base.clone();
+            let extend = extend.clone();
+            async move {
+                let n: i64 = extend
+                    .key("lease")
+                    .key("streaming")
+                    .arg(node)
+                    .arg(5000)
+                    .arg(streaming)
+                    .arg(3000)
+                    .invoke_async(&mut c)
+                    .await
+                    .unwrap();
+                n
+            }
+        };
+        assert_eq!(take("a").await, 1);
+        assert_eq!(take("b").await, 0, "the lease is a's");
+        let info: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg("info")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(info[0], ("node".to_string(), "a".to_string()), "{info:?}");
+        let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+        let since: u64 = info[1].1.parse().unwrap();
+        assert!(
+            since / 1000 <= secs && since / 1000 + 60 > secs,
+            "{since} vs {secs}"
+        );
+
+        let marked = |c: &mut redis::aio::MultiplexedConnection| {
+            let mut c = c.clone();
+            async move {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg("streaming")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                v
+            }
+        };
+        assert_eq!(renew("a", "0").await, 1, "the holder extends");
+        assert_eq!(marked(&mut c).await, None, "not streaming: no mark");
+        assert_eq!(renew("b", "1").await, 0, "b does not hold the lease");
+        assert_eq!(marked(&mut c).await, None, "nor may it mark the slot");
+        assert_eq!(renew("a", "1").await, 1);
+        assert_eq!(marked(&mut c).await.as_deref(), Some("a"));
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg("streaming")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(pttl > 0 && pttl <= 3000, "the mark expires: {pttl}");
+    }
+
     #[test]
     fn a_holder_stops_well_before_its_key_expires() {
         let t = LeaseTimes::new(Duration::from_secs(5));
