@@ -161,6 +161,9 @@ line(ts(0, 12, "Role by node", [
          (rate("walcast_cluster_published_transactions_total"), "published"),
          (rate("walcast_cluster_followed_transactions_total"), "followed"),
          (rate("walcast_cluster_skipped_transactions_total"), "skipped (routed already)")], "ops"))
+line(ts(0, 12, "postgres_changes flowing, by node", [
+         (f"min by (instance) (walcast_cluster_changes_flowing{J})", "{{instance}}")], "bool",
+        "1 while the node sees some node stream the slot; 0 after 2 x --failover-timeout-secs without one (its /readyz is 503)"),)
 
 row("Session resume")
 line(ts(0, 8, "Session channels parked", [

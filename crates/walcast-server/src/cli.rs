@@ -348,6 +348,15 @@ pub struct CheckArgs {
     /// Replication slot walcast uses.
     #[arg(long, env = "SLOT_NAME", default_value = "walcast")]
     pub slot: String,
+
+    /// Also report the cluster on this Redis (cluster mode): Redis's round trip, the live
+    /// nodes, the streamer and the change stream.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Nodes silent for longer than this are not counted live (as `walcast serve` does).
+    #[arg(long, env = "PRESENCE_NODE_TIMEOUT_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub presence_node_timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -734,3 +734,20 @@ pub fn session_taken_over(alive: bool) {
 pub fn session_replayed_from_stream(n: usize) {
     counter!(CLUSTER_SESSION_REPLAYED).increment(n as u64);
 }
+
+// Cluster mode: whether postgres_changes flow (issue #13, follower readiness).
+/// 1 while some node of the cluster streams the slot, as this node last saw it.
+pub const CLUSTER_CHANGES_FLOWING: &str = "walcast_cluster_changes_flowing";
+
+/// Describe [`CLUSTER_CHANGES_FLOWING`] (cluster mode only).
+pub fn describe_cluster_flow() {
+    describe_gauge!(
+        CLUSTER_CHANGES_FLOWING,
+        "Cluster mode: 1 while some node streams the slot (the streamer: its replication connection is up; a follower: a streamer marked the slot within 2 x --failover-timeout-secs), 0 while postgres_changes do not flow"
+    );
+    gauge!(CLUSTER_CHANGES_FLOWING).set(0.0);
+}
+
+pub fn cluster_changes_flowing(flowing: bool) {
+    gauge!(CLUSTER_CHANGES_FLOWING).set(if flowing { 1.0 } else { 0.0 });
+}

@@ -14,7 +14,7 @@ function binary() {
   return process.env.WALCAST_BIN ?? path.resolve(here, '../../../target/debug/walcast')
 }
 
-function freePort() {
+export function freePort() {
   return new Promise((resolve, reject) => {
     const srv = net.createServer()
     srv.once('error', reject)
@@ -71,7 +71,15 @@ export async function startOwnServer(args = [], { slot: existing, probe = '/read
   return {
     http,
     slot,
+    pid: child.pid,
     log: () => log,
+    /** SIGKILL (no clean shutdown: no lease release, no leaves); resolves once it is gone. */
+    async kill() {
+      if (exited !== null) return
+      const gone = new Promise((r) => child.once('exit', r))
+      child.kill('SIGKILL')
+      await gone
+    },
     async stop() {
       if (exited !== null) return
       const gone = new Promise((r) => child.once('exit', r))

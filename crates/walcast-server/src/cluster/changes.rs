@@ -27,6 +27,15 @@
 //!   told) does the node go back to what the pump had delivered, and read from there again.
 //! - A follower whose next entry was trimmed away (its `prev` is past what the follower
 //!   routed) is told it missed changes, like a recreated slot.
+//! - A follower is up (ready, its channels told `ok`) only while changes flow: Redis
+//!   confirmed the `streaming` mark (set by a lease holder whose replication connection is
+//!   up, living `F` = `--failover-timeout-secs`, see [`crate::cluster::lease`]) within the
+//!   last `F`, so some node streamed within the last 2F. Past that, whether no node streams
+//!   or Redis cannot be read, the pump is told the stream is lost, exactly as a single node
+//!   whose replication connection dropped: `/readyz` 503, a `system` error on
+//!   postgres_changes channels, `ok` again once a mark is seen. Anything shorter (a Redis
+//!   blip, Redis restarted empty and marked again in time, a failover) is not reported: the
+//!   follower reads on after its last entry and its pump drops nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +48,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use walcast_replication::{Lsn, ReplicationConfig, ReplicationError, Replicator, StreamEvent};
 
-use super::lease::LeaseState;
+use super::lease::{LeaseState, SlotUp};
+use super::link::Link;
 use super::Cluster;
 use crate::metrics;
 
@@ -54,6 +64,11 @@ const READ_BLOCK: Duration = Duration::from_millis(200);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause before trying again after Redis or the slot said no.
 const RETRY: Duration = Duration::from_millis(200);
+
+/// How often a follower asks whether some node streams the slot.
+fn flow_check_every(failover: Duration) -> Duration {
+    (failover / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
 
 /// Most transactions published in one round trip, and about how many bytes.
 const PUBLISH_BATCH: usize = 64;
@@ -247,7 +262,12 @@ pub struct ClusterSource {
     give_up: Arc<AtomicBool>,
     /// Ready to deliver changes (for `/readyz` and joins), shared with the app state.
     ready: Arc<AtomicBool>,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    /// The node's Redis link: publishing, catching up, the `streaming` check.
+    link: Link,
+    /// A connection of its own for `XREAD BLOCK`: a blocking read holds its connection for
+    /// up to [`READ_BLOCK`], and on the shared link every other command of the node (lease
+    /// renewals, heartbeats, relayed broadcasts) would queue behind it.
+    block_conn: Option<redis::aio::MultiplexedConnection>,
     replicator: Option<Replicator>,
     publish: redis::Script,
     /// Events waiting for the pump.
@@ -275,21 +295,32 @@ pub struct ClusterSource {
     holding: bool,
     /// The follower's stream is down and the pump was told.
     down_told: bool,
-    /// The follower read the stream at least once.
-    followed: bool,
     /// The pump was given a first event after following began.
     announced: bool,
     /// A streamer took over: caught up with the Redis stream before streaming.
     caught_up: bool,
+    /// This node's replication connection, for the lease task's `streaming` mark.
+    slot_up: SlotUp,
+    /// The current replicator has had a connection (after which it reports its own
+    /// reconnections to the pump).
+    slot_connected: bool,
+    /// As a follower: when Redis last confirmed that some node streams the slot (the
+    /// `streaming` key was there), or when following began.
+    flow_seen_at: Instant,
+    next_flow_check: Instant,
+    /// Why the last read of the change stream failed, while reads fail.
+    read_error: Option<String>,
 }
 
 impl ClusterSource {
     pub fn new(
         cluster: Arc<Cluster>,
+        link: Link,
         cfg: ReplicationConfig,
         lease: watch::Receiver<LeaseState>,
         give_up: Arc<AtomicBool>,
         ready: Arc<AtomicBool>,
+        slot_up: SlotUp,
     ) -> ClusterSource {
         CLUSTERED.store(true, Ordering::Release);
         set_streamer(false);
@@ -299,7 +330,8 @@ impl ClusterSource {
             lease,
             give_up,
             ready,
-            conn: None,
+            link,
+            block_conn: None,
             replicator: None,
             publish: redis::Script::new(PUBLISH),
             pending: VecDeque::new(),
@@ -318,9 +350,13 @@ impl ClusterSource {
             confirmed_id: None,
             holding: false,
             down_told: false,
-            followed: false,
             announced: false,
             caught_up: false,
+            slot_up,
+            slot_connected: false,
+            flow_seen_at: Instant::now(),
+            next_flow_check: Instant::now(),
+            read_error: None,
         }
     }
 
@@ -328,12 +364,18 @@ impl ClusterSource {
         self.cluster.key("changes")
     }
 
-    async fn conn(&mut self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        if let Some(c) = &self.conn {
+    /// The shared link's connection (an error while the link is down).
+    fn conn(&self) -> redis::RedisResult<redis::aio::ConnectionManager> {
+        self.link.conn().ok_or_else(super::lease::link_down)
+    }
+
+    /// The connection for blocking reads.
+    async fn block_conn(&mut self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        if let Some(c) = &self.block_conn {
             return Ok(c.clone());
         }
-        let c = super::connect(&self.cluster, COMMAND_TIMEOUT).await?;
-        self.conn = Some(c.clone());
+        let c = super::connect(&self.cluster, COMMAND_TIMEOUT + READ_BLOCK).await?;
+        self.block_conn = Some(c.clone());
         Ok(c)
     }
 
@@ -372,6 +414,8 @@ impl ClusterSource {
                     if self.holding {
                         r.hold();
                     }
+                    self.slot_up.set(Some(r.streaming_flag()));
+                    self.slot_connected = false;
                     self.replicator = Some(r);
                     set_streamer(true);
                 }
@@ -393,6 +437,11 @@ impl ClusterSource {
     /// Stop streaming the slot (lease lost). The transaction being gathered was neither
     /// published nor handed on: the next streamer replays it.
     fn stop_streaming(&mut self, why: &str) {
+        if self.is_streaming_slot() {
+            // It streamed until now: as a follower it counts from here.
+            self.flow_seen_at = Instant::now();
+        }
+        self.slot_up.set(None);
         if let Some(r) = self.replicator.take() {
             tracing::warn!(
                 reason = why,
@@ -429,21 +478,58 @@ impl ClusterSource {
             return self.finish_batch().await.map(Ok);
         }
         let replicator = self.replicator.as_mut()?;
+        if replicator.backend_pid().is_some() {
+            self.flow_seen_at = Instant::now();
+            if !self.slot_connected {
+                // A replicator says nothing about its first connection; when the pump was
+                // told the stream was lost (as a follower, or by this replicator's failed
+                // first attempts), tell it it is back.
+                self.slot_connected = true;
+                if self.down_told {
+                    self.down_told = false;
+                    self.ready.store(true, Ordering::Release);
+                    return Some(Ok(StreamEvent::Reconnected {
+                        resume_from: self.last_end,
+                    }));
+                }
+            }
+        }
         let item = tokio::select! {
             item = replicator.recv() => item,
             _ = tokio::time::sleep_until(until) => return None,
             _ = lease_changed(&mut self.lease) => return None,
         };
-        self.ready
-            .store(replicator.backend_pid().is_some(), Ordering::Release);
+        let up = replicator.backend_pid().is_some();
+        self.ready.store(up, Ordering::Release);
+        metrics::cluster_changes_flowing(up);
+        if up {
+            // This node streams: as a follower again, it counts from here.
+            self.flow_seen_at = Instant::now();
+        }
+        if matches!(item, Some(Ok(StreamEvent::Reconnected { .. }))) {
+            // The replicator reports its own reconnections.
+            self.down_told = false;
+        }
+        if up && !self.slot_connected {
+            // As above, seen after an item instead.
+            self.slot_connected = true;
+            if self.down_told {
+                self.down_told = false;
+                self.pending.push_back(StreamEvent::Reconnected {
+                    resume_from: self.last_end,
+                });
+            }
+        }
         match item {
             None => {
+                self.slot_up.set(None);
                 self.replicator = None;
                 None
             }
             Some(Err(e)) if slot_busy(&e) => {
                 // The previous streamer's walsender still has the slot: wait for it to go.
                 tracing::info!(error = %e, "the slot is still in use by the previous streamer; retrying");
+                self.slot_up.set(None);
                 self.replicator = None;
                 tokio::time::sleep(RETRY).await;
                 None
@@ -470,6 +556,7 @@ impl ClusterSource {
                 self.last_end = self.confirmed_end;
                 self.unconfirmed.clear();
                 self.ready.store(false, Ordering::Release);
+                self.down_told = true;
                 Some(Ok(e))
             }
             Some(Ok(e)) => {
@@ -573,7 +660,7 @@ impl ClusterSource {
                 _ => return false,
             };
             let attempt = async {
-                let mut c = self.conn().await?;
+                let mut c = self.conn()?;
                 let mut call = self.publish.prepare_invoke();
                 call.key(super::lease::lease_key(&self.cluster))
                     .key(&key)
@@ -595,7 +682,6 @@ impl ClusterSource {
                 Ok(Ok(_)) => return false,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot publish transactions; retrying while the lease lasts");
-                    self.conn = None;
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(_) => return false,
@@ -604,55 +690,120 @@ impl ClusterSource {
     }
 
     /// One step as a follower: `Some` is something for the pump.
+    ///
+    /// One rule decides whether changes flow, whatever went wrong: Redis confirmed a
+    /// `streaming` mark (which lives `F` = `--failover-timeout-secs`) within the last `F`,
+    /// so some node streamed within the last 2F. A shorter Redis blip or an empty Redis
+    /// that a streamer marks again in time changes nothing: no 503, no system message, and
+    /// reading resumes after the last entry.
     async fn follow_once(&mut self) -> Option<StreamEvent> {
         let mut lease = self.lease.clone();
         let got = tokio::select! {
             r = self.read(Some(READ_BLOCK)) => r,
             _ = lease_changed(&mut lease) => return None,
         };
-        match got {
+        let read_ok = match got {
             Ok(_) => {
-                self.ready.store(true, Ordering::Release);
-                if self.down_told {
-                    self.down_told = false;
-                    return Some(StreamEvent::Reconnected {
-                        resume_from: self.last_end,
-                    });
+                if self.read_error.take().is_some() {
+                    tracing::info!("reading the cluster's change stream again");
                 }
-                if !self.announced {
-                    // The pump marks the stream up on its first event: tell it at once,
-                    // not at the first change.
-                    self.announced = true;
-                    return Some(StreamEvent::Keepalive {
-                        wal_end: self.last_end,
-                    });
-                }
-                None
+                self.check_flow().await;
+                true
             }
             Err(e) => {
-                self.conn = None;
-                self.ready.store(false, Ordering::Release);
-                if self.followed && !self.down_told {
-                    tracing::warn!(error = %e, "lost the cluster's change stream; reconnecting");
-                    self.down_told = true;
-                    // The pump drops what it has not delivered: read it again.
-                    self.last_end = self.confirmed_end;
-                    self.last_id = self.confirmed_id.clone().or(self.last_id.take());
-                    self.unconfirmed.clear();
-                    self.relations.clear();
-                    return Some(StreamEvent::Disconnected {
-                        reason: format!("the cluster's change stream (Redis) is unreachable: {e}"),
-                    });
+                self.block_conn = None;
+                if self.read_error.is_none() {
+                    tracing::warn!(error = %e, "cannot read the cluster's change stream; retrying");
                 }
-                tokio::time::sleep(RETRY).await;
-                None
+                self.read_error = Some(e.to_string());
+                false
             }
+        };
+        let failover = self.cluster.failover_timeout();
+        let flowing = self.flow_seen_at.elapsed() <= failover;
+        metrics::cluster_changes_flowing(flowing && read_ok);
+        if !flowing {
+            self.ready.store(false, Ordering::Release);
+            if !self.down_told {
+                let secs = (failover * 2).as_secs();
+                let reason = match &self.read_error {
+                    Some(e) => format!(
+                        "the cluster's change stream (Redis) has been unreachable for over {} s: {e}",
+                        failover.as_secs()
+                    ),
+                    None => format!(
+                        "no node of the cluster has streamed the slot for {secs} s \
+                         (the streamer cannot reach the database, or no node can stream)"
+                    ),
+                };
+                tracing::warn!(reason = %reason, "postgres_changes are not flowing");
+                return Some(self.lost(reason));
+            }
+            if !read_ok {
+                tokio::time::sleep(RETRY).await;
+            }
+            return None;
+        }
+        if !read_ok {
+            tokio::time::sleep(RETRY).await;
+            return None;
+        }
+        self.ready.store(true, Ordering::Release);
+        if self.down_told {
+            self.down_told = false;
+            if self.announced {
+                return Some(StreamEvent::Reconnected {
+                    resume_from: self.last_end,
+                });
+            }
+        }
+        if !self.announced {
+            // The pump marks the stream up on its first event: tell it at once, not at the
+            // first change.
+            self.announced = true;
+            return Some(StreamEvent::Keepalive {
+                wal_end: self.last_end,
+            });
+        }
+        None
+    }
+
+    /// Tell the pump the stream is lost: it drops what it has not delivered, so read that
+    /// again from what it had delivered.
+    fn lost(&mut self, reason: String) -> StreamEvent {
+        self.ready.store(false, Ordering::Release);
+        self.down_told = true;
+        self.last_end = self.confirmed_end;
+        self.last_id = self.confirmed_id.clone().or(self.last_id.take());
+        self.unconfirmed.clear();
+        self.relations.clear();
+        StreamEvent::Disconnected { reason }
+    }
+
+    /// As a follower, at most every [`flow_check_every`]: does some node stream the slot?
+    /// Only Redis answering "yes" moves `flow_seen_at`.
+    async fn check_flow(&mut self) {
+        let now = Instant::now();
+        if now < self.next_flow_check {
+            return;
+        }
+        self.next_flow_check = now + flow_check_every(self.cluster.failover_timeout());
+        let key = super::lease::streaming_key(&self.cluster);
+        let asked = async {
+            let mut c = self.conn()?;
+            let n: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut c).await?;
+            redis::RedisResult::Ok(n == 1)
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, asked).await {
+            Ok(Ok(true)) => self.flow_seen_at = now,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot ask Redis whether a node streams"),
+            Err(_) => tracing::debug!("Redis did not say in time whether a node streams"),
         }
     }
 
     /// Read entries after the last one into `pending`; how many entries came.
     async fn read(&mut self, block: Option<Duration>) -> redis::RedisResult<usize> {
-        let mut c = self.conn().await?;
         let key = self.stream_key();
         let last_id = match &self.last_id {
             Some(id) => id.clone(),
@@ -665,7 +816,7 @@ impl ClusterSource {
                     .arg("-")
                     .arg("COUNT")
                     .arg(1)
-                    .query_async(&mut c)
+                    .query_async(&mut self.conn()?)
                     .await?;
                 let newest = match v {
                     Value::Array(entries) => entries.first().and_then(parse_entry),
@@ -690,8 +841,10 @@ impl ClusterSource {
             cmd.arg("BLOCK").arg(b.as_millis() as u64);
         }
         cmd.arg("STREAMS").arg(&key).arg(&last_id);
-        let v: Value = cmd.query_async(&mut c).await?;
-        self.followed = true;
+        let v: Value = match block {
+            Some(_) => cmd.query_async(&mut self.block_conn().await?).await?,
+            None => cmd.query_async(&mut self.conn()?).await?,
+        };
         let Some(entries) = parse_read(v) else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Parse,
@@ -828,6 +981,7 @@ impl ClusterSource {
 
     pub async fn shutdown(mut self) -> Result<Lsn, ReplicationError> {
         set_streamer(false);
+        self.slot_up.set(None);
         match self.replicator.take() {
             Some(r) => r.shutdown().await,
             None => Ok(self.confirmed_end),

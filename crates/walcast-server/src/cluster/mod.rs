@@ -41,8 +41,12 @@ pub mod changes;
 pub mod lease;
 pub mod limits;
 
+pub mod inspect;
+
 /// A fresh multiplexed connection whose commands give up after `timeout` (each caller
-/// reconnects after an error: no hidden retries that would outlast a lease).
+/// reconnects after an error: no hidden retries that would outlast a lease). Only for what
+/// cannot share the node's [`link::Link`]: the change stream's blocking read, and
+/// `walcast check`, which is no node.
 pub(crate) async fn connect(
     cluster: &Cluster,
     timeout: Duration,

@@ -3,15 +3,22 @@
 //! Each finding is one line: `ok`, `warn` or `error`, what was found, and for problems the
 //! SQL that fixes it. The exit status is non-zero when an `error` would stop walcast from
 //! streaming. Identifiers in the suggested SQL are quoted by Postgres itself (`format('%I')`).
+//!
+//! With `--redis-url` it also reports the cluster (see [`crate::cluster::inspect`]): Redis's
+//! round trip, the live nodes, which node holds the streamer lease and since when, whether
+//! it streams, and the change stream's length and last entry. Unreachable Redis is an error.
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use anyhow::Result;
 use walcast_replication::ReplicationConfig;
 
 use crate::authz::rls;
 use crate::authz::shape::{self, ShapeColumn};
-use crate::cli::CheckArgs;
+use crate::cli::{CheckArgs, ClusterArgs};
+use crate::cluster::inspect::{inspect, ClusterView};
+use crate::cluster::Cluster;
 use crate::db::sql;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -408,11 +415,136 @@ pub fn render(findings: &[Finding]) -> String {
     out
 }
 
+/// How long `walcast check` waits for Redis.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The cluster on `--redis-url`: Redis, the live nodes, the streamer, the change stream.
+/// Unreachable Redis is an `error` (nodes cannot cluster); no node streaming while nodes are
+/// live is a `warn` (postgres_changes do not flow, but walcast runs).
+pub async fn diagnose_cluster(args: &CheckArgs) -> Vec<Finding> {
+    let cluster_args = ClusterArgs {
+        redis_url: args.redis_url.clone(),
+        node_id: Some("walcast-check".into()),
+        failover_timeout_secs: 5,
+        presence_node_timeout_secs: args.presence_node_timeout_secs,
+    };
+    let cluster = match Cluster::from_args(&cluster_args, &args.slot) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![Finding::new(Level::Error, e.to_string(), None)],
+    };
+    let addr = cluster.client().get_connection_info().addr().to_string();
+    match inspect(&cluster, REDIS_TIMEOUT).await {
+        Ok(view) => cluster_findings(
+            &view,
+            &addr,
+            &args.slot,
+            Duration::from_secs(args.presence_node_timeout_secs),
+        ),
+        Err(e) => vec![Finding::new(
+            Level::Error,
+            format!("redis at {addr} is unreachable: {e}"),
+            Some("start Redis, or point --redis-url / REDIS_URL at the Redis the nodes use".into()),
+        )],
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// Render what [`inspect`] read as findings.
+pub fn cluster_findings(
+    view: &ClusterView,
+    addr: &str,
+    slot: &str,
+    node_timeout: Duration,
+) -> Vec<Finding> {
+    let mut out = vec![Finding::new(
+        Level::Ok,
+        format!("redis at {addr} answers (round trip {})", ms(view.rtt)),
+        None,
+    )];
+    let live = view.live(node_timeout);
+    let names: Vec<String> = live
+        .iter()
+        .map(|(n, at)| format!("{n} (seen {} ago)", secs(view.ago(*at))))
+        .collect();
+    if live.is_empty() {
+        out.push(Finding::new(
+            Level::Ok,
+            format!(
+                "cluster \"{slot}\": no live node (none heartbeated within {})",
+                secs(node_timeout)
+            ),
+            None,
+        ));
+    } else {
+        out.push(Finding::new(
+            Level::Ok,
+            format!(
+                "cluster \"{slot}\": {} live node(s): {}",
+                live.len(),
+                names.join(", ")
+            ),
+            None,
+        ));
+    }
+    let since = |node: &str| match &view.lease_since {
+        Some((n, at)) if n == node => format!(" since {} ago", secs(view.ago(*at))),
+        _ => String::new(),
+    };
+    match (&view.lease, &view.streaming) {
+        (Some((node, left)), Some((marked, _))) if marked == node => out.push(Finding::new(
+            Level::Ok,
+            format!("streamer: {node} holds the lease{} (renewal due within {}) and streams the slot", since(node), secs(*left)),
+            None,
+        )),
+        (Some((node, left)), _) => out.push(Finding::new(
+            Level::Warn,
+            format!("streamer: {node} holds the lease{} (renewal due within {}) but has not streamed the slot recently: postgres_changes are not flowing", since(node), secs(*left)),
+            Some("see that node's log and /readyz: it cannot reach the database".into()),
+        )),
+        (None, _) if live.is_empty() => out.push(Finding::new(
+            Level::Ok,
+            "streamer: none (no node is running)",
+            None,
+        )),
+        (None, _) => out.push(Finding::new(
+            Level::Warn,
+            "streamer: no node holds the lease: postgres_changes are not flowing",
+            Some("see the nodes' logs and /readyz: none can stream the slot".into()),
+        )),
+    }
+    match &view.last_entry {
+        Some((at, end)) => out.push(Finding::new(
+            Level::Ok,
+            format!(
+                "change stream: {} entries, the last one (commit end {end}) published {} ago",
+                view.stream_len,
+                secs(view.ago(*at))
+            ),
+            None,
+        )),
+        None => out.push(Finding::new(
+            Level::Ok,
+            format!("change stream: {} entries", view.stream_len),
+            None,
+        )),
+    }
+    out
+}
+
 pub async fn run(args: CheckArgs) -> Result<()> {
     let cfg = ReplicationConfig::from_url(&args.database_url)
         .map_err(|e| anyhow::anyhow!("invalid --database-url / DATABASE_URL: {e}"))?;
     let client = sql::connect(&cfg, "walcast check").await?;
-    let findings = diagnose(&client, &args.publication, &args.slot).await?;
+    let mut findings = diagnose(&client, &args.publication, &args.slot).await?;
+    findings.extend(diagnose_cluster(&args).await);
     print!("{}", render(&findings));
     let errors = findings.iter().filter(|f| f.level == Level::Error).count();
     if errors > 0 {

@@ -264,16 +264,32 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
     let source = match state.cluster.clone() {
         Some(cluster) => {
             let give_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (lease, task) =
-                crate::cluster::lease::spawn(cluster.clone(), give_up.clone(), lease_stopped);
+            crate::metrics::describe_cluster_flow();
+            let slot_up = crate::cluster::lease::SlotUp::default();
+            // The lease and the change stream issue their commands through the node's one
+            // Redis link (only the blocking read has a connection of its own).
+            let link = state
+                .cluster_node
+                .as_ref()
+                .map(|n| n.link.clone())
+                .context("cluster mode without a running cluster node")?;
+            let (lease, task) = crate::cluster::lease::spawn(
+                cluster.clone(),
+                link.clone(),
+                give_up.clone(),
+                slot_up.clone(),
+                lease_stopped,
+            );
             lease_task = Some(task);
             crate::wal::pump::Source::Cluster(Box::new(
                 crate::cluster::changes::ClusterSource::new(
                     cluster,
+                    link,
                     cfg.clone(),
                     lease,
                     give_up,
                     cluster_ready,
+                    slot_up,
                 ),
             ))
         }
