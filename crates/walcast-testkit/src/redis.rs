@@ -41,6 +41,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The redis-server's pid while it runs (benchmarks read its CPU time in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running (started and not stopped).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
