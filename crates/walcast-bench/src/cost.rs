@@ -11,7 +11,14 @@
 //!  deliveries per server CPU-second = Σ(d_b − d_a) / Σ CPU seconds (nodes + redis)
 //!  per node:                         (d_b − d_a)[i] / CPU seconds of node i
 //!  cluster overhead                  = (CPU/delivery of N nodes) / (CPU/delivery of 1 node) − 1
+//!
+//!  before the load, with every socket joined: an idle window → server CPU-s per second idle
+//!  marginal CPU/delivery             = (CPU − idle rate × window) / deliveries
 //! ```
+//!
+//! The idle figure separates what a node costs by existing (timers, heartbeats, the lease,
+//! the presence beat, blocked Redis reads) from what each delivery costs; both matter for
+//! sizing, only the second scales with traffic.
 //!
 //! Invariants:
 //! - Both readings bracket the same instants (the CPU readings and the delivery counters are
@@ -37,6 +44,12 @@ pub struct Cost {
     pub complete: bool,
     /// Load average when the run started.
     pub load: String,
+    /// Bytes redis-server received and sent inside the window (cluster runs with a Redis
+    /// the harness started).
+    pub redis_net: Option<(u64, u64)>,
+    /// Server CPU seconds per second (nodes + Redis) while every socket was joined and no
+    /// load ran; `None` when not measured.
+    pub idle_cpu_rate: Option<f64>,
 }
 
 impl Cost {
@@ -77,6 +90,27 @@ impl Cost {
         self.server_cpu_secs() * 1e6 / (self.total_deliveries().max(1) as f64)
     }
 
+    /// Server CPU microseconds per delivery above the idle rate (Redis included).
+    pub fn marginal_us_per_delivery(&self) -> Option<f64> {
+        let idle = self.idle_cpu_rate? * self.wall_secs;
+        Some(
+            (self.server_cpu_secs() - idle).max(0.0) * 1e6
+                / (self.total_deliveries().max(1) as f64),
+        )
+    }
+
+    /// "in 1.2 / out 3.4 MB/s" of Redis's network, or "—".
+    fn redis_net_rate(&self) -> String {
+        match self.redis_net {
+            Some((i, o)) => format!(
+                "in {:.1} / out {:.1} kB/s",
+                i as f64 / self.wall_secs.max(1e-9) / 1e3,
+                o as f64 / self.wall_secs.max(1e-9) / 1e3
+            ),
+            None => "—".into(),
+        }
+    }
+
     /// "node0 41,000/s (12.1 s CPU, 496,000) · node1 …" per node.
     fn per_node(&self) -> String {
         (0..self.nodes)
@@ -98,11 +132,11 @@ impl Cost {
 /// the one-node run of the same round against the `max_overhead` target (0.25 = +25 %).
 pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
     println!("== {title}: server CPU per delivery, one node vs cluster ==");
-    println!("| round | nodes | load at start | window s | deliveries | deliveries/s | walcast CPU s (all nodes) | redis CPU s | deliveries per server CPU-s | server CPU µs/delivery | complete | per node |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | nodes | load at start | window s | deliveries | deliveries/s | walcast CPU s (all nodes) | redis CPU s | redis network | deliveries per server CPU-s | server CPU µs/delivery | idle server CPU (% of a core) | marginal µs/delivery | complete | per node |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in costs {
         println!(
-            "| {} | {} | {} | {:.1} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.2} | {} | {} | {} | {} |",
             c.round,
             c.nodes,
             c.load,
@@ -111,8 +145,13 @@ pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
             c.total_deliveries() as f64 / c.wall_secs.max(1e-9),
             c.node_cpu_secs(),
             c.redis_cpu_secs(),
+            c.redis_net_rate(),
             c.per_cpu_sec(),
             c.us_per_delivery(),
+            c.idle_cpu_rate
+                .map_or("—".into(), |r| format!("{:.1} %", r * 100.0)),
+            c.marginal_us_per_delivery()
+                .map_or("—".into(), |m| format!("{m:.2}")),
             if c.complete { "yes" } else { "NO" },
             c.per_node()
         );
@@ -122,8 +161,17 @@ pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
             continue;
         };
         let overhead = c.us_per_delivery() / base.us_per_delivery().max(1e-9) - 1.0;
+        let marginal = c
+            .marginal_us_per_delivery()
+            .zip(base.marginal_us_per_delivery())
+            .map_or(String::new(), |(m, b)| {
+                format!(
+                    "; above idle: {m:.2} vs {b:.2} µs/delivery, {:+.1} %",
+                    (m / b.max(1e-9) - 1.0) * 100.0
+                )
+            });
         println!(
-            "RATIO {title} round {}: {} nodes cost {:.2} µs/delivery vs {:.2} on 1 node: {:+.1} % server CPU per delivery (Redis included; target ≤ {:+.0} %: {})",
+            "RATIO {title} round {}: {} nodes cost {:.2} µs/delivery vs {:.2} on 1 node: {:+.1} % server CPU per delivery (Redis included; target ≤ {:+.0} %: {}){marginal}",
             c.round,
             c.nodes,
             c.us_per_delivery(),
@@ -133,6 +181,19 @@ pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
             if overhead <= max_overhead { "met" } else { "MISSED" }
         );
     }
+}
+
+/// Server CPU seconds per second over `secs` of no load (`procs` as for
+/// [`crate::harness::CpuWindow`]; only `node<i>` and `redis` count).
+pub async fn idle_rate(procs: &[(&str, u32, bool)], secs: f64) -> f64 {
+    let w = crate::harness::CpuWindow::start(procs);
+    tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+    let (wall, cpu) = w.finish_secs();
+    let server: f64 = cpu
+        .iter()
+        .filter(|(n, _)| n.starts_with("node") || n == "redis")
+        .fold(0.0, |acc, (_, s)| acc + s);
+    server / wall.max(1e-9)
 }
 
 #[cfg(test)]
@@ -148,6 +209,8 @@ mod tests {
             cpu: cpu.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
             complete: true,
             load: String::new(),
+            redis_net: None,
+            idle_cpu_rate: Some(0.1),
         }
     }
 
@@ -167,5 +230,7 @@ mod tests {
         assert_eq!(c.server_cpu_secs(), 5.0);
         assert_eq!(c.per_cpu_sec(), 200.0);
         assert_eq!(c.us_per_delivery(), 5000.0);
+        // 0.1 CPU-s/s idle over 10 s = 1 s of the 5.
+        assert_eq!(c.marginal_us_per_delivery(), Some(4000.0));
     }
 }

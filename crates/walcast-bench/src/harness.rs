@@ -225,6 +225,12 @@ impl Harness {
         self.redis.as_ref().and_then(RedisServer::pid)
     }
 
+    /// `(total_net_input_bytes, total_net_output_bytes)` of the redis-server this harness
+    /// started (from `INFO stats`), for the network side of the cost.
+    pub fn redis_net_bytes(&self) -> Option<(u64, u64)> {
+        redis_net_bytes(self.redis.as_ref()?.port())
+    }
+
     /// Processes whose CPU is the server's: `node<i>` for each node, and `redis` when this
     /// harness started it.
     pub fn server_procs(&self) -> Vec<(String, u32)> {
@@ -434,6 +440,40 @@ pub fn metric_lines(addr: SocketAddr, prefixes: &[&str]) -> Vec<String> {
         .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
         .map(str::to_owned)
         .collect()
+}
+
+/// `(total_net_input_bytes, total_net_output_bytes)` from `INFO stats` of the Redis on
+/// 127.0.0.1:`port` (an inline command; the reply is one bulk string).
+pub fn redis_net_bytes(port: u16) -> Option<(u64, u64)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"INFO stats\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        // "$<len>\r\n<len bytes>\r\n"
+        let text = String::from_utf8_lossy(&reply);
+        let (head, body) = text.split_once("\r\n")?;
+        let len: usize = head.strip_prefix('$')?.parse().ok()?;
+        if body.len() >= len {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some((
+        field("total_net_input_bytes:")?,
+        field("total_net_output_bytes:")?,
+    ))
 }
 
 fn free_port() -> Result<u16> {

@@ -216,6 +216,8 @@ pub async fn run(plan: Plan) -> Result<Cost> {
     procs.push(("bench".into(), std::process::id(), false));
     let proc_refs: Vec<(&str, u32, bool)> =
         procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
+    // Idle cost: every subscriber joined, nothing written yet.
+    let idle_cpu_rate = crate::cost::idle_rate(&proc_refs, 5.0).await;
     let cpu = CpuWindow::start(&proc_refs);
     eprintln!(
         "{}: writing {} rows at {}/s over {} connections ({} s warm-up + {} s measured) to {} node(s)",
@@ -245,11 +247,13 @@ pub async fn run(plan: Plan) -> Result<Cost> {
             .map(|d| d.load(Ordering::Relaxed))
             .collect()
     };
+    let net_before = h.redis_net_bytes();
     let cost_cpu = CpuWindow::start(&proc_refs);
     let cost_before = per_node(&shared);
     let report = writer.await.context("writer thread vanished")??;
     let (cost_secs, cost_cpu) = cost_cpu.finish_secs();
     let cost_after = per_node(&shared);
+    let net_after = h.redis_net_bytes();
     let cpu = cpu.finish();
 
     let expected = rows * plan.subscribers as u64;
@@ -531,6 +535,10 @@ pub async fn run(plan: Plan) -> Result<Cost> {
         cpu: cost_cpu,
         complete: total.received == expected && total.dups == 0,
         load: load_start,
+        redis_net: net_before
+            .zip(net_after)
+            .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0)),
+        idle_cpu_rate: Some(idle_cpu_rate),
     })
 }
 

@@ -257,7 +257,16 @@ async fn parent(o: Opts) -> Result<()> {
                 let mut args = o.harness.clone();
                 args.nodes = nodes;
                 let mut h = Harness::start(&args).await?;
-                let r = run_load(&name, &h.addrs(), &h.token, &h.server_procs(), &o).await;
+                let redis_port = h.redis.as_ref().map(|r| r.port());
+                let r = run_load(
+                    &name,
+                    &h.addrs(),
+                    &h.token,
+                    &h.server_procs(),
+                    redis_port,
+                    &o,
+                )
+                .await;
                 let alive = h.check_alive();
                 let slow_closes: usize = h
                     .nodes
@@ -283,7 +292,7 @@ async fn parent(o: Opts) -> Result<()> {
     if matches!(o.server, Target::Baseline | Target::Both) {
         let (mut child, addr) = start_baseline(&o)?;
         let procs = [("node0".to_string(), child.id())];
-        let r = run_load("node-ws-baseline", &[addr], "x", &procs, &o).await;
+        let r = run_load("node-ws-baseline", &[addr], "x", &procs, None, &o).await;
         let _ = child.kill();
         let _ = child.wait();
         results.push(("node-ws-baseline".to_string(), r?));
@@ -520,6 +529,7 @@ async fn run_load(
     addrs: &[SocketAddr],
     token: &str,
     server_procs: &[(String, u32)],
+    redis_port: Option<u16>,
     o: &Opts,
 ) -> Result<Vec<Step>> {
     eprintln!(
@@ -547,6 +557,8 @@ async fn run_load(
     let proc_refs: Vec<(&str, u32, bool)> =
         procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
     let pad: Arc<str> = "x".repeat(o.pad).into();
+    // Idle cost: every receiver joined, nothing sent yet.
+    let idle_cpu_rate = cost::idle_rate(&proc_refs, 5.0).await;
     let mut steps = Vec::new();
     for &rate in &o.rate {
         let load = format!("{} / psi {}", harness::loadavg(), cpu_pressure());
@@ -565,9 +577,15 @@ async fn run_load(
                 tokio::time::sleep(until(w0)).await;
                 let refs: Vec<(&str, u32, bool)> =
                     procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
+                let net = || redis_port.and_then(harness::redis_net_bytes);
+                let net_before = net();
                 let window = CpuWindow::start(&refs);
                 tokio::time::sleep(until(w1)).await;
-                window.finish_secs()
+                let (secs, cpu) = window.finish_secs();
+                let net = net_before
+                    .zip(net())
+                    .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0));
+                (secs, cpu, net)
             })
         };
         let base = tokio::time::Instant::now() + lead;
@@ -611,7 +629,7 @@ async fn run_load(
         }
         send_line(&mut workers, "report\n").await?;
         let cpu = cpu.finish();
-        let (cost_secs, cost_cpu) = cost_window.await?;
+        let (cost_secs, cost_cpu, redis_net) = cost_window.await?;
         let mut per_node = vec![0u64; addrs.len()];
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let (mut counted, mut all, mut gaps, mut open) = (0u64, 0u64, 0u64, 0u64);
@@ -667,6 +685,8 @@ async fn run_load(
                 cpu: cost_cpu,
                 complete,
                 load: load.clone(),
+                redis_net,
+                idle_cpu_rate: Some(idle_cpu_rate),
             },
             load,
         };
