@@ -50,6 +50,8 @@ pub struct Cost {
     /// Server CPU seconds per second (nodes + Redis) while every socket was joined and no
     /// load ran; `None` when not measured.
     pub idle_cpu_rate: Option<f64>,
+    /// Bytes the nodes wrote to clients inside the window (`walcast_bytes_out_total`).
+    pub client_bytes_out: Option<u64>,
 }
 
 impl Cost {
@@ -132,11 +134,11 @@ impl Cost {
 /// the one-node run of the same round against the `max_overhead` target (0.25 = +25 %).
 pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
     println!("== {title}: server CPU per delivery, one node vs cluster ==");
-    println!("| round | nodes | load at start | window s | deliveries | deliveries/s | walcast CPU s (all nodes) | redis CPU s | redis network | deliveries per server CPU-s | server CPU µs/delivery | idle server CPU (% of a core) | marginal µs/delivery | complete | per node |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | nodes | load at start | window s | deliveries | deliveries/s | walcast CPU s (all nodes) | redis CPU s | redis network | deliveries per server CPU-s | server CPU µs/delivery | idle server CPU (% of a core) | marginal µs/delivery | client bytes/delivery | complete | per node |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for c in costs {
         println!(
-            "| {} | {} | {} | {:.1} | {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {:.1} | {} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {:.2} | {} | {} | {} | {} | {} |",
             c.round,
             c.nodes,
             c.load,
@@ -152,6 +154,10 @@ pub fn print_comparison(title: &str, costs: &[Cost], max_overhead: f64) {
                 .map_or("—".into(), |r| format!("{:.1} %", r * 100.0)),
             c.marginal_us_per_delivery()
                 .map_or("—".into(), |m| format!("{m:.2}")),
+            c.client_bytes_out.map_or("—".into(), |b| format!(
+                "{:.0}",
+                b as f64 / c.total_deliveries().max(1) as f64
+            )),
             if c.complete { "yes" } else { "NO" },
             c.per_node()
         );
@@ -211,6 +217,7 @@ mod tests {
             load: String::new(),
             redis_net: None,
             idle_cpu_rate: Some(0.1),
+            client_bytes_out: None,
         }
     }
 

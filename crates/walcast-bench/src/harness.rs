@@ -432,6 +432,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Sum of the samples of metric `name` (every label set) on each of `addrs`, for the
+/// window readings of the cost (e.g. `walcast_bytes_out_total`); 0 where it is absent.
+pub fn metric_sum(addrs: &[SocketAddr], name: &str) -> f64 {
+    addrs
+        .iter()
+        .flat_map(|a| metric_lines(*a, &[name]))
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// `/metrics` lines of the server whose name starts with one of `prefixes`.
 pub fn metric_lines(addr: SocketAddr, prefixes: &[&str]) -> Vec<String> {
     http_get(addr, "/metrics")

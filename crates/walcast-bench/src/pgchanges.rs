@@ -247,6 +247,7 @@ pub async fn run(plan: Plan) -> Result<Cost> {
             .map(|d| d.load(Ordering::Relaxed))
             .collect()
     };
+    let out_before = harness::metric_sum(&addrs, "walcast_bytes_out_total");
     let net_before = h.redis_net_bytes();
     let cost_cpu = CpuWindow::start(&proc_refs);
     let cost_before = per_node(&shared);
@@ -254,6 +255,7 @@ pub async fn run(plan: Plan) -> Result<Cost> {
     let (cost_secs, cost_cpu) = cost_cpu.finish_secs();
     let cost_after = per_node(&shared);
     let net_after = h.redis_net_bytes();
+    let out_after = harness::metric_sum(&addrs, "walcast_bytes_out_total");
     let cpu = cpu.finish();
 
     let expected = rows * plan.subscribers as u64;
@@ -539,6 +541,7 @@ pub async fn run(plan: Plan) -> Result<Cost> {
             .zip(net_after)
             .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0)),
         idle_cpu_rate: Some(idle_cpu_rate),
+        client_bytes_out: Some((out_after - out_before).max(0.0) as u64),
     })
 }
 

@@ -572,12 +572,15 @@ async fn run_load(
         // broadcasts whose deliveries are counted.
         let cost_window = {
             let procs = procs.clone();
+            let addrs = addrs.to_vec();
             tokio::spawn(async move {
                 let until = |t: u64| Duration::from_micros(t.saturating_sub(now_us()));
                 tokio::time::sleep(until(w0)).await;
                 let refs: Vec<(&str, u32, bool)> =
                     procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
                 let net = || redis_port.and_then(harness::redis_net_bytes);
+                let out = || harness::metric_sum(&addrs, "walcast_bytes_out_total");
+                let out_before = out();
                 let net_before = net();
                 let window = CpuWindow::start(&refs);
                 tokio::time::sleep(until(w1)).await;
@@ -585,7 +588,8 @@ async fn run_load(
                 let net = net_before
                     .zip(net())
                     .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0));
-                (secs, cpu, net)
+                let bytes_out = (out() - out_before).max(0.0) as u64;
+                (secs, cpu, net, bytes_out)
             })
         };
         let base = tokio::time::Instant::now() + lead;
@@ -629,7 +633,7 @@ async fn run_load(
         }
         send_line(&mut workers, "report\n").await?;
         let cpu = cpu.finish();
-        let (cost_secs, cost_cpu, redis_net) = cost_window.await?;
+        let (cost_secs, cost_cpu, redis_net, bytes_out) = cost_window.await?;
         let mut per_node = vec![0u64; addrs.len()];
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let (mut counted, mut all, mut gaps, mut open) = (0u64, 0u64, 0u64, 0u64);
@@ -687,6 +691,7 @@ async fn run_load(
                 load: load.clone(),
                 redis_net,
                 idle_cpu_rate: Some(idle_cpu_rate),
+                client_bytes_out: Some(bytes_out),
             },
             load,
         };
