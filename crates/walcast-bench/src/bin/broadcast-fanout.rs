@@ -256,6 +256,9 @@ async fn parent(o: Opts) -> Result<()> {
                 };
                 let mut args = o.harness.clone();
                 args.nodes = nodes;
+                // Every receiver joins from one address: the per-client join limit (meant
+                // for one real client) would refuse most of them.
+                args.server_default("--max-joins-per-second-per-client", 1_000_000);
                 let mut h = Harness::start(&args).await?;
                 let redis_port = h.redis.as_ref().map(|r| r.port());
                 let r = run_load(
