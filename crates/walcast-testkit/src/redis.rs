@@ -140,8 +140,11 @@ mod tests {
         let mut redis = RedisServer::start().expect("redis-server starts");
         let port = redis.port();
         assert!(ping(port).is_ok());
+        let pid = redis.pid().expect("a running server has a pid");
+        assert!(std::path::Path::new(&format!("/proc/{pid}/stat")).exists());
         redis.stop();
         assert!(!redis.is_running());
+        assert_eq!(redis.pid(), None);
         assert!(ping(port).is_err(), "a stopped server does not answer");
         redis.restart().expect("restarts");
         assert_eq!(redis.port(), port);
