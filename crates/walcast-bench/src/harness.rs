@@ -69,7 +69,10 @@ pub struct HarnessArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
     /// Cluster runs: an existing Redis for the nodes (default: start a throwaway
-    /// redis-server, whose CPU is then measured too).
+    /// redis-server per run, whose CPU and network are then measured too). It must be empty
+    /// for each run: every run starts a new Postgres with the slot `bench`, and the change
+    /// stream's keys of an earlier run (its last published position) would make the new
+    /// streamer skip transactions.
     #[arg(long)]
     pub redis_url: Option<String>,
     /// walcast processes to start (set by the binaries that take `--nodes`); 0 or 1 is the
