@@ -9,8 +9,20 @@
 //!       └──GET /readyz (raw HTTP/1.1 over TCP) until 200, then clients connect
 //! ```
 //!
+//! With `nodes > 1` (cluster mode) the harness also starts a throwaway `redis-server` (or
+//! uses `--redis-url`) and N `walcast serve` processes on the same database, slot and Redis:
+//!
+//! ```text
+//!  node 0 (started first, ready = it holds the streaming lease) ─┐
+//!  node 1 … node N-1 (started once node 0 is ready: followers)  ─┼─ redis-server
+//!  every node: --redis-url R --node-id bench-<i>, own port/log  ─┘
+//! ```
+//!
 //! Invariants:
-//! - The server child is killed when the [`Harness`] is dropped, the cluster removed with it.
+//! - The server children are killed when the [`Harness`] is dropped, the cluster and the
+//!   Redis it started removed with it.
+//! - Node 0 is the streamer at the start of a run: it is ready (it streams the slot) before
+//!   any other node exists.
 //! - `taskset` execs the server, so the child's pid *is* the server's pid (for `/proc`).
 //! - Pinning of the bench process itself happens before any runtime thread exists, so every
 //!   thread (and every re-executed worker) inherits it.
@@ -23,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use walcast_testkit::{ClusterOptions, PgCluster, TestDb};
+use walcast_testkit::{ClusterOptions, PgCluster, RedisServer, TestDb};
 
 /// The JWT secret the server is started with (a benchmark, not a secret).
 pub const JWT_SECRET: &str = "walcast-bench-secret-at-least-32-bytes-long";
@@ -56,6 +68,17 @@ pub struct HarnessArgs {
     /// Extra argument for `walcast serve`, repeatable (e.g. `--server-arg=--max-connections=20000`).
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+    /// Cluster runs: an existing Redis for the nodes (default: start a throwaway
+    /// redis-server per run, whose CPU and network are then measured too). It must be empty
+    /// for each run: every run starts a new Postgres with the slot `bench`, and the change
+    /// stream's keys of an earlier run (its last published position) would make the new
+    /// streamer skip transactions.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// walcast processes to start (set by the binaries that take `--nodes`); 0 or 1 is the
+    /// single process without Redis, more is cluster mode.
+    #[arg(skip)]
+    pub nodes: usize,
 }
 
 impl HarnessArgs {
@@ -92,11 +115,23 @@ impl HarnessArgs {
     }
 }
 
-/// A running Postgres + `walcast serve`, ready for clients.
+/// One `walcast serve` process.
+pub struct Node {
+    child: Child,
+    pub port: u16,
+    pub log_path: PathBuf,
+}
+
+/// A running Postgres + `walcast serve` (one, or a cluster of nodes on one Redis), ready
+/// for clients.
 pub struct Harness {
     pub cluster: PgCluster,
     pub db: TestDb,
-    server: Child,
+    /// Node 0 first; more than one only in cluster mode.
+    pub nodes: Vec<Node>,
+    /// The redis-server this harness started (cluster mode without `--redis-url`).
+    pub redis: Option<RedisServer>,
+    /// Node 0's port and log (the single server of a one-node run).
     pub port: u16,
     pub token: String,
     pub log_path: PathBuf,
@@ -135,53 +170,83 @@ impl Harness {
             pin_postgres(&cluster, cpus)?;
         }
 
-        let port = free_port()?;
-        let log_path =
-            std::env::temp_dir().join(format!("walcast-bench-{}.log", std::process::id()));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = match &args.server_cpus {
-            Some(cpus) => {
-                let mut c = Command::new("taskset");
-                c.arg("-c").arg(cpus).arg(&walcast);
-                c
+        let n = args.nodes.max(1);
+        let (redis, redis_url) = match (&args.redis_url, n > 1) {
+            (_, false) => (None, None),
+            (Some(url), true) => (None, Some(url.clone())),
+            (None, true) => {
+                let r = RedisServer::start()?;
+                let url = r.url();
+                (Some(r), Some(url))
             }
-            None => Command::new(&walcast),
         };
-        cmd.args(["serve", "--database-url", db.url()])
-            .args(["--jwt-secret", JWT_SECRET])
-            .args(["--port", &port.to_string()])
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--publication",
-                "walcast",
-                "--slot",
-                "bench",
-            ])
-            .args(&args.server_arg)
-            .env("RUST_LOG", &args.server_log)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let server = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", walcast.display()))?;
         let mut harness = Harness {
             cluster,
             db,
-            server,
-            port,
+            nodes: Vec::with_capacity(n),
+            redis,
+            port: 0,
             token: mint_token("anon", 3600)?,
-            log_path,
+            log_path: PathBuf::new(),
         };
-        harness.wait_ready(Duration::from_secs(60)).await?;
+        for i in 0..n {
+            let node = start_node(args, &walcast, harness.db.url(), i, redis_url.as_deref())?;
+            harness.nodes.push(node);
+            if i == 0 {
+                harness.port = harness.nodes[0].port;
+                harness.log_path = harness.nodes[0].log_path.clone();
+                // Node 0 takes the streaming lease before any other node exists.
+                harness.wait_ready(0, Duration::from_secs(60)).await?;
+            }
+        }
+        for i in 1..n {
+            harness.wait_ready(i, Duration::from_secs(60)).await?;
+        }
         Ok(harness)
     }
 
-    /// The server's pid (the same as the child's: `taskset` execs).
+    /// The server's pid (the same as the child's: `taskset` execs); node 0's in a cluster.
     pub fn server_pid(&self) -> u32 {
-        self.server.id()
+        self.nodes[0].child.id()
+    }
+
+    /// Every node's pid, node 0 first.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|n| n.child.id()).collect()
+    }
+
+    /// Every node's `127.0.0.1:PORT`, node 0 first.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.nodes
+            .iter()
+            .map(|n| SocketAddr::from(([127, 0, 0, 1], n.port)))
+            .collect()
+    }
+
+    /// The pid of the redis-server this harness started, if any.
+    pub fn redis_pid(&self) -> Option<u32> {
+        self.redis.as_ref().and_then(RedisServer::pid)
+    }
+
+    /// `(total_net_input_bytes, total_net_output_bytes)` of the redis-server this harness
+    /// started (from `INFO stats`), for the network side of the cost.
+    pub fn redis_net_bytes(&self) -> Option<(u64, u64)> {
+        redis_net_bytes(self.redis.as_ref()?.port())
+    }
+
+    /// Processes whose CPU is the server's: `node<i>` for each node, and `redis` when this
+    /// harness started it.
+    pub fn server_procs(&self) -> Vec<(String, u32)> {
+        let mut procs: Vec<(String, u32)> = self
+            .server_pids()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("node{i}"), p))
+            .collect();
+        if let Some(p) = self.redis_pid() {
+            procs.push(("redis".into(), p));
+        }
+        procs
     }
 
     /// Postmaster pid, for CPU accounting.
@@ -199,21 +264,23 @@ impl Harness {
         log_tail(&self.log_path, 40)
     }
 
-    /// Fails when the server process has exited.
+    /// Fails when a server process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.server.try_wait()? {
-            bail!(
-                "the server exited ({status}); log {}:\n{}",
-                self.log_path.display(),
-                self.log_tail()
-            );
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(status) = node.child.try_wait()? {
+                bail!(
+                    "the server (node {i}) exited ({status}); log {}:\n{}",
+                    node.log_path.display(),
+                    log_tail(&node.log_path, 40)
+                );
+            }
         }
         Ok(())
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+    async fn wait_ready(&mut self, node: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let addr = self.addr();
+        let addr = self.addrs()[node];
         loop {
             self.check_alive()?;
             let probe = tokio::task::spawn_blocking(move || http_status(addr, "/readyz")).await?;
@@ -222,8 +289,8 @@ impl Harness {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the server was not ready within {timeout:?} (last /readyz: {probe:?}); log:\n{}",
-                    self.log_tail()
+                    "node {node} was not ready within {timeout:?} (last /readyz: {probe:?}); log:\n{}",
+                    log_tail(&self.nodes[node].log_path, 40)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -233,9 +300,68 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
     }
+}
+
+/// Spawn node `i` (`--redis-url`/`--node-id` in cluster mode); its log is
+/// `$TMPDIR/walcast-bench-<pid>.log` for node 0, `…-node<i>.log` for the others.
+fn start_node(
+    args: &HarnessArgs,
+    walcast: &Path,
+    db_url: &str,
+    i: usize,
+    redis_url: Option<&str>,
+) -> Result<Node> {
+    let port = free_port()?;
+    let suffix = if i == 0 {
+        String::new()
+    } else {
+        format!("-node{i}")
+    };
+    let log_path =
+        std::env::temp_dir().join(format!("walcast-bench-{}{suffix}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let mut cmd = match &args.server_cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(walcast);
+            c
+        }
+        None => Command::new(walcast),
+    };
+    cmd.args(["serve", "--database-url", db_url])
+        .args(["--jwt-secret", JWT_SECRET])
+        .args(["--port", &port.to_string()])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--publication",
+            "walcast",
+            "--slot",
+            "bench",
+        ]);
+    if let Some(url) = redis_url {
+        cmd.args(["--redis-url", url])
+            .args(["--node-id", &format!("bench-{i}")]);
+    }
+    cmd.args(&args.server_arg)
+        .env("RUST_LOG", &args.server_log)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", walcast.display()))?;
+    Ok(Node {
+        child,
+        port,
+        log_path,
+    })
 }
 
 /// `walcast` next to the running binary unless given.
@@ -309,6 +435,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Sum of the samples of metric `name` (every label set) on each of `addrs`, for the
+/// window readings of the cost (e.g. `walcast_bytes_out_total`); 0 where it is absent.
+pub fn metric_sum(addrs: &[SocketAddr], name: &str) -> f64 {
+    addrs
+        .iter()
+        .flat_map(|a| metric_lines(*a, &[name]))
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// `/metrics` lines of the server whose name starts with one of `prefixes`.
 pub fn metric_lines(addr: SocketAddr, prefixes: &[&str]) -> Vec<String> {
     http_get(addr, "/metrics")
@@ -317,6 +454,40 @@ pub fn metric_lines(addr: SocketAddr, prefixes: &[&str]) -> Vec<String> {
         .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
         .map(str::to_owned)
         .collect()
+}
+
+/// `(total_net_input_bytes, total_net_output_bytes)` from `INFO stats` of the Redis on
+/// 127.0.0.1:`port` (an inline command; the reply is one bulk string).
+pub fn redis_net_bytes(port: u16) -> Option<(u64, u64)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"INFO stats\r\n").ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        // "$<len>\r\n<len bytes>\r\n"
+        let text = String::from_utf8_lossy(&reply);
+        let (head, body) = text.split_once("\r\n")?;
+        let len: usize = head.strip_prefix('$')?.parse().ok()?;
+        if body.len() >= len {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some((
+        field("total_net_input_bytes:")?,
+        field("total_net_output_bytes:")?,
+    ))
 }
 
 fn free_port() -> Result<u16> {
@@ -486,6 +657,25 @@ impl CpuWindow {
                 })
                 .collect(),
         }
+    }
+
+    /// `(wall seconds, [(name, CPU seconds)])` since `start`.
+    pub fn finish_secs(&self) -> (f64, Vec<(String, f64)>) {
+        let secs = self.start.elapsed().as_secs_f64();
+        let hz = clk_tck() as f64;
+        let used = self
+            .ticks
+            .iter()
+            .map(|(name, pid, tree, before)| {
+                let now = if *tree {
+                    tree_cpu_ticks(*pid)
+                } else {
+                    cpu_ticks(*pid).unwrap_or(0)
+                };
+                (name.clone(), now.saturating_sub(*before) as f64 / hz)
+            })
+            .collect();
+        (secs, used)
     }
 
     /// `(name, % of one core)` since `start`.

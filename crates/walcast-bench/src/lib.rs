@@ -5,9 +5,11 @@
 //! `broadcast-fanout` (broadcast delivery against a Node.js baseline).
 //! The modules below are their shared parts: [`harness`] starts Postgres and the server,
 //! [`realtime`] is a lean protocol client, [`rawws`] an allocation-free frame reader,
-//! [`writer`] an open-loop commit generator, [`pgchanges`] the subscriber/latency run both
+//! [`writer`] an open-loop commit generator, [`cost`] server CPU per delivery (one node vs a
+//! cluster), [`pgchanges`] the subscriber/latency run both
 //! postgres_changes binaries share, and [`worker`] the worker processes that hold sockets.
 
+pub mod cost;
 pub mod harness;
 pub mod pgchanges;
 pub mod rawws;

@@ -27,6 +27,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::cost::Cost;
 use crate::harness::{self, CpuWindow, Harness, HarnessArgs};
 use crate::realtime::{self, Classifier, Inbound, Ws};
 use crate::writer::{self, CommitLog, WritePlan};
@@ -100,6 +101,8 @@ struct Shared {
     log: Arc<CommitLog>,
     measured_from: u64,
     delivered: AtomicU64,
+    /// Deliveries counted per node (subscriber i is on node i mod N).
+    per_node: Vec<AtomicU64>,
     last_recv_ns: Vec<AtomicU64>,
 }
 
@@ -121,8 +124,10 @@ fn latency_hist() -> Histogram<u64> {
     Histogram::new_with_max(3_600_000_000_000, 3).expect("static histogram bounds are valid")
 }
 
-/// Run the benchmark and print the report.
-pub async fn run(plan: Plan) -> Result<()> {
+/// Run the benchmark and print the report; returns the server CPU per delivery over the
+/// measured window (after the warm-up). With `common.harness.nodes > 1` the subscribers are
+/// spread round-robin over the nodes of a cluster.
+pub async fn run(plan: Plan) -> Result<Cost> {
     let common = &plan.common;
     eprintln!(
         "{}: starting postgres and walcast ({})",
@@ -143,18 +148,20 @@ pub async fn run(plan: Plan) -> Result<()> {
         log: log.clone(),
         measured_from,
         delivered: AtomicU64::new(0),
+        per_node: (0..h.nodes.len()).map(|_| AtomicU64::new(0)).collect(),
         last_recv_ns: (0..rows).map(|_| AtomicU64::new(0)).collect(),
     });
 
     eprintln!("{}: connecting {} subscribers", plan.name, plan.subscribers);
     let t_connect = Instant::now();
-    let addr = h.addr();
+    let addrs = h.addrs();
     let token: Arc<str> = h.token.clone().into();
     let read_buffer = common.read_buffer;
     let joined: Vec<Result<(usize, Ws, realtime::Joined)>> =
         futures_util::stream::iter(0..plan.subscribers)
             .map(|i| {
                 let token = token.clone();
+                let addr = addrs[i % addrs.len()];
                 async move {
                     let mut ws = realtime::connect(addr, None, &token, read_buffer).await?;
                     let j = realtime::join(&mut ws, i, &token, Duration::from_secs(10)).await?;
@@ -184,6 +191,7 @@ pub async fn run(plan: Plan) -> Result<()> {
     for (i, ws) in sockets {
         tasks.push(tokio::spawn(subscriber(
             i,
+            i % addrs.len(),
             ws,
             shared.clone(),
             rows,
@@ -199,16 +207,29 @@ pub async fn run(plan: Plan) -> Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let pg_pid = h.postmaster_pid()?;
-    let cpu = CpuWindow::start(&[
-        ("walcast", h.server_pid(), false),
-        ("postgres", pg_pid, true),
-        ("bench", std::process::id(), false),
-    ]);
+    let mut procs: Vec<(String, u32, bool)> = h
+        .server_procs()
+        .into_iter()
+        .map(|(n, p)| (n, p, false))
+        .collect();
+    procs.push(("postgres".into(), pg_pid, true));
+    procs.push(("bench".into(), std::process::id(), false));
+    let proc_refs: Vec<(&str, u32, bool)> =
+        procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
+    // Idle cost: every subscriber joined, nothing written yet.
+    let idle_cpu_rate = crate::cost::idle_rate(&proc_refs, 5.0).await;
+    let cpu = CpuWindow::start(&proc_refs);
     eprintln!(
-        "{}: writing {} rows at {}/s over {} connections ({} s warm-up + {} s measured)",
-        plan.name, rows, plan.rate, common.writers, common.warmup_secs, plan.duration_secs
+        "{}: writing {} rows at {}/s over {} connections ({} s warm-up + {} s measured) to {} node(s)",
+        plan.name,
+        rows,
+        plan.rate,
+        common.writers,
+        common.warmup_secs,
+        plan.duration_secs,
+        h.nodes.len()
     );
-    let report = writer::spawn(
+    let writer = writer::spawn(
         WritePlan {
             url: h.db.url().to_string(),
             rate: plan.rate,
@@ -216,9 +237,25 @@ pub async fn run(plan: Plan) -> Result<()> {
             body_bytes: common.body_bytes,
         },
         log.clone(),
-    )
-    .await
-    .context("writer thread vanished")??;
+    );
+    // The cost window starts after the warm-up (subscriptions, caches and Redis streams
+    // settled) and ends with the last commit.
+    tokio::time::sleep(Duration::from_secs(common.warmup_secs)).await;
+    let per_node = |s: &Shared| -> Vec<u64> {
+        s.per_node
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect()
+    };
+    let out_before = harness::metric_sum(&addrs, "walcast_bytes_out_total");
+    let net_before = h.redis_net_bytes();
+    let cost_cpu = CpuWindow::start(&proc_refs);
+    let cost_before = per_node(&shared);
+    let report = writer.await.context("writer thread vanished")??;
+    let (cost_secs, cost_cpu) = cost_cpu.finish_secs();
+    let cost_after = per_node(&shared);
+    let net_after = h.redis_net_bytes();
+    let out_after = harness::metric_sum(&addrs, "walcast_bytes_out_total");
     let cpu = cpu.finish();
 
     let expected = rows * plan.subscribers as u64;
@@ -432,7 +469,7 @@ pub async fn run(plan: Plan) -> Result<()> {
         server_warnings
     );
 
-    println!("server metrics: {}", server_metrics.join(" | "));
+    println!("server metrics (node 0): {}", server_metrics.join(" | "));
 
     let mut verdicts = Vec::new();
     let mut check = |name: &str, ok: bool| {
@@ -488,7 +525,24 @@ pub async fn run(plan: Plan) -> Result<()> {
         harness::command_line()
     );
     h.check_alive().ok();
-    Ok(())
+    Ok(Cost {
+        nodes: h.nodes.len(),
+        round: 0,
+        wall_secs: cost_secs,
+        deliveries: cost_after
+            .iter()
+            .zip(&cost_before)
+            .map(|(a, b)| a - b)
+            .collect(),
+        cpu: cost_cpu,
+        complete: total.received == expected && total.dups == 0,
+        load: load_start,
+        redis_net: net_before
+            .zip(net_after)
+            .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0)),
+        idle_cpu_rate: Some(idle_cpu_rate),
+        client_bytes_out: Some((out_after - out_before).max(0.0) as u64),
+    })
 }
 
 fn count_log_lines(path: &std::path::Path) -> usize {
@@ -518,6 +572,7 @@ async fn sample_deliveries(
 
 async fn subscriber(
     i: usize,
+    node: usize,
     mut ws: Ws,
     shared: Arc<Shared>,
     rows: u64,
@@ -558,6 +613,7 @@ async fn subscriber(
                             seen[w] |= 1 << b;
                             st.received += 1;
                             shared.delivered.fetch_add(1, Ordering::Relaxed);
+                            shared.per_node[node].fetch_add(1, Ordering::Relaxed);
                             shared.last_recv_ns[(id - 1) as usize].fetch_max(recv, Ordering::Relaxed);
                             if id >= shared.measured_from {
                                 let c = shared.log.committed_at(id);

@@ -41,6 +41,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The redis-server's pid while it runs (benchmarks read its CPU time in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running (started and not stopped).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -135,8 +140,11 @@ mod tests {
         let mut redis = RedisServer::start().expect("redis-server starts");
         let port = redis.port();
         assert!(ping(port).is_ok());
+        let pid = redis.pid().expect("a running server has a pid");
+        assert!(std::path::Path::new(&format!("/proc/{pid}/stat")).exists());
         redis.stop();
         assert!(!redis.is_running());
+        assert_eq!(redis.pid(), None);
         assert!(ping(port).is_err(), "a stopped server does not answer");
         redis.restart().expect("restarts");
         assert_eq!(redis.port(), port);

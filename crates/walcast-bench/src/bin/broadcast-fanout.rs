@@ -35,6 +35,17 @@
 //! addresses (ephemeral ports); the senders in the parent. The server runs in its own process,
 //! pinned with `--server-cpus`; the generator with `--client-cpus` (workers inherit it).
 //!
+//! Cluster cost (issue #13): `--nodes 1,3 --rounds 2` runs walcast as one node and as a
+//! three-node cluster on one Redis (worker process w connects to node w mod N, sender c to
+//! node c mod N), back to back, twice, and prints the server CPU per delivery (every node +
+//! redis-server, read over exactly the measured window) and the cluster's ratio to the
+//! one-node run of the same round (target: at most +25 %):
+//!
+//! ```text
+//! target/release/broadcast-fanout --server walcast --receivers-per-channel 3000 --rate 40 \
+//!     --nodes 1,3 --rounds 2 --workers 3
+//! ```
+//!
 //! walcast's policy limits are lifted for the run unless set in the environment
 //! (`MAX_JOINS_PER_SECOND`, `MAX_EVENTS_PER_SECOND`: the bench joins thousands of sockets at
 //! once and a sweep step can push > 1,000 broadcasts/s into one channel). The per-socket send
@@ -55,6 +66,7 @@ use hdrhistogram::Histogram;
 use memchr::memmem::Finder;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
+use walcast_bench::cost::{self, Cost};
 use walcast_bench::harness::{self, CpuWindow, Harness, HarnessArgs};
 use walcast_bench::rawws::{self, opcode, RawWs};
 use walcast_bench::realtime::{self, Ws};
@@ -112,6 +124,13 @@ struct Opts {
     /// The baseline directory (with node_modules installed).
     #[arg(long, default_value = "crates/walcast-bench/baseline")]
     baseline_dir: String,
+    /// walcast processes per run; a list runs each in turn (e.g. `1,3`: one node, then a
+    /// three-node cluster on one Redis) and compares their server CPU per delivery.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    nodes: Vec<usize>,
+    /// Times the whole `--nodes` list is run, back to back.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     #[command(flatten)]
     harness: HarnessArgs,
 
@@ -213,6 +232,8 @@ struct Step {
     server_cpu: f64,
     generator_cpu: f64,
     load: String,
+    /// Server CPU per delivery over exactly the measured window.
+    cost: Cost,
 }
 
 async fn parent(o: Opts) -> Result<()> {
@@ -223,26 +244,61 @@ async fn parent(o: Opts) -> Result<()> {
         bail!("--sources is empty");
     }
     let load_start = harness::loadavg();
-    let mut results: Vec<(&'static str, Vec<Step>)> = Vec::new();
+    let mut results: Vec<(String, Vec<Step>)> = Vec::new();
+    let compare_nodes = o.nodes.len() > 1 || o.nodes.iter().any(|n| *n > 1) || o.rounds > 1;
     if matches!(o.server, Target::Walcast | Target::Both) {
-        let mut h = Harness::start(&o.harness).await?;
-        let r = run_load("walcast", h.addr(), &h.token, h.server_pid(), &o).await;
-        let alive = h.check_alive();
-        let slow_closes = std::fs::read_to_string(&h.log_path)
-            .unwrap_or_default()
-            .matches("closing a slow client")
-            .count();
-        eprintln!("walcast: {slow_closes} slow-client closes in the server log");
-        drop(h);
-        alive?;
-        results.push(("walcast", r?));
+        for round in 1..=o.rounds.max(1) {
+            for &nodes in &o.nodes {
+                let name = if compare_nodes {
+                    format!("walcast {nodes} node(s), round {round}")
+                } else {
+                    "walcast".to_string()
+                };
+                let mut args = o.harness.clone();
+                args.nodes = nodes;
+                // Every receiver joins from one address: the per-client join limit (meant
+                // for one real client) would refuse most of them.
+                args.server_default("--max-joins-per-second-per-client", 1_000_000);
+                let mut h = Harness::start(&args).await?;
+                let redis_port = h.redis.as_ref().map(|r| r.port());
+                let r = run_load(
+                    &name,
+                    &h.addrs(),
+                    &h.token,
+                    &h.server_procs(),
+                    redis_port,
+                    &o,
+                )
+                .await;
+                let alive = h.check_alive();
+                let slow_closes: usize = h
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        std::fs::read_to_string(&n.log_path)
+                            .unwrap_or_default()
+                            .matches("closing a slow client")
+                            .count()
+                    })
+                    .sum();
+                eprintln!("{name}: {slow_closes} slow-client closes in the server logs");
+                drop(h);
+                alive?;
+                let mut steps = r?;
+                for s in &mut steps {
+                    s.cost.round = round;
+                }
+                results.push((name, steps));
+            }
+        }
     }
     if matches!(o.server, Target::Baseline | Target::Both) {
         let (mut child, addr) = start_baseline(&o)?;
-        let r = run_load("node-ws-baseline", addr, "x", child.id(), &o).await;
+        let procs = [("node0".to_string(), child.id())];
+        let r = run_load("node-ws-baseline", &[addr], "x", &procs, None, &o).await;
         let _ = child.kill();
         let _ = child.wait();
-        results.push(("node-ws-baseline", r?));
+        results.push(("node-ws-baseline".to_string(), r?));
     }
 
     let receivers = o.channels * o.receivers_per_channel;
@@ -299,7 +355,24 @@ async fn parent(o: Opts) -> Result<()> {
             );
         }
     }
-    if let [(_, w), (_, b)] = &results[..] {
+    if compare_nodes {
+        for (i, &rate) in o.rate.iter().enumerate() {
+            let costs: Vec<Cost> = results
+                .iter()
+                .filter(|(n, _)| n.starts_with("walcast"))
+                .filter_map(|(_, steps)| steps.get(i).map(|s| s.cost.clone()))
+                .collect();
+            cost::print_comparison(
+                &format!("broadcast-fanout {rate}/s per channel"),
+                &costs,
+                0.25,
+            );
+        }
+    }
+    if let [(_, w), (bn, b)] = &results[..] {
+        if bn != "node-ws-baseline" {
+            return Ok(());
+        }
         for (sw, sb) in w.iter().zip(b) {
             println!(
                 "ratio walcast / baseline at {}/s per channel: {:.2}× delivered msgs/s (p99 {:.1} vs {:.1} ms)",
@@ -374,16 +447,27 @@ async fn join_sender(ws: &mut Ws, topic: &str) -> Result<()> {
     }
 }
 
-async fn spawn_workers(name: &str, addr: SocketAddr, token: &str, o: &Opts) -> Result<Vec<Worker>> {
+/// Worker w connects to node `w mod addrs.len()`: the count is rounded up to a multiple of
+/// the nodes so that every node holds the same share of the receivers.
+async fn spawn_workers(
+    name: &str,
+    addrs: &[SocketAddr],
+    token: &str,
+    o: &Opts,
+) -> Result<Vec<Worker>> {
     let total = o.channels * o.receivers_per_channel;
-    let n = o.workers.max(1).max(total.div_ceil(19_000));
+    let n = o
+        .workers
+        .max(1)
+        .max(total.div_ceil(19_000))
+        .next_multiple_of(addrs.len());
     let mut workers = Vec::with_capacity(n);
     for w in 0..n {
         let (first, count) = share(total, w, n);
         let source = o.sources[w % o.sources.len()];
         workers.push(Worker::spawn([
             "--addr".to_string(),
-            addr.to_string(),
+            addrs[w % addrs.len()].to_string(),
             "--token".into(),
             token.into(),
             "--first".into(),
@@ -442,28 +526,32 @@ async fn send_line(workers: &mut [Worker], line: &str) -> Result<()> {
     Ok(())
 }
 
+/// `server_procs` are the server's processes (`node<i>`, `redis`), whose CPU is the server's.
 async fn run_load(
-    name: &'static str,
-    addr: SocketAddr,
+    name: &str,
+    addrs: &[SocketAddr],
     token: &str,
-    server_pid: u32,
+    server_procs: &[(String, u32)],
+    redis_port: Option<u16>,
     o: &Opts,
 ) -> Result<Vec<Step>> {
     eprintln!(
-        "{name}: connecting {} receivers",
-        o.channels * o.receivers_per_channel
+        "{name}: connecting {} receivers to {} node(s)",
+        o.channels * o.receivers_per_channel,
+        addrs.len()
     );
-    let mut workers = spawn_workers(name, addr, token, o).await?;
+    let mut workers = spawn_workers(name, addrs, token, o).await?;
     let mut senders: Vec<(Ws, u64)> = Vec::with_capacity(o.channels);
     for c in 0..o.channels {
-        let mut ws = realtime::connect(addr, None, token, 4096).await?;
+        let mut ws = realtime::connect(addrs[c % addrs.len()], None, token, 4096).await?;
         join_sender(&mut ws, &topic(c)).await?;
         senders.push((ws, 0));
     }
-    let mut procs: Vec<(String, u32, bool)> = vec![
-        ("server".into(), server_pid, false),
-        ("parent".into(), std::process::id(), false),
-    ];
+    let mut procs: Vec<(String, u32, bool)> = server_procs
+        .iter()
+        .map(|(n, p)| (n.clone(), *p, false))
+        .collect();
+    procs.push(("parent".into(), std::process::id(), false));
     for (i, w) in workers.iter().enumerate() {
         if let Some(p) = w.child.id() {
             procs.push((format!("worker{i}"), p, false));
@@ -472,6 +560,8 @@ async fn run_load(
     let proc_refs: Vec<(&str, u32, bool)> =
         procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
     let pad: Arc<str> = "x".repeat(o.pad).into();
+    // Idle cost: every receiver joined, nothing sent yet.
+    let idle_cpu_rate = cost::idle_rate(&proc_refs, 5.0).await;
     let mut steps = Vec::new();
     for &rate in &o.rate {
         let load = format!("{} / psi {}", harness::loadavg(), cpu_pressure());
@@ -481,6 +571,30 @@ async fn run_load(
         let w1 = w0 + o.duration_secs * 1_000_000;
         send_line(&mut workers, &format!("window {w0} {w1}\n")).await?;
         let cpu = CpuWindow::start(&proc_refs);
+        // The cost window: CPU read exactly at w0 and w1, the instants that bound the
+        // broadcasts whose deliveries are counted.
+        let cost_window = {
+            let procs = procs.clone();
+            let addrs = addrs.to_vec();
+            tokio::spawn(async move {
+                let until = |t: u64| Duration::from_micros(t.saturating_sub(now_us()));
+                tokio::time::sleep(until(w0)).await;
+                let refs: Vec<(&str, u32, bool)> =
+                    procs.iter().map(|(n, p, t)| (n.as_str(), *p, *t)).collect();
+                let net = || redis_port.and_then(harness::redis_net_bytes);
+                let out = || harness::metric_sum(&addrs, "walcast_bytes_out_total");
+                let out_before = out();
+                let net_before = net();
+                let window = CpuWindow::start(&refs);
+                tokio::time::sleep(until(w1)).await;
+                let (secs, cpu) = window.finish_secs();
+                let net = net_before
+                    .zip(net())
+                    .map(|((i0, o0), (i1, o1))| (i1 - i0, o1 - o0));
+                let bytes_out = (out() - out_before).max(0.0) as u64;
+                (secs, cpu, net, bytes_out)
+            })
+        };
         let base = tokio::time::Instant::now() + lead;
         let period = Duration::from_secs_f64(1.0 / rate);
         let channels = o.channels;
@@ -522,16 +636,19 @@ async fn run_load(
         }
         send_line(&mut workers, "report\n").await?;
         let cpu = cpu.finish();
+        let (cost_secs, cost_cpu, redis_net, bytes_out) = cost_window.await?;
+        let mut per_node = vec![0u64; addrs.len()];
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let (mut counted, mut all, mut gaps, mut open) = (0u64, 0u64, 0u64, 0u64);
         let mut closes = BTreeMap::new();
-        for w in &mut workers {
+        for (wi, w) in workers.iter_mut().enumerate() {
             let line = w
                 .lines
                 .next_line()
                 .await?
                 .context("worker exited before its report")?;
             let r = WorkerReport::parse(&line)?;
+            per_node[wi % addrs.len()] += r.counted;
             counted += r.counted;
             all += r.all;
             gaps += r.gaps;
@@ -551,6 +668,9 @@ async fn run_load(
                 .sum::<f64>()
         };
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        let complete = gaps == 0
+            && closes.is_empty()
+            && counted == sent_in_window * o.receivers_per_channel as u64;
         let step = Step {
             rate,
             offered: rate * (o.channels * o.receivers_per_channel) as f64,
@@ -562,8 +682,20 @@ async fn run_load(
             gaps,
             open,
             closes,
-            server_cpu: pct("server"),
+            server_cpu: pct("node") + pct("redis"),
             generator_cpu: pct("parent") + pct("worker"),
+            cost: Cost {
+                nodes: addrs.len(),
+                round: 1,
+                wall_secs: cost_secs,
+                deliveries: per_node,
+                cpu: cost_cpu,
+                complete,
+                load: load.clone(),
+                redis_net,
+                idle_cpu_rate: Some(idle_cpu_rate),
+                client_bytes_out: Some(bytes_out),
+            },
             load,
         };
         eprintln!(

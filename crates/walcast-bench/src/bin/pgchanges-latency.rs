@@ -54,5 +54,6 @@ fn main() -> Result<()> {
             p99_ms: Some(10.0),
             ..Default::default()
         },
-    }))
+    }))?;
+    Ok(())
 }

@@ -12,6 +12,15 @@
 //! `pgchanges-latency` (one clock: the writer's commit-return `Instant` vs the subscriber's
 //! receipt `Instant`, early receipts as 0 and counted).
 //!
+//! Cluster cost (issue #13): `--nodes 1,3 --rounds 2` runs the same load against one node and
+//! against three nodes on one Redis (subscribers round-robin over the nodes), back to back,
+//! twice, and prints server CPU per delivery (nodes + redis-server) and the cluster's ratio
+//! to the one-node run of the same round (target: at most +25 %):
+//!
+//! ```text
+//! target/release/pgchanges-throughput --subscribers 1500 --rate 100 --nodes 1,3 --rounds 2
+//! ```
+//!
 //! How: the same harness and open-loop writer as `pgchanges-latency`; the load generator
 //! classifies frames with byte searches (no JSON tree per message) on a two-thread runtime.
 //! On this 2-vCPU box the generator, Postgres and walcast share the cores, so the figure is a
@@ -19,6 +28,7 @@
 
 use anyhow::Result;
 use clap::Parser;
+use walcast_bench::cost;
 use walcast_bench::pgchanges::{self, CommonArgs, Plan, Targets};
 
 #[derive(Parser)]
@@ -33,6 +43,13 @@ struct Opts {
     /// Measured seconds (after the warm-up).
     #[arg(long, default_value_t = 30)]
     duration_secs: u64,
+    /// walcast processes per run; a list runs each in turn (e.g. `1,3`: one node, then a
+    /// three-node cluster on one Redis) and compares their server CPU per delivery.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    nodes: Vec<usize>,
+    /// Times the whole `--nodes` list is run, back to back.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -41,16 +58,29 @@ fn main() -> Result<()> {
     let o = Opts::parse();
     let rt = pgchanges::runtime(&o.common)?;
     let target = o.subscribers as f64 * o.rate;
-    rt.block_on(pgchanges::run(Plan {
-        name: "pgchanges-throughput",
-        subscribers: o.subscribers,
-        rate: o.rate,
-        duration_secs: o.duration_secs,
-        common: o.common,
-        targets: Targets {
-            p95_ms: Some(50.0),
-            min_msgs_per_sec: Some(target),
-            ..Default::default()
-        },
-    }))
+    let mut costs = Vec::new();
+    for round in 1..=o.rounds.max(1) {
+        for &nodes in &o.nodes {
+            let mut common = o.common.clone();
+            common.harness.nodes = nodes;
+            let mut c = rt.block_on(pgchanges::run(Plan {
+                name: "pgchanges-throughput",
+                subscribers: o.subscribers,
+                rate: o.rate,
+                duration_secs: o.duration_secs,
+                common,
+                targets: Targets {
+                    p95_ms: Some(50.0),
+                    min_msgs_per_sec: Some(target),
+                    ..Default::default()
+                },
+            }))?;
+            c.round = round;
+            costs.push(c);
+        }
+    }
+    if costs.len() > 1 || o.nodes.iter().any(|n| *n > 1) {
+        cost::print_comparison("pgchanges-throughput", &costs, 0.25);
+    }
+    Ok(())
 }
