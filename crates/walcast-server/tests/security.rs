@@ -1841,6 +1841,11 @@ async fn item10_slow_readers_are_cut_off() {
             last[4]["payload"]["i"], i,
             "the victim gets every broadcast in order"
         );
+        // A real client heartbeats every 25 s; on a loaded machine the 200 MiB take longer
+        // than the 60 s idle timeout, which would close the reading member too.
+        if i % 20 == 19 {
+            victim.heartbeat(&format!("hb{i}"), WAIT).await;
+        }
         if i % 5 == 0 {
             peak = peak.max(server.rss_kib().unwrap_or(0));
         }
