@@ -35,8 +35,8 @@
 //! `--rate N` is the latency mode: the same subscribers, but the rows are single-row commits
 //! paced at N per second over `--writers` connections; each row carries the writer's clock
 //! just before its INSERT, and each delivery's age on receipt is its commit-to-client
-//! latency (p50 / p99 / max over the pass; each user's first row, which warms its identity
-//! up, is left out). Use `--synchronous-commit on`: with `off` the walsender waits for the
+//! latency (p50 / p99 / max over the pass). Before the pass, one untimed row per user warms
+//! every identity up (its claims values derived: the steady state). Use `--synchronous-commit on`: with `off` the walsender waits for the
 //! WAL writer (`wal_writer_delay`), which would be most of the latency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -290,6 +290,21 @@ async fn run(o: Opts) -> Result<()> {
         })
         .await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(rate) = o.rate {
+            // Warm-up, not measured: one row per user, so every identity's claims values
+            // are known (the steady state) before the timed rows.
+            let delivered =
+                |c: &Counters| -> u64 { c.frames.iter().map(|f| f.load(Ordering::Relaxed)).sum() };
+            let at_start = delivered(&counters);
+            paced_writes(&harness, &o, rate, (next_id, o.groups), 'w', base).await?;
+            next_id += o.groups as i64;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while delivered(&counters) < at_start + o.subscribers as u64
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let before: Vec<u64> = counters
             .frames
             .iter()
@@ -314,7 +329,7 @@ async fn run(o: Opts) -> Result<()> {
         let mut written = 0;
         if let Some(rate) = o.rate {
             written = o.rows;
-            let committed = paced_writes(&harness, &o, rate, next_id, base).await?;
+            let committed = paced_writes(&harness, &o, rate, (next_id, o.rows), 't', base).await?;
             next_id += o.rows as i64;
             let took = (base.elapsed().as_nanos() as u64 - start_ns) as f64 / 1e9;
             println!(
@@ -393,20 +408,22 @@ async fn run(o: Opts) -> Result<()> {
     Ok(())
 }
 
-/// Latency mode's writers: `o.rows` single-row commits, ids from `first`, row r owned by
-/// user (tenant) r % groups, paced at `rate` per second in total; returns the commits made.
+/// Latency mode's writers: `rows` single-row commits, ids from `first`, row r owned by user
+/// (tenant) r % groups, bodies marked `mark` (`t`: timed), paced at `rate` per second in
+/// total; returns the commits made.
 async fn paced_writes(
     harness: &Harness,
     o: &Opts,
     rate: u32,
-    first: i64,
+    (first, rows): (i64, usize),
+    mark: char,
     base: Instant,
 ) -> Result<usize> {
     let writers = o.writers.max(1);
     let mut tasks = Vec::with_capacity(writers);
     for w in 0..writers {
         let client = harness.db.connect().await?;
-        let (rows, groups, mode) = (o.rows, o.groups, o.mode);
+        let (groups, mode) = (o.groups, o.mode);
         // Each writer takes every `writers`-th row, one commit per tick.
         let period = Duration::from_secs_f64(writers as f64 / f64::from(rate.max(1)));
         tasks.push(tokio::spawn(async move {
@@ -421,9 +438,6 @@ async fn paced_writes(
             let mut done = 0usize;
             for r in (w..rows).step_by(writers) {
                 tick.tick().await;
-                // Each user's first row warms its identity up (the first check derives its
-                // values): marked `w`, it is delivered and counted but has no age.
-                let mark = if r < groups { 'w' } else { 't' };
                 let sent = format!("{mark}{}", base.elapsed().as_nanos());
                 let owner = (r % groups) as i64;
                 client
