@@ -11,8 +11,10 @@
 //! Phases: (1) open every socket (raw WebSockets from `--sources`, `--connect-concurrency`
 //! handshakes at a time; timed, reported apart); (2) release every join at once and time
 //! until each has its `phx_reply` with status ok ("live"). A bystander socket, joined to a
-//! channel of its own before the storm, sends a heartbeat every `--heartbeat-ms` and waits
-//! for its reply during phase 2; its round trips are reported as p50/p99/max.
+//! channel of its own before the storm, sends a heartbeat every `--heartbeat-ms` (fixed rate,
+//! each with its own ref, replies timed by ref, so a stall delays every heartbeat sent during
+//! it) during phase 2; its round trips are reported as p50/p99/max, with when the worst was
+//! sent and how many took over 50 ms.
 //!
 //! `--private` makes every channel private: each join is also authorized by a SELECT policy
 //! on `realtime.messages` (created by the bench for role `anon`: topics `storm-*`, tokens with
@@ -53,8 +55,9 @@ struct Opts {
     /// exhaustion and of 127.0.0.1, where the harness picks free ports).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.2,127.0.0.3")]
     sources: Vec<IpAddr>,
-    /// The bystander's heartbeat interval during the storm.
-    #[arg(long, default_value_t = 20)]
+    /// The bystander's heartbeat interval during the storm (sent at this fixed rate, not
+    /// after the previous reply).
+    #[arg(long, default_value_t = 5)]
     heartbeat_ms: u64,
     /// Longest the storm may take before the run fails.
     #[arg(long, default_value_t = 120)]
@@ -145,6 +148,98 @@ fn join_status(frame: &[u8]) -> Option<Result<(), String>> {
     })
 }
 
+/// The bystander's round trips during the storm.
+#[derive(Default)]
+struct Beats {
+    /// Round trips, µs.
+    rtt: Option<Histogram<u64>>,
+    /// The slowest round trip: its length (µs) and when it was sent, after the release.
+    worst: (u64, Duration),
+    /// Heartbeats sent and round trips over [`STALL_US`].
+    sent: u64,
+    stalled: u64,
+}
+
+/// A round trip over this counts as a stall (issue #11's bound).
+const STALL_US: u64 = 50_000;
+
+/// Send a heartbeat every `interval`, each with its own ref, without waiting for the
+/// previous reply, and time each reply by its ref: a stall then shows in every heartbeat
+/// sent during it, so the percentiles reflect the share of the storm spent stalled (a
+/// send-then-wait loop would record one sample per stall). Stops sending at `stop`, then
+/// waits (a bounded time) for the replies still due.
+async fn beat(
+    ws: &mut RawWs,
+    interval: Duration,
+    released: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Beats> {
+    let finder = memchr::memmem::Finder::new(b"\"hb");
+    let mut sent_at: Vec<Option<Instant>> = Vec::new();
+    let mut out = Beats {
+        rtt: Some(Histogram::<u64>::new(3)?),
+        ..Beats::default()
+    };
+    let mut outstanding = 0u64;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    loop {
+        // Frames already buffered first: every reply is timed when it is read.
+        while let Some((op, r)) = ws.next_frame()? {
+            match op {
+                opcode::TEXT => {
+                    let now = Instant::now();
+                    let Some(n) = walcast_bench::rawws::number_after(ws.payload(r), &finder) else {
+                        continue;
+                    };
+                    let Some(sent) = sent_at.get_mut(n as usize).and_then(Option::take) else {
+                        continue;
+                    };
+                    outstanding -= 1;
+                    let us = now.duration_since(sent).as_micros().max(1) as u64;
+                    if let Some(h) = out.rtt.as_mut() {
+                        h.record(us)?;
+                    }
+                    if us > STALL_US {
+                        out.stalled += 1;
+                    }
+                    if us > out.worst.0 {
+                        out.worst = (us, sent.duration_since(released));
+                    }
+                }
+                opcode::CLOSE => bail!("the server closed the bystander"),
+                _ => {}
+            }
+        }
+        if stopping.is_some() && outstanding == 0 {
+            return Ok(out);
+        }
+        let give_up =
+            stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            n = ws.fill() => {
+                if n? == 0 {
+                    bail!("the bystander's connection ended");
+                }
+            }
+            _ = tick.tick(), if stopping.is_none() => {
+                out.sent += 1;
+                let n = sent_at.len();
+                sent_at.push(Some(Instant::now()));
+                outstanding += 1;
+                ws.send_text(&format!(r#"[null,"hb{n}","phoenix","heartbeat",{{}}]"#)).await?;
+            }
+            _ = stop.wait_for(|s| *s), if stopping.is_none() => {
+                stopping = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+            }
+            _ = tokio::time::sleep_until(give_up), if stopping.is_some() => {
+                bail!("{outstanding} bystander heartbeats unanswered 10 s after the storm");
+            }
+        }
+    }
+}
+
 async fn run(mut o: Opts) -> Result<()> {
     if o.sources.is_empty() || o.users == 0 {
         bail!("--sources and --users must not be empty");
@@ -189,10 +284,10 @@ async fn run(mut o: Opts) -> Result<()> {
     let bystander_token = token("bystander")?;
     let bystander_path = path(&bystander_token);
     let (beat_ready_tx, beat_ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
-    let (beat_go_tx, beat_go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (beat_go_tx, beat_go_rx) = tokio::sync::oneshot::channel::<Instant>();
     let (beat_stop_tx, beat_stop_rx) = watch::channel(false);
     let interval = Duration::from_millis(o.heartbeat_ms.max(1));
-    let beats = std::thread::spawn(move || -> Result<Histogram<u64>> {
+    let beats = std::thread::spawn(move || -> Result<Beats> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -221,26 +316,10 @@ async fn run(mut o: Opts) -> Result<()> {
                     return Err(e);
                 }
             };
-            let _ = beat_go_rx.await;
-            let mut rtt = Histogram::<u64>::new(3)?;
-            let mut r = 0u64;
-            let mut next = tokio::time::Instant::now();
-            while !*beat_stop_rx.borrow() {
-                r += 1;
-                let want = format!("\"hb{r}\"");
-                let sent = Instant::now();
-                bystander
-                    .send_text(&format!(r#"[null,"hb{r}","phoenix","heartbeat",{{}}]"#))
-                    .await?;
-                until(&mut bystander, |f| {
-                    memchr::memmem::find(f, want.as_bytes()).map(|_| ())
-                })
-                .await?;
-                rtt.record(sent.elapsed().as_micros().max(1) as u64)?;
-                next += interval;
-                tokio::time::sleep_until(next.max(tokio::time::Instant::now())).await;
-            }
-            anyhow::Ok(rtt)
+            let Ok(released) = beat_go_rx.await else {
+                return Ok(Beats::default());
+            };
+            beat(&mut bystander, interval, released, beat_stop_rx).await
         })
     });
     beat_ready_rx
@@ -347,7 +426,7 @@ async fn run(mut o: Opts) -> Result<()> {
     ]);
     let released = Instant::now();
     go_tx.send(Some(released))?;
-    let _ = beat_go_tx.send(());
+    let _ = beat_go_tx.send(released);
     let deadline = released + Duration::from_secs(o.timeout_secs);
     loop {
         let answered = live_at.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -368,7 +447,7 @@ async fn run(mut o: Opts) -> Result<()> {
     let storm = released.elapsed();
     let cpu = cpu.finish();
     beat_stop_tx.send(true)?;
-    let rtt = beats
+    let beats = beats
         .join()
         .map_err(|_| anyhow::anyhow!("the bystander thread panicked"))??;
     let _ = stop_tx.send(true);
@@ -400,13 +479,18 @@ async fn run(mut o: Opts) -> Result<()> {
         ms(live.value_at_quantile(0.5)),
         ms(live.value_at_quantile(0.99)),
     );
+    let rtt = beats.rtt.clone().unwrap_or(Histogram::<u64>::new(3)?);
     println!(
-        "  bystander heartbeat every {} ms during the storm: {} round trips, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "  bystander heartbeat every {} ms (fixed rate, timed by ref) during the storm: {} round trips, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (sent {:.0} ms after the release); {} over {} ms ({:.1} %)",
         o.heartbeat_ms,
         rtt.len(),
         ms(rtt.value_at_quantile(0.5)),
         ms(rtt.value_at_quantile(0.99)),
         ms(rtt.max()),
+        beats.worst.1.as_secs_f64() * 1000.0,
+        beats.stalled,
+        STALL_US / 1000,
+        100.0 * beats.stalled as f64 / beats.sent.max(1) as f64,
     );
     println!(
         "  storm wall time {:.2} s; cpu during it: {} | load after {}",
