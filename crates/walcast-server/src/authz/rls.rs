@@ -315,20 +315,26 @@ pub async fn compile(
 }
 
 /// Run `attempt` until it answers (its snapshot saw the transactions it judges), pausing 1,
-/// 2, 4 … 50 ms between attempts; after [`CHECK_TIMEOUT`] the answer is `Unavailable` (the
-/// caller tries again later and delivers nothing meanwhile).
+/// 2, 4 … 50 ms between attempts; after [`CHECK_TIMEOUT`] spent waiting the answer is
+/// `Unavailable` (the caller tries again later and delivers nothing meanwhile).
+///
+/// Only the pauses count towards that limit, not the attempts: an attempt may itself take
+/// up to [`CHECK_TIMEOUT`] (a slow policy runs into its statement timeout), and the gap
+/// between a commit being streamed and being visible is milliseconds, so the attempt after
+/// a slow one sees it. Counting the slow attempt made one slow policy report the whole
+/// authorization pool unavailable, which let go of the stream (CI: `policy_sleeps`).
 async fn until_visible<T, F, Fut>(mut attempt: F) -> Result<T, AuthzError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, AuthzError>>,
 {
-    let started = Instant::now();
+    let mut waited = Duration::ZERO;
     let mut pause = Duration::from_millis(1);
     loop {
         if let Some(answer) = attempt().await? {
             return Ok(answer);
         }
-        if started.elapsed() >= CHECK_TIMEOUT {
+        if waited >= CHECK_TIMEOUT {
             return Err(AuthzError::Unavailable(
                 "the transactions to judge are committed in the stream but not yet visible".into(),
             ));
@@ -338,6 +344,7 @@ where
             "read before the judged transactions were visible; reading again"
         );
         tokio::time::sleep(pause).await;
+        waited += pause;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
