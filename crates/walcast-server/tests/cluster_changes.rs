@@ -9,48 +9,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::server::{token, Client, Options, Server};
+use support::cluster::{nodes, role};
+use support::server::{token, Client, Server};
 use walcast_testkit::RedisServer;
 
 const TABLE_SQL: &str = "CREATE TABLE c (id int PRIMARY KEY, v text); GRANT SELECT ON c TO anon;";
-
-async fn nodes(db_url: &str, slot: &str, redis: &RedisServer, n: usize) -> Vec<Server> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let node = format!("node{i}");
-        let opts = Options::default().args(&[
-            "--redis-url",
-            &redis.url(),
-            "--node-id",
-            &node,
-            "--failover-timeout-secs",
-            "2",
-        ]);
-        out.push(Server::start_serving(db_url, slot, opts).await);
-    }
-    // Every node ready: one streams the slot, the others follow the change stream.
-    for s in &out {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = s.get("/readyz").await {
-                break;
-            }
-            assert!(Instant::now() < deadline, "node not ready:\n{}", s.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    out
-}
-
-async fn role(s: &Server) -> Option<String> {
-    let (status, body) = s.get("/readyz").await.ok()?;
-    if status != 200 {
-        return None;
-    }
-    body.lines()
-        .find_map(|l| l.strip_prefix("role: "))
-        .map(str::to_string)
-}
 
 async fn subscribe(s: &Server, topic: &str) -> Client {
     let t = token("anon", 3600);

@@ -15,8 +15,6 @@ use support::server::{token, Client, Options, Server};
 use walcast_testkit::{FaultProxy, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(30);
-/// The lease lives 1.5 s; the `streaming` mark 4 s after the streamer last streamed.
-const FAILOVER_SECS: &str = "2";
 const STREAM_DOWN: &str = "Replication stream is down: changes will be delivered once it is back";
 
 fn check(db_url: &str, slot: &str, redis: &str) -> support::Finished {
@@ -30,16 +28,10 @@ fn check(db_url: &str, slot: &str, redis: &str) -> support::Finished {
     support::wait_output(child, Duration::from_secs(60))
 }
 
+/// A node with `--failover-timeout-secs 2`: the lease lives 1.5 s, the `streaming` mark 4 s
+/// after the streamer last streamed.
 async fn node(db_url: &str, slot: &str, redis: &str, id: &str) -> Server {
-    let opts = Options::default().args(&[
-        "--redis-url",
-        redis,
-        "--node-id",
-        id,
-        "--failover-timeout-secs",
-        FAILOVER_SECS,
-    ]);
-    Server::start_serving(db_url, slot, opts).await
+    support::cluster::node(db_url, slot, redis, id, &[]).await
 }
 
 /// Polls /readyz until `pred(status, body)`; returns the body.

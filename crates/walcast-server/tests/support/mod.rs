@@ -1,6 +1,7 @@
 //! Helpers shared by the server's integration tests: run the real `walcast` binary.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod server;
 
 use std::io::{BufRead, BufReader};
