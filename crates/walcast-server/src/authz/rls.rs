@@ -1128,6 +1128,36 @@ mod tests {
         }
     }
 
+    /// A slow attempt (a policy running into its statement timeout) that raced the commit
+    /// is followed by another attempt, not by `Unavailable`: only the pauses count.
+    #[tokio::test]
+    async fn a_slow_attempt_does_not_use_up_the_wait_for_visibility() {
+        let mut attempts = 0;
+        let answer = until_visible(|| {
+            attempts += 1;
+            let first = attempts == 1;
+            async move {
+                if first {
+                    tokio::time::sleep(CHECK_TIMEOUT + Duration::from_millis(100)).await;
+                    Ok(None)
+                } else {
+                    Ok(Some("judged"))
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some("judged"));
+        assert_eq!(attempts, 2);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_never_becomes_visible_is_unavailable() {
+        let started = Instant::now();
+        let answer: Result<(), AuthzError> = until_visible(|| async { Ok(None) }).await;
+        assert!(matches!(answer, Err(AuthzError::Unavailable(_))));
+        assert!(started.elapsed() >= CHECK_TIMEOUT);
+    }
+
     #[test]
     fn permissive_or_restrictive_and_none_is_deny() {
         assert_eq!(combine(&[]), None);
