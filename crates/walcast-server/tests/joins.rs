@@ -558,3 +558,89 @@ async fn a_policy_function_cannot_leak_settings_into_the_next_check() {
         }
     }
 }
+
+/// The work gate (realtime::socket) bounds the sockets handling a join at once, but a join
+/// whose check waits on the database holds no pass: with more private joins stalled on a
+/// lock than the gate has passes, another socket's join and heartbeat are still answered
+/// before the stalled checks run into their timeout. Were passes held through the checks,
+/// the other join would queue behind the stalled ones until CHECK_TIMEOUT freed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_stalled_on_the_database_do_not_hold_the_work_gate() {
+    const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+    let (db, sql) = database().await;
+    let server = serve(&db, "jgate").await;
+    let (member, _) = room_policy(&db, &sql).await;
+    let n = walcast_server::realtime::socket::WORK_GATE_PASSES + 16;
+    let mut stalled = Vec::new();
+    for i in 0..n {
+        let t = tok(&member, &format!("u{i}"));
+        stalled.push((server.connect(&t).await, t));
+    }
+    let bystander_token = tok(&member, "bystander");
+    let mut bystander = server.connect(&bystander_token).await;
+    let reply = bystander
+        .join_with(
+            "1",
+            "realtime:before",
+            payload(&bystander_token, false, json!([])),
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+
+    // Every private read check now waits on this lock until it is committed.
+    let (mut locker, locker_conn) = tokio_postgres::connect(db.url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect the locker");
+    tokio::spawn(locker_conn);
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE realtime.messages IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock realtime.messages");
+    let sent = std::time::Instant::now();
+    for (i, (c, t)) in stalled.iter_mut().enumerate() {
+        send_join(
+            c,
+            &format!("realtime:room-u{i}"),
+            payload(t, true, json!([])),
+        )
+        .await;
+    }
+    // Wait until a check is blocked on the lock: the joins have been handled by then.
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    loop {
+        let row = sql.query_one(waiting, &[]).await.expect("pg_stat_activity");
+        if row.get::<_, i64>(0) > 0 {
+            break;
+        }
+        assert!(
+            sent.elapsed() < CHECK_TIMEOUT,
+            "no read check reached the lock within {CHECK_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bystander.heartbeat("hb-1", WAIT).await;
+    let reply = bystander
+        .join_with(
+            "2",
+            "realtime:during",
+            payload(&bystander_token, false, json!([])),
+        )
+        .await;
+    let answered = sent.elapsed();
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert!(
+        answered < CHECK_TIMEOUT,
+        "a public join behind {n} stalled private joins was answered only after \
+         {answered:?}: the stalled joins held the work gate through their checks"
+    );
+    lock.commit().await.expect("release the lock");
+    // Every stalled join gets its one answer (ok, or an error if its check timed out).
+    for (i, (c, _)) in stalled.iter_mut().enumerate() {
+        let reply = join_reply(c, &format!("realtime:room-u{i}")).await;
+        assert!(
+            reply["status"] == "ok" || reply["status"] == "error",
+            "room-u{i}: {reply}"
+        );
+    }
+}
