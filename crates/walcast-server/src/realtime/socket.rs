@@ -44,7 +44,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use walcast_core::hub::OutFrame;
 use walcast_protocol::{
     decode_binary_bytes_within, decode_text_within, Inbound, InboundFrame, Vsn,
@@ -138,39 +138,53 @@ pub async fn run(
                 }
             }
             done = next_done(&mut in_flight), if pending => {
-                if let Some((op, outcome)) = done {
-                    admit(&state.work_gate, &mut pass).await;
+                if let Some(done) = done {
+                    let (op, outcome) = if take_pass(&state.work_gate, &mut pass) {
+                        done
+                    } else {
+                        let (p, done) = Box::pin(wait_for_pass(&state.work_gate, done)).await;
+                        pass = p;
+                        done
+                    };
                     session.on_done(Now::system(), op, outcome);
                 }
             }
             msg = ws.recv() => {
                 let now = Now::system();
                 match msg {
-                    Some(Ok(msg)) => match msg {
-                        Message::Text(t) => {
-                            metrics::frame_in(metrics::FrameKind::Text, t.len());
-                            match decode_text_within(vsn, t.as_str(), limits.max_frame_bytes) {
-                                Ok(frame) => {
-                                    let now = gated(&state.work_gate, &mut pass, &frame, now).await;
-                                    session.on_frame(now, frame);
-                                }
-                                Err(e) => session.on_bad_frame(now, e),
+                    Some(Ok(msg)) => {
+                        let decoded = match msg {
+                            Message::Text(t) => {
+                                metrics::frame_in(metrics::FrameKind::Text, t.len());
+                                Some(decode_text_within(vsn, t.as_str(), limits.max_frame_bytes))
                             }
-                        }
-                        Message::Binary(b) => {
-                            metrics::frame_in(metrics::FrameKind::Binary, b.len());
-                            match decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes) {
-                                Ok(frame) => {
-                                    let now = gated(&state.work_gate, &mut pass, &frame, now).await;
-                                    session.on_frame(now, frame);
-                                }
-                                Err(e) => session.on_bad_frame(now, e),
+                            Message::Binary(b) => {
+                                metrics::frame_in(metrics::FrameKind::Binary, b.len());
+                                Some(decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes))
                             }
+                            Message::Close(_) => break Exit::ClientGone,
+                            // Pings are answered by the WebSocket layer itself.
+                            Message::Ping(_) | Message::Pong(_) => {
+                                session.touch(now);
+                                None
+                            }
+                        };
+                        match decoded {
+                            Some(Ok(frame))
+                                if !is_join(&frame) || take_pass(&state.work_gate, &mut pass) =>
+                            {
+                                session.on_frame(now, frame);
+                            }
+                            Some(Ok(frame)) => {
+                                let (p, frame) =
+                                    Box::pin(wait_for_pass(&state.work_gate, frame)).await;
+                                pass = p;
+                                session.on_frame(Now::system(), frame);
+                            }
+                            Some(Err(e)) => session.on_bad_frame(now, e),
+                            None => {}
                         }
-                        Message::Close(_) => break Exit::ClientGone,
-                        // Pings are answered by the WebSocket layer itself.
-                        Message::Ping(_) | Message::Pong(_) => session.touch(now),
-                    },
+                    }
                     Some(Err(e)) => {
                         if is_too_big(e) {
                             break Exit::Close(1009, "message too big");
@@ -259,27 +273,32 @@ pub async fn run(
     metrics::socket_closed();
 }
 
-/// Take a pass through the work gate unless this socket holds one already.
-async fn admit(gate: &Arc<Semaphore>, pass: &mut Option<OwnedSemaphorePermit>) {
-    if pass.is_none() {
+/// Whether this socket may go on with gated work: it holds a pass or took a free one.
+fn take_pass(gate: &Arc<Semaphore>, pass: &mut Option<OwnedSemaphorePermit>) -> bool {
+    if pass.is_some() {
+        return true;
+    }
+    match gate.clone().try_acquire_owned() {
+        Ok(p) => {
+            *pass = Some(p);
+            true
+        }
+        Err(TryAcquireError::NoPermits) => false,
         // The gate is never closed; were it, the work would just go ungated.
-        *pass = gate.clone().acquire_owned().await.ok();
+        Err(TryAcquireError::Closed) => true,
     }
 }
 
-/// A decoded frame: a join passes the work gate first (see the module docs). Returns the
-/// time to hand the session, taken again when the socket waited for its pass.
-async fn gated(
-    gate: &Arc<Semaphore>,
-    pass: &mut Option<OwnedSemaphorePermit>,
-    frame: &InboundFrame,
-    now: Now,
-) -> Now {
-    if pass.is_some() || !matches!(frame.payload, Inbound::Join(_)) {
-        return now;
-    }
-    admit(gate, pass).await;
-    Now::system()
+/// Wait for a pass, keeping `held` (the frame or outcome it is for) in the same boxed
+/// future: what lives across this wait would otherwise be part of every socket's task
+/// future for the socket's whole life (see `connection_task_stays_small`). No barging:
+/// while sockets wait, a returned pass goes to the first of them, never to `take_pass`.
+async fn wait_for_pass<T>(gate: &Arc<Semaphore>, held: T) -> (Option<OwnedSemaphorePermit>, T) {
+    (gate.clone().acquire_owned().await.ok(), held)
+}
+
+fn is_join(frame: &InboundFrame) -> bool {
+    matches!(frame.payload, Inbound::Join(_))
 }
 
 async fn next_done(in_flight: &mut Option<InFlight>) -> Option<(u64, Outcome)> {
