@@ -100,9 +100,6 @@ pub struct AppState {
     pub cluster_node: Option<Arc<crate::cluster::ClusterNode>>,
     /// Cluster mode: the per-client join and HTTP broadcast shares, counted on every node.
     pub cluster_limits: Option<Arc<crate::cluster::limits::ClusterLimits>>,
-    /// Sockets handling a join or a check's outcome at once (`realtime::socket`, "The work
-    /// gate"): keeps a reconnect storm's joins from queueing ahead of every heartbeat.
-    pub work_gate: Arc<tokio::sync::Semaphore>,
     next_subscriber: AtomicU64,
     sockets: AtomicU64,
 }
@@ -148,7 +145,6 @@ impl AppState {
             cluster: None,
             cluster_node: None,
             cluster_limits: None,
-            work_gate: crate::realtime::socket::work_gate(),
             jwt,
             hub,
             sql,

@@ -22,19 +22,6 @@
 //!   overflowing queue: a client that stops reading costs at most its queue's byte bound.
 //! - One timer per socket, re-armed only when it fires or the session's deadline moves
 //!   earlier, not on every inbound frame.
-//!
-//! The work gate (a reconnect storm). Tokio's run queue is first in, first out: when 10,000
-//! sockets send their joins at once, all 10,000 tasks become runnable together, and a
-//! heartbeat arriving on an established socket waits behind every one of them (for a join:
-//! token, session, check against the catalog cache, hub insertion, reply, `send(2)`). So the
-//! costly part of a join passes a server-wide gate of [`WORK_GATE_PASSES`] passes: a socket
-//! takes a pass before it handles a decoded `phx_join` or the outcome of a check, and gives
-//! it back as soon as none of its events is ready, in particular while a check waits on the
-//! database (a storm during an outage never holds passes through connect timeouts). A socket
-//! waiting for a pass is parked on the semaphore, not queued to run, so a heartbeat queues
-//! behind at most the pass holders and the reads. Heartbeats and every other frame never
-//! take a pass. Order is kept: a socket handles its own frames one after another whatever
-//! it waits for.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,11 +31,8 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use walcast_core::hub::OutFrame;
-use walcast_protocol::{
-    decode_binary_bytes_within, decode_text_within, Inbound, InboundFrame, Vsn,
-};
+use walcast_protocol::{decode_binary_bytes_within, decode_text_within, Vsn};
 
 use crate::metrics;
 use crate::realtime::authorize;
@@ -65,15 +49,6 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// Most frames written between two flushes.
 const MAX_BATCH: usize = 512;
-/// Sockets that may be handling a join or a check's outcome at once (see "The work gate").
-/// Passes are held only while a socket has work ready to run, so a few dozen keep both
-/// cores busy; what matters is that a heartbeat never queues behind thousands.
-pub const WORK_GATE_PASSES: usize = 64;
-
-/// The server's work gate (see the module docs).
-pub fn work_gate() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(WORK_GATE_PASSES))
-}
 
 /// What the upgrade handler established before the socket starts.
 pub struct Connection {
@@ -119,8 +94,6 @@ pub async fn run(
     ));
     // Created on first use: an idle socket keeps no set of pending work.
     let mut in_flight: Option<InFlight> = None;
-    // This socket's pass through the work gate, while it holds one.
-    let mut pass: Option<OwnedSemaphorePermit> = None;
     let mut armed = session.next_deadline(Now::system());
     let sleep = tokio::time::sleep_until(armed.into());
     tokio::pin!(sleep);
@@ -138,53 +111,32 @@ pub async fn run(
                 }
             }
             done = next_done(&mut in_flight), if pending => {
-                if let Some(done) = done {
-                    let (op, outcome) = if take_pass(&state.work_gate, &mut pass) {
-                        done
-                    } else {
-                        let (p, done) = Box::pin(wait_for_pass(&state.work_gate, done)).await;
-                        pass = p;
-                        done
-                    };
+                if let Some((op, outcome)) = done {
                     session.on_done(Now::system(), op, outcome);
                 }
             }
             msg = ws.recv() => {
                 let now = Now::system();
                 match msg {
-                    Some(Ok(msg)) => {
-                        let decoded = match msg {
-                            Message::Text(t) => {
-                                metrics::frame_in(metrics::FrameKind::Text, t.len());
-                                Some(decode_text_within(vsn, t.as_str(), limits.max_frame_bytes))
+                    Some(Ok(msg)) => match msg {
+                        Message::Text(t) => {
+                            metrics::frame_in(metrics::FrameKind::Text, t.len());
+                            match decode_text_within(vsn, t.as_str(), limits.max_frame_bytes) {
+                                Ok(frame) => session.on_frame(now, frame),
+                                Err(e) => session.on_bad_frame(now, e),
                             }
-                            Message::Binary(b) => {
-                                metrics::frame_in(metrics::FrameKind::Binary, b.len());
-                                Some(decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes))
-                            }
-                            Message::Close(_) => break Exit::ClientGone,
-                            // Pings are answered by the WebSocket layer itself.
-                            Message::Ping(_) | Message::Pong(_) => {
-                                session.touch(now);
-                                None
-                            }
-                        };
-                        match decoded {
-                            Some(Ok(frame))
-                                if !is_join(&frame) || take_pass(&state.work_gate, &mut pass) =>
-                            {
-                                session.on_frame(now, frame);
-                            }
-                            Some(Ok(frame)) => {
-                                let (p, frame) =
-                                    Box::pin(wait_for_pass(&state.work_gate, frame)).await;
-                                pass = p;
-                                session.on_frame(Now::system(), frame);
-                            }
-                            Some(Err(e)) => session.on_bad_frame(now, e),
-                            None => {}
                         }
-                    }
+                        Message::Binary(b) => {
+                            metrics::frame_in(metrics::FrameKind::Binary, b.len());
+                            match decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes) {
+                                Ok(frame) => session.on_frame(now, frame),
+                                Err(e) => session.on_bad_frame(now, e),
+                            }
+                        }
+                        Message::Close(_) => break Exit::ClientGone,
+                        // Pings are answered by the WebSocket layer itself.
+                        Message::Ping(_) | Message::Pong(_) => session.touch(now),
+                    },
                     Some(Err(e)) => {
                         if is_too_big(e) {
                             break Exit::Close(1009, "message too big");
@@ -202,13 +154,6 @@ pub async fn run(
                 session.on_tick(Now::system());
                 armed = session.next_deadline(Now::system());
                 sleep.as_mut().reset(armed.into());
-            }
-            // Last of the biased branches: reached only when none of the above is ready, so
-            // the pass goes back before this socket waits for anything (the database
-            // included). A socket that keeps being ready gives it back when its cooperative
-            // budget runs out, since tokio's resources then report themselves not ready.
-            () = std::future::ready(()), if pass.is_some() => {
-                pass = None;
             }
         }
         for work in session.take_work() {
@@ -271,34 +216,6 @@ pub async fn run(
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
     }
     metrics::socket_closed();
-}
-
-/// Whether this socket may go on with gated work: it holds a pass or took a free one.
-fn take_pass(gate: &Arc<Semaphore>, pass: &mut Option<OwnedSemaphorePermit>) -> bool {
-    if pass.is_some() {
-        return true;
-    }
-    match gate.clone().try_acquire_owned() {
-        Ok(p) => {
-            *pass = Some(p);
-            true
-        }
-        Err(TryAcquireError::NoPermits) => false,
-        // The gate is never closed; were it, the work would just go ungated.
-        Err(TryAcquireError::Closed) => true,
-    }
-}
-
-/// Wait for a pass, keeping `held` (the frame or outcome it is for) in the same boxed
-/// future: what lives across this wait would otherwise be part of every socket's task
-/// future for the socket's whole life (see `connection_task_stays_small`). No barging:
-/// while sockets wait, a returned pass goes to the first of them, never to `take_pass`.
-async fn wait_for_pass<T>(gate: &Arc<Semaphore>, held: T) -> (Option<OwnedSemaphorePermit>, T) {
-    (gate.clone().acquire_owned().await.ok(), held)
-}
-
-fn is_join(frame: &InboundFrame) -> bool {
-    matches!(frame.payload, Inbound::Join(_))
 }
 
 async fn next_done(in_flight: &mut Option<InFlight>) -> Option<(u64, Outcome)> {
