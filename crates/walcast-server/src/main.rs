@@ -1,6 +1,14 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+// A reconnect storm allocates a little for each of thousands of sockets at once, from both
+// worker threads: glibc grows its per-thread arenas a page range at a time (one `mprotect`
+// and fresh page faults per step), which was a quarter of the CPU while 10,000 joins were
+// read (BENCHMARKS.md, "Reconnect storm"). mimalloc keeps thread-local pages and grows in
+// larger segments.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     walcast_server::env_compat::apply();
     let cli = walcast_server::cli::Cli::parse();
