@@ -1324,6 +1324,10 @@ async fn new_identities_on_a_claims_only_policy_are_derived_together() {
         .await
         .expect("insert");
     first.until_fence("fence", 1).await;
+    // Counted from before the joins: identities joining a table whose policy is compiled
+    // are derived as they join (ahead of their rows).
+    let batched_before = metric_sum(server.port, "walcast_authz_derivations_batched_total").await
+        + metric_sum(server.port, "walcast_authz_derived_ahead_total").await;
     let mut subs = Vec::new();
     for tenant in 1..=12 {
         subs.push(
@@ -1336,8 +1340,6 @@ async fn new_identities_on_a_claims_only_policy_are_derived_together() {
             .await,
         );
     }
-    let batched_before = metric_sum(server.port, "walcast_authz_derivations_batched_total").await
-        + metric_sum(server.port, "walcast_authz_derived_ahead_total").await;
     let checks_before = policy_checks(server.port).await;
     // One transaction with a row for every new tenant, then a few more each.
     let mut rows = String::from("BEGIN;");

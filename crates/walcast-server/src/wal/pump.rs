@@ -78,10 +78,15 @@ type TimedPolicy = (Arc<rls::TablePolicy>, Instant);
 
 type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
-/// A derivation ahead of rows: resolves to the identities whose values it cached.
-type Ahead = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Vec<Arc<walcast_core::hub::Identity>>> + Send>,
->;
+/// A derivation ahead of rows: resolves to the identities it was asked for and those whose
+/// values it cached.
+type Ahead = std::pin::Pin<Box<dyn std::future::Future<Output = AheadDone> + Send>>;
+
+/// (asked, derived) identities of a finished derivation ahead of rows.
+type AheadDone = (
+    Vec<Arc<walcast_core::hub::Identity>>,
+    Vec<Arc<walcast_core::hub::Identity>>,
+);
 
 /// Derivations ahead of rows in flight at most (each holds one authorization connection
 /// for one pipelined round trip); identities arriving meanwhile wait for the next.
@@ -128,6 +133,9 @@ pub struct Pump {
     ahead: FuturesUnordered<Ahead>,
     /// Identities to derive ahead once a slot in `ahead` frees.
     ahead_waiting: Vec<Arc<walcast_core::hub::Identity>>,
+    /// Identities (by pointer) with a derivation ahead in flight: their lanes wait for it
+    /// instead of deriving the same values again in a check batch.
+    ahead_running: std::collections::HashSet<usize>,
 }
 
 impl Pump {
@@ -173,6 +181,7 @@ impl Pump {
             gate_expiry: Default::default(),
             ahead: FuturesUnordered::new(),
             ahead_waiting: Vec::new(),
+            ahead_running: Default::default(),
         }
     }
 
@@ -229,7 +238,10 @@ impl Pump {
                 Some(result) = self.checks.next(), if !self.checks.is_empty() => {
                     self.apply(result);
                 }
-                Some(derived) = self.ahead.next(), if !self.ahead.is_empty() => {
+                Some((asked, derived)) = self.ahead.next(), if !self.ahead.is_empty() => {
+                    for identity in &asked {
+                        self.ahead_running.remove(&(Arc::as_ptr(identity) as usize));
+                    }
                     metrics::authz_derived_ahead(derived.len() as u64);
                     self.gate_known(&derived);
                 }
@@ -678,6 +690,10 @@ impl Pump {
         for (role, wanted) in wanted {
             let pool = self.authz.clone();
             let cache = self.policies.clone();
+            let asked: Vec<Arc<walcast_core::hub::Identity>> =
+                wanted.iter().map(|(i, _)| i.clone()).collect();
+            self.ahead_running
+                .extend(asked.iter().map(|i| Arc::as_ptr(i) as usize));
             self.ahead.push(Box::pin(async move {
                 let requests: Vec<(Arc<walcast_core::hub::Identity>, Vec<Arc<str>>)> = wanted
                     .iter()
@@ -694,12 +710,12 @@ impl Pump {
                                 derived.push(identity);
                             }
                         }
-                        derived
+                        (asked, derived)
                     }
                     Err(e) => {
                         // Left underived: each identity's first row derives it, as before.
                         tracing::debug!(error = ?e.to_string(), identities = requests.len(), "deriving claims values ahead of rows failed");
-                        Vec::new()
+                        (asked, Vec::new())
                     }
                 }
             }));
@@ -839,6 +855,14 @@ impl Pump {
             let Some(lane) = self.lanes.get_mut(key) else {
                 continue;
             };
+            // Its values are being derived ahead (one round trip for many identities): it
+            // goes once they are known, decided in process, instead of deriving them again.
+            if self
+                .ahead_running
+                .contains(&(Arc::as_ptr(&lane.identity) as usize))
+            {
+                continue;
+            }
             let cheap = lane
                 .items
                 .iter()
