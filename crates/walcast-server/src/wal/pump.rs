@@ -82,6 +82,16 @@ type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + S
 /// values it cached.
 type Ahead = std::pin::Pin<Box<dyn std::future::Future<Output = AheadDone> + Send>>;
 
+/// An identity and the (cache key, expression) of each value it lacks.
+type Wanted = (Arc<walcast_core::hub::Identity>, Vec<(Arc<str>, Arc<str>)>);
+
+/// A cached policy with the table shape it was compiled for and when.
+type CachedPolicy = (
+    Arc<walcast_core::change::Table>,
+    Arc<rls::TablePolicy>,
+    Instant,
+);
+
 /// (asked, derived) identities of a finished derivation ahead of rows.
 type AheadDone = (
     Vec<Arc<walcast_core::hub::Identity>>,
@@ -649,10 +659,7 @@ impl Pump {
         let mut seen: std::collections::HashSet<usize> = Default::default();
         let mut known = Vec::new();
         // Per role: each identity with the (cache key, expression) of each value it lacks.
-        let mut wanted: std::collections::BTreeMap<
-            Arc<str>,
-            Vec<(Arc<walcast_core::hub::Identity>, Vec<(Arc<str>, Arc<str>)>)>,
-        > = Default::default();
+        let mut wanted: std::collections::BTreeMap<Arc<str>, Vec<Wanted>> = Default::default();
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
             let mut shapes_of: std::collections::HashMap<Arc<str>, Vec<Arc<rls::TablePolicy>>> =
@@ -758,14 +765,8 @@ impl Pump {
         let mut by_relid: std::collections::HashMap<u32, Gated> = Default::default();
         {
             let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
-            let mut shaped_of: std::collections::HashMap<
-                Arc<str>,
-                Vec<(
-                    Arc<walcast_core::change::Table>,
-                    Arc<rls::TablePolicy>,
-                    Instant,
-                )>,
-            > = Default::default();
+            let mut shaped_of: std::collections::HashMap<Arc<str>, Vec<CachedPolicy>> =
+                Default::default();
             let mut values = Vec::new();
             for identity in identities {
                 let shaped = shaped_of.entry(identity.role.clone()).or_insert_with(|| {
