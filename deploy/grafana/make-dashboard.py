@@ -112,7 +112,8 @@ line(ts(0, 12, "Commit to send latency", [
          (rate("walcast_authz_checks_total", "outcome"), "{{outcome}}"),
          (rate("walcast_authz_stopped_channels_total"), "channels stopped"),
          (rate("walcast_authz_identities_routed_total"), "identities routed"),
-         (rate("walcast_authz_derivations_batched_total"), "identities derived in batches")], "ops",
+         (rate("walcast_authz_derivations_batched_total"), "identities derived in batches"),
+         (rate("walcast_authz_derived_ahead_total"), "identities derived before their first row")], "ops",
         "Row-level security checks (one per table x identity group x batch)"))
 
 row("Broadcast and presence")

@@ -353,6 +353,12 @@ impl ChangeDecoder {
         *self = Self::default();
     }
 
+    /// The relation's table as its changes are decoded now (from its last Relation message
+    /// in this session), if one was received.
+    pub fn table(&self, relation_id: u32) -> Option<&Arc<Table>> {
+        self.tables.get(&relation_id)
+    }
+
     /// True between Begin and Commit.
     pub fn in_transaction(&self) -> bool {
         self.txn.is_some()

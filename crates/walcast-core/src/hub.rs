@@ -189,7 +189,18 @@ struct Inner {
     gates: HashMap<u32, Gate>,
     /// The channels of each interned identity (by pointer), for the gates.
     by_identity: HashMap<usize, Vec<SubscriberId>>,
+    /// Bumped by every change to the index, the channels or the gates: the gates' cached
+    /// lists of ungated subscribers are good only for the generation they were made in.
+    generation: u64,
+    /// Identities that got their first channel since [`Hub::take_arrivals`] (only while
+    /// someone watches, see [`Hub::watch_arrivals`]).
+    arrivals: Vec<Arc<Identity>>,
+    watching: bool,
 }
+
+/// Arrivals kept at most between two [`Hub::take_arrivals`]; past it they are not
+/// collected (their values are then derived with their first row, as without watching).
+const ARRIVALS_MAX: usize = 100_000;
 
 /// A value gate's key: a column of the change (by index) and the text it must carry.
 pub type GateKey = (usize, Arc<str>);
@@ -205,6 +216,19 @@ struct Gate {
     by_value: HashMap<usize, HashMap<Arc<str>, Vec<usize>>>,
     /// Channels whose identity is gated: skipped by the scan of the table's bindings.
     skip: std::collections::HashSet<SubscriberId, SpreadU64>,
+    /// The subscribers of the relation's table whose identity is not gated, as of an
+    /// [`Inner::generation`]: a gated row is routed to them and to the candidates its keys
+    /// name, without walking the gated ones (with every user gated, a row costs its
+    /// candidates only). Made on first use after any change.
+    ungated: Mutex<Option<Ungated>>,
+}
+
+/// See [`Gate::ungated`].
+struct Ungated {
+    generation: u64,
+    schema: String,
+    table: String,
+    subscribers: Vec<SubscriberId>,
 }
 
 impl Gate {
@@ -279,7 +303,11 @@ impl Inner {
     /// `id` now has `identity`'s (interned) channel.
     fn attach(&mut self, id: SubscriberId, identity: &Arc<Identity>) {
         let ptr = Arc::as_ptr(identity) as usize;
-        self.by_identity.entry(ptr).or_default().push(id);
+        let channels = self.by_identity.entry(ptr).or_default();
+        if channels.is_empty() && self.watching && self.arrivals.len() < ARRIVALS_MAX {
+            self.arrivals.push(identity.clone());
+        }
+        channels.push(id);
         for gate in self.gates.values_mut() {
             if gate.identities.contains_key(&ptr) {
                 gate.skip.insert(id);
@@ -299,10 +327,18 @@ impl Inner {
     }
 }
 
+/// What [`Hub::watch_arrivals`] calls when an identity arrives.
+type ArrivalHook = Box<dyn Fn() + Send + Sync>;
+
 /// Registry of postgres_changes subscribers and the fan-out of changes to them.
 pub struct Hub {
     config: HubConfig,
     inner: RwLock<Inner>,
+    /// Called (under the hub lock, so it must not block) when an identity arrives while
+    /// arrivals are watched.
+    on_arrival: Mutex<Option<ArrivalHook>>,
+    /// Set when an arrival was collected: [`Hub::take_arrivals`] takes no lock without one.
+    arrived: std::sync::atomic::AtomicBool,
     /// The highest position routed (or known to be committed) so far: a new channel's floor.
     /// Raised under the read lock while routing, read under the write lock by `subscribe`.
     routed_through: Mutex<Position>,
@@ -363,6 +399,9 @@ pub struct Routed {
     /// hub interns identities, so channels with equal role and claims share one `Arc` and
     /// one entry here (an identity that escaped interning only costs a separate group).
     identities: Vec<Arc<Identity>>,
+    /// Per identity (indexed like `identities`; missing = false): it was reached through
+    /// the relation's value gate, so it is gated there already.
+    via_gate: Vec<bool>,
 }
 
 impl Routed {
@@ -376,6 +415,12 @@ impl Routed {
         &self.identities
     }
 
+    /// Whether the identity at `index` was routed through its relation's value gate (it is
+    /// gated there already, with keys the row carries).
+    pub fn via_gate(&self, index: usize) -> bool {
+        self.via_gate.get(index).copied().unwrap_or(false)
+    }
+
     /// Move the routes of the identity at `index` out into their own `Routed` (where that
     /// identity is index 0). The identity stays listed here with no routes left, so the
     /// other indexes keep their meaning.
@@ -386,6 +431,7 @@ impl Routed {
         let mut taken = Routed {
             routes: Vec::new(),
             identities: vec![identity],
+            via_gate: Vec::new(),
         };
         let mut kept = Vec::with_capacity(self.routes.len());
         for (m, target, k) in self.routes.drain(..) {
@@ -411,6 +457,7 @@ impl Routed {
                 take.get(k).copied().unwrap_or(false).then(|| Routed {
                     routes: Vec::new(),
                     identities: vec![identity.clone()],
+                    via_gate: Vec::new(),
                 })
             })
             .collect();
@@ -458,6 +505,8 @@ impl Hub {
         Hub {
             config,
             inner: RwLock::new(Inner::default()),
+            on_arrival: Mutex::new(None),
+            arrived: std::sync::atomic::AtomicBool::new(false),
             routed_through: Mutex::new(Position::ZERO),
         }
     }
@@ -503,6 +552,7 @@ impl Hub {
         while_locked: impl FnOnce() -> R,
     ) -> R {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.index.remove_subscriber(id);
         for b in bindings {
             inner.index.insert(id, b);
@@ -513,7 +563,15 @@ impl Hub {
             inner.detach(id, &old);
         }
         let identity = target.identity.clone();
+        let arrived = inner.arrivals.len();
         inner.attach(id, &identity);
+        if inner.arrivals.len() > arrived {
+            self.arrived
+                .store(true, std::sync::atomic::Ordering::Release);
+            if let Some(wake) = &*self.on_arrival.lock().unwrap_or_else(|e| e.into_inner()) {
+                wake();
+            }
+        }
         // A channel subscribing again (a new token) keeps its place in the stream.
         let cursor = match inner.channels.get(&id) {
             Some(r) => *r.cursor.lock().unwrap_or_else(|e| e.into_inner()),
@@ -532,6 +590,7 @@ impl Hub {
     /// Forget a channel (leave, close, socket gone). Idempotent.
     pub fn unsubscribe(&self, id: SubscriberId) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.index.remove_subscriber(id);
         if let Some(r) = inner.channels.remove(&id) {
             inner.detach(id, &r.target.identity);
@@ -544,6 +603,7 @@ impl Hub {
     /// rejoin registers its bindings again. Returns false when it was not subscribed.
     pub fn fail(&self, id: SubscriberId, message: &str) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.index.remove_subscriber(id);
         let Some(r) = inner.channels.remove(&id) else {
             return false;
@@ -613,25 +673,49 @@ impl Hub {
                 .map(|&c| Some((c, row?.get(c)?.text()?)))
                 .collect()
         });
+        let mut gated_route = None;
         match (gate, keys) {
             (Some(g), Some(keys)) => {
-                inner
-                    .index
-                    .matches_except(change, &mut scratch.matches, |s| g.skip.contains(&s));
-                let mut subscribers: Vec<SubscriberId> = Vec::new();
+                // The candidates: channels of the identities whose keys the row carries.
+                let mut candidates: Vec<SubscriberId> = Vec::new();
                 for (column, text) in keys {
                     let Some(ptrs) = g.by_value.get(&column).and_then(|v| v.get(text)) else {
                         continue;
                     };
                     for ptr in ptrs {
                         if let Some(subs) = inner.by_identity.get(ptr) {
-                            subscribers.extend_from_slice(subs);
+                            candidates.extend_from_slice(subs);
                         }
                     }
                 }
-                inner
-                    .index
-                    .matches_of(change, &subscribers, &mut scratch.matches);
+                candidates.sort_unstable();
+                candidates.dedup();
+                // Gated channels are exactly the skip set, and the ungated list excludes
+                // it: the two lists are disjoint, each one distinct.
+                candidates.retain(|s| g.skip.contains(s));
+                let (schema, table) = (change.schema(), change.table_name());
+                let mut ungated = g.ungated.lock().unwrap_or_else(|e| e.into_inner());
+                let fresh = ungated.as_ref().is_some_and(|u| {
+                    u.generation == inner.generation && u.schema == schema && u.table == table
+                });
+                if !fresh {
+                    let mut subscribers = inner.index.subscribers_of_table(schema, table);
+                    subscribers.retain(|s| !g.skip.contains(s));
+                    *ungated = Some(Ungated {
+                        generation: inner.generation,
+                        schema: schema.to_owned(),
+                        table: table.to_owned(),
+                        subscribers,
+                    });
+                }
+                let ungated_list = ungated.as_ref().map_or(&[][..], |u| &u.subscribers[..]);
+                scratch.matches.clear();
+                inner.index.matches_of_distinct(
+                    change,
+                    ungated_list.iter().chain(&candidates).copied(),
+                    &mut scratch.matches,
+                );
+                gated_route = Some(g);
             }
             _ => inner.index.matches(change, &mut scratch.matches),
         }
@@ -648,6 +732,9 @@ impl Hub {
             let ptr = Arc::as_ptr(&target.identity) as usize;
             let k = *scratch.identity_index.entry(ptr).or_insert_with(|| {
                 routed.identities.push(target.identity.clone());
+                routed
+                    .via_gate
+                    .push(gated_route.is_some_and(|g| g.identities.contains_key(&ptr)));
                 (routed.identities.len() - 1) as u32
             });
             routed.routes.push((m, target.clone(), k));
@@ -818,6 +905,7 @@ impl Hub {
     /// bindings stay live.
     pub fn stop_binding(&self, id: SubscriberId, binding: u32, message: &str) -> bool {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         if inner.index.remove_binding(id, binding) == 0 {
             return false;
         }
@@ -843,6 +931,7 @@ impl Hub {
         }
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *inner;
+        inner.generation += 1;
         let gate = inner.gates.entry(relid).or_default();
         for (identity, keys) in identities {
             let ptr = Arc::as_ptr(&identity) as usize;
@@ -868,13 +957,53 @@ impl Hub {
     /// Route every change of `relid` to every identity again (its policies may have changed).
     pub fn ungate(&self, relid: u32) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.gates.remove(&relid);
     }
 
     /// [`Hub::ungate`] for every relation.
     pub fn ungate_all(&self) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
         inner.gates.clear();
+    }
+
+    /// Collect identities as they get their first channel ([`Hub::take_arrivals`]), and call
+    /// `wake` (under the hub lock: it must not block) when one does. For the pump, which
+    /// derives a newcomer's claims values before its first row. A later call replaces
+    /// `wake` (a pump started again).
+    pub fn watch_arrivals(&self, wake: impl Fn() + Send + Sync + 'static) {
+        *self.on_arrival.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(wake));
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.watching = true;
+    }
+
+    /// The identities that got their first channel since the last call (while watched).
+    pub fn take_arrivals(&self) -> Vec<Arc<Identity>> {
+        if !self
+            .arrived
+            .swap(false, std::sync::atomic::Ordering::Acquire)
+        {
+            return Vec::new();
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut inner.arrivals)
+    }
+
+    /// Every (interned) identity that has a channel now.
+    pub fn identities_with_channels(&self) -> Vec<Arc<Identity>> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner
+            .identities
+            .iter()
+            .filter(|i| {
+                inner
+                    .by_identity
+                    .get(&(Arc::as_ptr(i) as usize))
+                    .is_some_and(|subs| !subs.is_empty())
+            })
+            .cloned()
+            .collect()
     }
 
     /// How many identities are gated on `relid`.
@@ -1170,13 +1299,20 @@ mod tests {
         );
         assert_eq!(hub.gated(1), 2);
         let claims = |r: &Routed| -> Vec<String> {
-            r.identities()
+            let mut c: Vec<String> = r
+                .identities()
                 .iter()
                 .map(|i| i.claims.to_string())
-                .collect()
+                .collect();
+            c.sort();
+            c
         };
         let r = hub.route_gated(&insert(table(true), "u1"), &mut scratch);
-        assert_eq!(claims(&r), [r#"{"sub":"u2"}"#, r#"{"sub":"u1"}"#]);
+        assert_eq!(claims(&r), [r#"{"sub":"u1"}"#, r#"{"sub":"u2"}"#]);
+        // u1 came through the gate (gated already), u2 through the ungated list.
+        for (k, identity) in r.identities().iter().enumerate() {
+            assert_eq!(r.via_gate(k), &*identity.claims == r#"{"sub":"u1"}"#);
+        }
         let r = hub.route_gated(&insert(table(true), "nobody"), &mut scratch);
         assert_eq!(claims(&r), [r#"{"sub":"u2"}"#]);
         // Without the gate (route_owned) and for a row without the column's value: everyone.
@@ -1201,6 +1337,16 @@ mod tests {
         hub.subscribe(9, t, vec![binding(1)], || ());
         let r = hub.route_gated(&insert(table(true), "u0"), &mut scratch);
         assert_eq!(r.len(), 3, "u2's channel and both of u0's");
+        // A new ungated channel is routed too (the ungated list follows every change).
+        let mut t = target(&sinks[2], Vsn::V2, "realtime:late");
+        t.identity = Arc::new(Identity {
+            role: "authenticated".into(),
+            claims: r#"{"sub":"u7"}"#.into(),
+        });
+        hub.subscribe(10, t, vec![binding(1)], || ());
+        let r = hub.route_gated(&insert(table(true), "u0"), &mut scratch);
+        assert_eq!(r.len(), 4, "u2's, u7's and both of u0's");
+        hub.unsubscribe(10);
         hub.unsubscribe(2);
         assert_eq!(hub.gated(1), 1);
         hub.ungate(1);
@@ -1209,6 +1355,42 @@ mod tests {
                 .len(),
             3
         );
+    }
+
+    #[test]
+    fn arrivals_are_collected_once_per_identity_while_watched() {
+        let hub = Hub::new(HubConfig::default());
+        let sink = Arc::new(Sink::default());
+        let join = |id: u64, sub: &str| {
+            let mut t = target(&sink, Vsn::V2, &format!("realtime:{id}"));
+            t.identity = Arc::new(Identity {
+                role: "authenticated".into(),
+                claims: format!("{{\"sub\":\"{sub}\"}}").into(),
+            });
+            hub.subscribe(id, t, vec![binding(1)], || ());
+        };
+        join(1, "a");
+        assert!(
+            hub.take_arrivals().is_empty(),
+            "not collected unless watched"
+        );
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        hub.watch_arrivals(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        join(2, "b");
+        join(3, "b");
+        join(4, "a");
+        let arrived: Vec<String> = hub
+            .take_arrivals()
+            .iter()
+            .map(|i| i.claims.to_string())
+            .collect();
+        assert_eq!(arrived, [r#"{"sub":"b"}"#], "b's first channel only");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(hub.take_arrivals().is_empty());
+        assert_eq!(hub.identities_with_channels().len(), 2);
     }
 
     fn routed_pair(hub: &Hub) -> (Arc<Sink>, Arc<Sink>) {

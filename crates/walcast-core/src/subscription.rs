@@ -137,6 +137,10 @@ pub struct SubscriptionIndex {
     everything: Vec<Entry>,
     /// Slots holding each subscriber's bindings (sorted, deduplicated).
     by_subscriber: BTreeMap<SubscriberId, Vec<Slot>>,
+    /// Each subscriber's own bindings (copies of its entries), so matching a few named
+    /// subscribers ([`SubscriptionIndex::matches_of`]) costs their bindings, not a walk of
+    /// the table's whole list.
+    own: HashMap<SubscriberId, Vec<Binding>>,
     len: usize,
 }
 
@@ -161,6 +165,10 @@ impl SubscriptionIndex {
                 table: binding.table.clone(),
             },
         };
+        self.own
+            .entry(subscriber)
+            .or_default()
+            .push(binding.clone());
         let entry = Entry {
             subscriber,
             binding,
@@ -231,6 +239,7 @@ impl SubscriptionIndex {
 
     /// Remove every binding of a channel (leave, close, socket gone). Unknown ids are a no-op.
     pub fn remove_subscriber(&mut self, subscriber: SubscriberId) {
+        self.own.remove(&subscriber);
         let Some(slots) = self.by_subscriber.remove(&subscriber) else {
             return;
         };
@@ -323,41 +332,38 @@ impl SubscriptionIndex {
         examined
     }
 
-    /// The matches of the given subscribers only, appended to `out` (walking each one's own
-    /// slots, not the table's whole list). A subscriber listed twice is matched once.
+    /// The matches of the given subscribers only, appended to `out` (each one's own
+    /// bindings, not the table's whole list). A subscriber listed twice is matched once.
     pub fn matches_of(&self, change: &Change, subscribers: &[SubscriberId], out: &mut Vec<Match>) {
+        let mut distinct = subscribers.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        self.matches_of_distinct(change, distinct.iter().copied(), out);
+    }
+
+    /// [`SubscriptionIndex::matches_of`] for subscribers the caller knows to be distinct
+    /// (no deduplication pass: a long list costs one lookup per subscriber).
+    pub fn matches_of_distinct(
+        &self,
+        change: &Change,
+        subscribers: impl IntoIterator<Item = SubscriberId>,
+        out: &mut Vec<Match>,
+    ) {
         if change.kind == ChangeKind::Truncate {
             return;
         }
         let schema = change.schema();
         let table = change.table_name();
         let mut hits: Vec<(SubscriberId, u32, Option<&[String]>)> = Vec::new();
-        let mut seen: Vec<SubscriberId> = Vec::with_capacity(subscribers.len());
-        for &subscriber in subscribers {
-            if seen.contains(&subscriber) {
-                continue;
-            }
-            seen.push(subscriber);
-            let Some(slots) = self.by_subscriber.get(&subscriber) else {
+        for subscriber in subscribers {
+            let Some(bindings) = self.own.get(&subscriber) else {
                 continue;
             };
-            for slot in slots {
-                let list = match slot {
-                    Slot::Exact {
-                        schema: s,
-                        table: t,
-                    } if s == schema && t == table => {
-                        self.exact.get(schema).and_then(|tables| tables.get(table))
-                    }
-                    Slot::SchemaWide { schema: s } if s == schema => self.schema_wide.get(schema),
-                    Slot::TableWide { table: t } if t == table => self.table_wide.get(table),
-                    Slot::Everything => Some(&self.everything),
-                    _ => None,
-                };
-                for entry in list.into_iter().flatten() {
-                    if entry.subscriber == subscriber {
-                        Self::hit(entry, change, &mut hits);
-                    }
+            for b in bindings {
+                let covers = (b.schema == WILDCARD || b.schema == schema)
+                    && (b.table == WILDCARD || b.table == table);
+                if covers {
+                    Self::hit_binding(subscriber, b, change, &mut hits);
                 }
             }
         }
@@ -366,12 +372,42 @@ impl SubscriptionIndex {
         out.extend(mine);
     }
 
+    /// Every subscriber with a binding that covers `(schema, table)`, ascending, each once.
+    pub fn subscribers_of_table(&self, schema: &str, table: &str) -> Vec<SubscriberId> {
+        let lists = [
+            self.exact
+                .get(schema)
+                .and_then(|tables| tables.get(table))
+                .map(Vec::as_slice),
+            self.schema_wide.get(schema).map(Vec::as_slice),
+            self.table_wide.get(table).map(Vec::as_slice),
+            Some(self.everything.as_slice()),
+        ];
+        let mut out: Vec<SubscriberId> = lists
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.subscriber)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     fn hit<'a>(
         entry: &'a Entry,
         change: &Change,
         hits: &mut Vec<(SubscriberId, u32, Option<&'a [String]>)>,
     ) {
-        let b = &entry.binding;
+        Self::hit_binding(entry.subscriber, &entry.binding, change, hits)
+    }
+
+    fn hit_binding<'a>(
+        subscriber: SubscriberId,
+        b: &'a Binding,
+        change: &Change,
+        hits: &mut Vec<(SubscriberId, u32, Option<&'a [String]>)>,
+    ) {
         if !b.event.accepts(change.kind) {
             return;
         }
@@ -380,7 +416,7 @@ impl SubscriptionIndex {
                 return;
             }
         }
-        hits.push((entry.subscriber, b.id, b.select.as_deref()));
+        hits.push((subscriber, b.id, b.select.as_deref()));
     }
 
     /// One [`Match`] per subscriber among `hits`.

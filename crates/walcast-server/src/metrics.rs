@@ -751,3 +751,20 @@ pub fn describe_cluster_flow() {
 pub fn cluster_changes_flowing(flowing: bool) {
     gauge!(CLUSTER_CHANGES_FLOWING).set(if flowing { 1.0 } else { 0.0 });
 }
+
+// RLS at many users: claims values derived before an identity's first row (issue #15).
+pub const AUTHZ_DERIVED_AHEAD: &str = "walcast_authz_derived_ahead_total";
+
+/// Describe (and register at 0) [`AUTHZ_DERIVED_AHEAD`]; called by `serve`.
+pub fn describe_derived_ahead() {
+    describe_counter!(
+        AUTHZ_DERIVED_AHEAD,
+        "Identities whose claims values (for policies decided in process) were derived before their first row: when they joined, or when their role's table policy was compiled"
+    );
+    counter!(AUTHZ_DERIVED_AHEAD).absolute(0);
+}
+
+/// Identities derived ahead of their first row.
+pub fn authz_derived_ahead(n: u64) {
+    counter!(AUTHZ_DERIVED_AHEAD).increment(n);
+}

@@ -36,7 +36,8 @@
 //! paced at N per second over `--writers` connections; each row carries the writer's clock
 //! just before its INSERT, and each delivery's age on receipt is its commit-to-client
 //! latency (p50 / p99 / max over the pass). Before the pass, one untimed row per user warms
-//! every identity up (its claims values derived: the steady state). Use `--synchronous-commit on`: with `off` the walsender waits for the
+//! every identity up (its claims values derived: the steady state); `--no-warmup` leaves it
+//! out (the cold start). Use `--synchronous-commit on`: with `off` the walsender waits for the
 //! WAL writer (`wal_writer_delay`), which would be most of the latency.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +72,10 @@ struct Opts {
     /// Writer connections in latency mode.
     #[arg(long, default_value_t = 4)]
     writers: usize,
+    /// Latency mode without the untimed warm-up row per user: the timed rows start right
+    /// after the joins (the cold start: no identity's claims values derived by a row yet).
+    #[arg(long)]
+    no_warmup: bool,
     /// Mint a token per channel (at join time, so `exp` varies): as many claims groups as
     /// channels, like real clients whose tokens carry their own `exp`/`iat`/session.
     #[arg(long)]
@@ -290,7 +295,7 @@ async fn run(o: Opts) -> Result<()> {
         })
         .await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(rate) = o.rate {
+        if let Some(rate) = o.rate.filter(|_| !o.no_warmup) {
             // Warm-up, not measured: one row per user, so every identity's claims values
             // are known (the steady state) before the timed rows.
             let delivered =

@@ -1004,6 +1004,9 @@ pub struct PolicyCache {
     /// They depend on nothing but the identity's role and claims, so they outlive policy
     /// recompilations.
     derived: HashMap<usize, IdentityDerived>,
+    /// (role, relation) of the policies inserted since [`PolicyCache::take_compiled`]: the
+    /// pump derives the values of that role's identities as soon as a shape is known.
+    compiled: Vec<(Arc<str>, u32)>,
 }
 
 /// An identity (kept so its address stays its own) and its derived values by expression.
@@ -1031,6 +1034,9 @@ impl PolicyCache {
     }
 
     pub fn insert(&mut self, role: Arc<str>, table: &Arc<Table>, policy: Arc<TablePolicy>) {
+        if self.compiled.len() < DERIVED_MAX {
+            self.compiled.push((role.clone(), table.relation_id));
+        }
         self.entries.insert(
             (role, table.relation_id),
             (table.clone(), policy, Instant::now()),
@@ -1045,6 +1051,22 @@ impl PolicyCache {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.derived.clear();
+        self.compiled.clear();
+    }
+
+    /// The (role, relation) of every policy inserted since the last call.
+    pub fn take_compiled(&mut self) -> Vec<(Arc<str>, u32)> {
+        std::mem::take(&mut self.compiled)
+    }
+
+    /// The unexpired policies of `role`, each with the table shape it was compiled for and
+    /// when (the caller checks the shape is the relation's current one).
+    pub fn policies_of(&self, role: &str) -> Vec<(Arc<Table>, Arc<TablePolicy>, Instant)> {
+        self.entries
+            .iter()
+            .filter(|((r, _), (_, _, at))| &**r == role && at.elapsed() < POLICY_TTL)
+            .map(|(_, (table, p, at))| (table.clone(), p.clone(), *at))
+            .collect()
     }
 
     /// The derived value of each of `shape`'s terms for `identity` into `out`; whether all

@@ -57,6 +57,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         .context("installing the metrics recorder")?;
     crate::metrics::describe();
     crate::metrics::describe_joins();
+    crate::metrics::describe_derived_ahead();
     // The recorder keeps histogram samples until a scrape or an upkeep drains them: run the
     // upkeep on a timer, so a server nobody scrapes does not grow without bound.
     {

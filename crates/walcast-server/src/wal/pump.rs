@@ -78,6 +78,30 @@ type TimedPolicy = (Arc<rls::TablePolicy>, Instant);
 
 type Batch = std::pin::Pin<Box<dyn std::future::Future<Output = BatchResult> + Send>>;
 
+/// A derivation ahead of rows: resolves to the identities it was asked for and those whose
+/// values it cached.
+type Ahead = std::pin::Pin<Box<dyn std::future::Future<Output = AheadDone> + Send>>;
+
+/// An identity and the (cache key, expression) of each value it lacks.
+type Wanted = (Arc<walcast_core::hub::Identity>, Vec<(Arc<str>, Arc<str>)>);
+
+/// A cached policy with the table shape it was compiled for and when.
+type CachedPolicy = (
+    Arc<walcast_core::change::Table>,
+    Arc<rls::TablePolicy>,
+    Instant,
+);
+
+/// (asked, derived) identities of a finished derivation ahead of rows.
+type AheadDone = (
+    Vec<Arc<walcast_core::hub::Identity>>,
+    Vec<Arc<walcast_core::hub::Identity>>,
+);
+
+/// Derivations ahead of rows in flight at most (each holds one authorization connection
+/// for one pipelined round trip); identities arriving meanwhile wait for the next.
+const AHEAD_IN_FLIGHT: usize = 2;
+
 pub struct Pump {
     /// The slot, or in cluster mode the slot or the cluster's change stream.
     replicator: Source,
@@ -115,6 +139,13 @@ pub struct Pump {
     /// it was derived from expires ([`rls::POLICY_TTL`]), so a gate never outlives the
     /// freshness the policy cache keeps.
     gate_expiry: std::collections::HashMap<u32, Instant>,
+    /// Claims values being derived ahead of rows (see [`Pump::derive_ahead`]).
+    ahead: FuturesUnordered<Ahead>,
+    /// Identities to derive ahead once a slot in `ahead` frees.
+    ahead_waiting: Vec<Arc<walcast_core::hub::Identity>>,
+    /// Identities (by pointer) with a derivation ahead in flight: their lanes wait for it
+    /// instead of deriving the same values again in a check batch.
+    ahead_running: std::collections::HashSet<usize>,
 }
 
 impl Pump {
@@ -158,6 +189,9 @@ impl Pump {
             streamed: false,
             feeds: None,
             gate_expiry: Default::default(),
+            ahead: FuturesUnordered::new(),
+            ahead_waiting: Vec::new(),
+            ahead_running: Default::default(),
         }
     }
 
@@ -196,7 +230,15 @@ impl Pump {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         let mut outcome = Ok(());
+        // A new identity (a channel's first) wakes the loop, so its values are derived
+        // before its first row even while the stream is idle.
+        let arrivals = Arc::new(tokio::sync::Notify::new());
+        {
+            let wake = arrivals.clone();
+            self.hub.watch_arrivals(move || wake.notify_one());
+        }
         loop {
+            self.derive_ahead();
             self.launch_checks();
             let wake = self.next_wake();
             let reading = self.lanes.items() < MAX_QUEUED;
@@ -205,6 +247,13 @@ impl Pump {
                 _ = &mut shutdown => break,
                 Some(result) = self.checks.next(), if !self.checks.is_empty() => {
                     self.apply(result);
+                }
+                Some((asked, derived)) = self.ahead.next(), if !self.ahead.is_empty() => {
+                    for identity in &asked {
+                        self.ahead_running.remove(&(Arc::as_ptr(identity) as usize));
+                    }
+                    metrics::authz_derived_ahead(derived.len() as u64);
+                    self.gate_known(&derived);
                 }
                 event = self.replicator.recv(), if reading => {
                     match event {
@@ -218,6 +267,7 @@ impl Pump {
                     }
                 }
                 _ = sleep_until(wake), if wake.is_some() => {}
+                _ = arrivals.notified() => {}
             }
             self.confirm();
             if self
@@ -520,16 +570,11 @@ impl Pump {
                                     return None;
                                 }
                                 // From now on only rows carrying one of its values reach
-                                // it: every other row is one its policies refuse.
-                                if by_row {
+                                // it: every other row is one its policies refuse. One that
+                                // came through the gate is gated already.
+                                if by_row && !routed.via_gate(k) {
                                     if let Some(terms) = shape.index_terms() {
-                                        let keys = terms
-                                            .iter()
-                                            .filter_map(|&t| {
-                                                let value = (*values.get(t)?)?;
-                                                Some((shape.terms.get(t)?.column, value.into()))
-                                            })
-                                            .collect();
+                                        let keys = gate_keys(shape, &terms, &values);
                                         gate_now.push((identity.clone(), keys));
                                         let until = compiled + rls::POLICY_TTL;
                                         gate_until = Some(
@@ -578,6 +623,188 @@ impl Pump {
             self.holding = true;
         }
         self.deliver_now(&change, routed, &now_decided);
+    }
+
+    /// Derive claims values before rows need them: for identities that just got their first
+    /// channel, and for every identity of a role whose table policy was just compiled
+    /// (the cold start: a thousand users joined before the first row). Each role's
+    /// identities go in one pipelined round trip (`shape::derive_many`), beside the loop;
+    /// once cached, [`Pump::gate_known`] gates them, so a table's rows reach only the
+    /// identities whose values they carry from the first row on, and each is decided in
+    /// process. Identities whose values are known already are gated at once (a policy
+    /// compiled again after its 10 s limit re-gates everyone in one step). Nothing here
+    /// decides a row: a derivation that fails or raises leaves the identity as it was
+    /// (underived: its first row derives it, or unusable: per-group checks), and a
+    /// policy change forgets the table's policies and gates exactly as before.
+    fn derive_ahead(&mut self) {
+        let arrived = self.hub.take_arrivals();
+        let compiled = self
+            .policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_compiled();
+        self.ahead_waiting.extend(arrived);
+        if !compiled.is_empty() {
+            let roles: Vec<&Arc<str>> = compiled.iter().map(|(r, _)| r).collect();
+            for identity in self.hub.identities_with_channels() {
+                if roles.iter().any(|r| **r == identity.role) {
+                    self.ahead_waiting.push(identity);
+                }
+            }
+        }
+        if self.ahead_waiting.is_empty() || self.ahead.len() >= AHEAD_IN_FLIGHT {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.ahead_waiting);
+        let mut seen: std::collections::HashSet<usize> = Default::default();
+        let mut known = Vec::new();
+        // Per role: each identity with the (cache key, expression) of each value it lacks.
+        let mut wanted: std::collections::BTreeMap<Arc<str>, Vec<Wanted>> = Default::default();
+        {
+            let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shapes_of: std::collections::HashMap<Arc<str>, Vec<Arc<rls::TablePolicy>>> =
+                Default::default();
+            for identity in waiting {
+                if !seen.insert(Arc::as_ptr(&identity) as usize) {
+                    continue;
+                }
+                let shaped = shapes_of
+                    .entry(identity.role.clone())
+                    .or_insert_with(|| self.current_shaped(&policies, &identity.role));
+                if shaped.is_empty() {
+                    continue;
+                }
+                let mut missing: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+                for p in shaped.iter() {
+                    let Some(shape) = &p.shape else { continue };
+                    for m in policies.underived(&identity, shape) {
+                        if !missing.iter().any(|(k, _)| *k == m.0) {
+                            missing.push(m);
+                        }
+                    }
+                }
+                if missing.is_empty() {
+                    known.push(identity);
+                } else {
+                    wanted
+                        .entry(identity.role.clone())
+                        .or_default()
+                        .push((identity, missing));
+                }
+            }
+        }
+        self.gate_known(&known);
+        for (role, wanted) in wanted {
+            let pool = self.authz.clone();
+            let cache = self.policies.clone();
+            let asked: Vec<Arc<walcast_core::hub::Identity>> =
+                wanted.iter().map(|(i, _)| i.clone()).collect();
+            self.ahead_running
+                .extend(asked.iter().map(|i| Arc::as_ptr(i) as usize));
+            self.ahead.push(Box::pin(async move {
+                let requests: Vec<(Arc<walcast_core::hub::Identity>, Vec<Arc<str>>)> = wanted
+                    .iter()
+                    .map(|(i, m)| (i.clone(), m.iter().map(|(_, e)| e.clone()).collect()))
+                    .collect();
+                match crate::authz::shape::derive_many(&pool, &role, &requests).await {
+                    Ok(values) => {
+                        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut derived = Vec::new();
+                        for ((identity, missing), values) in wanted.into_iter().zip(values) {
+                            if let Some(values) = values {
+                                let keys = missing.into_iter().map(|(k, _)| k).collect();
+                                cache.insert_derived(&identity, keys, values);
+                                derived.push(identity);
+                            }
+                        }
+                        (asked, derived)
+                    }
+                    Err(e) => {
+                        // Left underived: each identity's first row derives it, as before.
+                        tracing::debug!(error = ?e.to_string(), identities = requests.len(), "deriving claims values ahead of rows failed");
+                        (asked, Vec::new())
+                    }
+                }
+            }));
+        }
+    }
+
+    /// The cached policies of `role` that decide rows in process (a recognized shape, a
+    /// row check, SELECT granted), compiled for their relation's current table (a policy
+    /// compiled for an older shape of the table indexes other columns).
+    fn current_shaped(&self, policies: &PolicyCache, role: &str) -> Vec<Arc<rls::TablePolicy>> {
+        policies
+            .policies_of(role)
+            .into_iter()
+            .filter(|(table, p, _)| {
+                self.decoder
+                    .table(table.relation_id)
+                    .is_some_and(|now| Arc::ptr_eq(now, table))
+                    && p.select
+                    && p.shape.is_some()
+                    && matches!(p.rows, RowRule::Check(_))
+            })
+            .map(|(_, p, _)| p)
+            .collect()
+    }
+
+    /// Gate `identities` on every relation whose current policy for their role they have
+    /// all values for: what the pump does when it decides such an identity in process
+    /// (`on_change`), done ahead of its rows.
+    fn gate_known(&mut self, identities: &[Arc<walcast_core::hub::Identity>]) {
+        if identities.is_empty() {
+            return;
+        }
+        type Gated = (
+            Vec<(
+                Arc<walcast_core::hub::Identity>,
+                Vec<walcast_core::hub::GateKey>,
+            )>,
+            Instant,
+        );
+        let mut by_relid: std::collections::HashMap<u32, Gated> = Default::default();
+        {
+            let policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shaped_of: std::collections::HashMap<Arc<str>, Vec<CachedPolicy>> =
+                Default::default();
+            let mut values = Vec::new();
+            for identity in identities {
+                let shaped = shaped_of.entry(identity.role.clone()).or_insert_with(|| {
+                    policies
+                        .policies_of(&identity.role)
+                        .into_iter()
+                        .filter(|(table, p, _)| {
+                            self.decoder
+                                .table(table.relation_id)
+                                .is_some_and(|now| Arc::ptr_eq(now, table))
+                                && p.select
+                                && matches!(p.rows, RowRule::Check(_))
+                        })
+                        .collect()
+                });
+                for (table, p, compiled) in shaped.iter() {
+                    let Some(shape) = &p.shape else { continue };
+                    let Some(terms) = shape.index_terms() else {
+                        continue;
+                    };
+                    if !policies.derived_values(identity, shape, &mut values) {
+                        continue;
+                    }
+                    let keys = gate_keys(shape, &terms, &values);
+                    let until = *compiled + rls::POLICY_TTL;
+                    let entry = by_relid
+                        .entry(table.relation_id)
+                        .or_insert_with(|| (Vec::new(), until));
+                    entry.0.push((identity.clone(), keys));
+                    entry.1 = entry.1.min(until);
+                }
+            }
+        }
+        for (relid, (gated, until)) in by_relid {
+            self.hub.gate(relid, gated);
+            let at = self.gate_expiry.entry(relid).or_insert(until);
+            *at = (*at).min(until);
+        }
     }
 
     fn deliver_now(
@@ -629,6 +856,14 @@ impl Pump {
             let Some(lane) = self.lanes.get_mut(key) else {
                 continue;
             };
+            // Its values are being derived ahead (one round trip for many identities): it
+            // goes once they are known, decided in process, instead of deriving them again.
+            if self
+                .ahead_running
+                .contains(&(Arc::as_ptr(&lane.identity) as usize))
+            {
+                continue;
+            }
             let cheap = lane
                 .items
                 .iter()
@@ -822,6 +1057,22 @@ impl Pump {
         }?;
         Some(tokio::time::Instant::from_std(at))
     }
+}
+
+/// An identity's gate keys for a shape's index terms: (column, its value) for each term
+/// whose value is not NULL (a NULL value matches no row).
+fn gate_keys(
+    shape: &crate::authz::shape::Shape,
+    terms: &[usize],
+    values: &[Option<&str>],
+) -> Vec<walcast_core::hub::GateKey> {
+    terms
+        .iter()
+        .filter_map(|&t| {
+            let value = (*values.get(t)?)?;
+            Some((shape.terms.get(t)?.column, value.into()))
+        })
+        .collect()
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
