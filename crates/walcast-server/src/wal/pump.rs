@@ -835,14 +835,26 @@ impl Pump {
         let gathered = self
             .gathering_since
             .is_some_and(|t| now.duration_since(t) >= GATHER_MAX);
-        if self.replicator.has_buffered() && !gathered {
+        // Waiting for the buffered stream is worth it only while reading it can end the
+        // wait: with the lanes full the pump reads nothing until checks free them, so no
+        // push restarts the gathering clock and the buffer never drains (the 1,000-user
+        // membership bench stopped for good at 100,000 queued items). A retry that is due
+        // does not wait either.
+        let reading = self.lanes.items() < MAX_QUEUED;
+        let retry_due = self.lanes.next_retry().is_some_and(|t| t <= now);
+        if self.replicator.has_buffered() && !gathered && reading && !retry_due {
             return;
         }
         let ready = self.lanes.ready(now);
         if ready.is_empty() {
+            // Every pending item is in a lane checking (its batch's end re-arms the clock)
+            // or backing off (`next_wake`): a clock left running would only spin the loop.
+            self.gathering_since = None;
             return;
         }
-        self.gathering_since = None;
+        // Lanes left pending for a later round (solo batches at their limit) start it within
+        // GATHER_MAX even while the stream stays busy, not only once the buffer drains.
+        let mut left = false;
         let generation = self.lanes.generation();
         // Lanes proven fast share a transaction per role; the others run alone. A lane whose
         // items all fall on tables whose cached policy needs no per-group statement (a shape
@@ -877,6 +889,7 @@ impl Pump {
             // Solo batches wait for the pool anyway: beyond a few in flight, a lane waits
             // for the next round, by when its table's policy is compiled and may be cheap.
             if !shares && self.checks.len() + solo.len() >= SOLO_IN_FLIGHT {
+                left = true;
                 continue;
             }
             let mut items = Vec::new();
@@ -903,6 +916,7 @@ impl Pump {
             }
         }
         drop(policies);
+        self.gathering_since = left.then_some(now);
         let mut batches: Vec<Vec<LaneWork>> = solo.into_iter().map(|w| vec![w]).collect();
         for (_, works) in shared {
             let n = works.len().clamp(1, AUTHZ_PARALLEL);
@@ -976,6 +990,11 @@ impl Pump {
             } else {
                 lane.available();
                 lane.record_speed(slowest, now);
+            }
+            // Items queued while it was checking: they start a round within GATHER_MAX
+            // (the clock may have been reset when the lane was not ready).
+            if lane.ready(now) {
+                self.gathering_since.get_or_insert(now);
             }
             self.deliver_lane(key);
         }
