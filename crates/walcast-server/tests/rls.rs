@@ -1478,3 +1478,69 @@ async fn a_new_identity_is_derived_when_it_joins() {
         "rows reached an identity whose value they do not carry"
     );
 }
+
+/// Lanes holding more than the pump's queue limit (100,000 items) stop it reading the
+/// stream until checks free them. The checks must still start while later transactions
+/// wait unread: new identities' lanes run alone, a few at a time, and the pump used to wait
+/// for the buffered stream to drain before starting the rest, which it never would (the
+/// 1,000-user membership bench delivered its first transaction and then nothing). Here 40
+/// identities on a policy no shape recognizes (so every row is routed to every identity)
+/// get a transaction of 3,000 rows (120,000 items) with more transactions right behind it;
+/// the policy is slow on row 1, so each identity's first check takes a while and the pump
+/// fills the lanes meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_start_while_full_lanes_hold_the_stream_back() {
+    let (db, sql, role) = tenant_table("false").await;
+    support::exec_each(
+        &sql,
+        &[
+            // One slow row per check statement, under its 2 s timeout.
+            "CREATE FUNCTION tenant_is(id int8, x int4) RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+             BEGIN
+               IF id = 1 THEN PERFORM pg_sleep(1.2); END IF;
+               RETURN x = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4;
+             END $$",
+            "ALTER POLICY p ON t USING (tenant_is(id, tenant))",
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_full", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    const TENANTS: i64 = 40;
+    let mut subs = Vec::new();
+    for tenant in 0..TENANTS {
+        subs.push(
+            Subscriber::join(
+                server.port,
+                &format!("tenant{tenant}"),
+                &json!({"role": role, "tenant": tenant}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    let mut txns = String::from(
+        "BEGIN; INSERT INTO t SELECT g, g % 40 FROM generate_series(1, 3000) g; COMMIT;",
+    );
+    for k in 0..10i64 {
+        let first = 3001 + 40 * k;
+        txns.push_str(&format!(
+            "INSERT INTO t SELECT g, g % 40 FROM generate_series({first}, {}) g;",
+            first + 39
+        ));
+    }
+    txns.push_str("INSERT INTO fence VALUES (1);");
+    sql.batch_execute(&txns).await.expect("insert");
+    for (tenant, s) in subs.iter_mut().enumerate() {
+        s.until_fence("fence", 1).await;
+        let want: Vec<i64> = (1..=3400)
+            .filter(|id| id % TENANTS == tenant as i64)
+            .collect();
+        assert_eq!(t_ids(s), want, "tenant {tenant}");
+        assert!(
+            s.system.iter().all(|m| m["status"] != "error"),
+            "tenant {tenant}: {:?}",
+            s.system
+        );
+    }
+}
