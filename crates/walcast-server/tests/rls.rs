@@ -1479,6 +1479,15 @@ async fn a_new_identity_is_derived_when_it_joins() {
     );
 }
 
+/// The ids of table `t` a subscriber received, in order.
+fn t_ids(sub: &Subscriber) -> Vec<i64> {
+    sub.events
+        .iter()
+        .filter(|e| e["table"] == "t")
+        .map(|e| e["record"]["id"].as_i64().expect("id"))
+        .collect()
+}
+
 /// Lanes holding more than the pump's queue limit (100,000 items) stop it reading the
 /// stream until checks free them. The checks must still start while later transactions
 /// wait unread: new identities' lanes run alone, a few at a time, and the pump used to wait
