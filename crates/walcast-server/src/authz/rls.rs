@@ -272,7 +272,8 @@ SELECT c.relname::text, c.relrowsecurity, c.relforcerowsecurity,
        ARRAY(SELECT COALESCE(co.collisdeterministic, true)
              FROM pg_catalog.pg_attribute a
              LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum)
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       pg_catalog.has_table_privilege(r.oid, c.oid, 'SELECT')
 FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
 WHERE c.oid = $2 AND r.rolname = $1";
 
@@ -514,18 +515,25 @@ fn from_catalog(
     let attnums: Vec<i32> = row.try_get(8).map_err(get)?;
     let granted: Vec<bool> = row.try_get(9).map_err(get)?;
     let deterministic: Vec<bool> = row.try_get(10).map_err(get)?;
+    let whole_table: bool = row.try_get(11).map_err(get)?;
     if !select {
         return Ok(TablePolicy::DENY);
     }
     let position = |name: &str| table.columns.iter().position(|c| &*c.name == name);
+    // SELECT on the table covers every column it has or had, so the change's own columns
+    // are all shown. Only column-level grants are matched by name, and a column the catalog
+    // no longer has (dropped after the row was written, before this compilation: the
+    // catalog is read as of now, not as of the row) is then hidden. Matching by name under
+    // a table-level grant hid such a column from the rows written just before the DROP.
     let mask: Vec<bool> = table
         .columns
         .iter()
         .map(|c| {
-            names
-                .iter()
-                .position(|n| n == &*c.name)
-                .is_some_and(|k| granted.get(k).copied().unwrap_or(false))
+            whole_table
+                || names
+                    .iter()
+                    .position(|n| n == &*c.name)
+                    .is_some_and(|k| granted.get(k).copied().unwrap_or(false))
         })
         .collect();
     tracing::debug!(role, relid, ?mask, ?names, ?granted, "compiled column mask");
