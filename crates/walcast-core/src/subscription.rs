@@ -310,15 +310,7 @@ impl SubscriptionIndex {
         }
         let schema = change.schema();
         let table = change.table_name();
-        let lists = [
-            self.exact
-                .get(schema)
-                .and_then(|tables| tables.get(table))
-                .map(Vec::as_slice),
-            self.schema_wide.get(schema).map(Vec::as_slice),
-            self.table_wide.get(table).map(Vec::as_slice),
-            Some(self.everything.as_slice()),
-        ];
+        let lists = self.lists_covering(schema, table);
         let mut examined = 0;
         let mut hits: Vec<(SubscriberId, u32, Option<&[String]>)> = Vec::new();
         for entry in lists.into_iter().flatten().flatten() {
@@ -372,9 +364,10 @@ impl SubscriptionIndex {
         out.extend(mine);
     }
 
-    /// Every subscriber with a binding that covers `(schema, table)`, ascending, each once.
-    pub fn subscribers_of_table(&self, schema: &str, table: &str) -> Vec<SubscriberId> {
-        let lists = [
+    /// The entry lists whose bindings may cover `(schema, table)`: exact, schema-wide,
+    /// table-wide and everything (each binding is in exactly one of them).
+    fn lists_covering(&self, schema: &str, table: &str) -> [Option<&[Entry]>; 4] {
+        [
             self.exact
                 .get(schema)
                 .and_then(|tables| tables.get(table))
@@ -382,7 +375,12 @@ impl SubscriptionIndex {
             self.schema_wide.get(schema).map(Vec::as_slice),
             self.table_wide.get(table).map(Vec::as_slice),
             Some(self.everything.as_slice()),
-        ];
+        ]
+    }
+
+    /// Every subscriber with a binding that covers `(schema, table)`, ascending, each once.
+    pub fn subscribers_of_table(&self, schema: &str, table: &str) -> Vec<SubscriberId> {
+        let lists = self.lists_covering(schema, table);
         let mut out: Vec<SubscriberId> = lists
             .into_iter()
             .flatten()
@@ -477,15 +475,7 @@ impl SubscriptionIndex {
         schema: &'a str,
         table: &'a str,
     ) -> impl Iterator<Item = &'a Binding> + 'a {
-        let lists = [
-            self.exact
-                .get(schema)
-                .and_then(|tables| tables.get(table))
-                .map(Vec::as_slice),
-            self.schema_wide.get(schema).map(Vec::as_slice),
-            self.table_wide.get(table).map(Vec::as_slice),
-            Some(self.everything.as_slice()),
-        ];
+        let lists = self.lists_covering(schema, table);
         lists
             .into_iter()
             .flatten()

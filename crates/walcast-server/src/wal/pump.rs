@@ -729,10 +729,10 @@ impl Pump {
         }
     }
 
-    /// The cached policies of `role` that decide rows in process (a recognized shape, a
-    /// row check, SELECT granted), compiled for their relation's current table (a policy
-    /// compiled for an older shape of the table indexes other columns).
-    fn current_shaped(&self, policies: &PolicyCache, role: &str) -> Vec<Arc<rls::TablePolicy>> {
+    /// The unexpired cached policies of `role` that decide rows by a row check with SELECT
+    /// granted, compiled for their relation's current table (a policy compiled for an older
+    /// shape of the table indexes other columns).
+    fn current_checked(&self, policies: &PolicyCache, role: &str) -> Vec<CachedPolicy> {
         policies
             .policies_of(role)
             .into_iter()
@@ -741,9 +741,16 @@ impl Pump {
                     .table(table.relation_id)
                     .is_some_and(|now| Arc::ptr_eq(now, table))
                     && p.select
-                    && p.shape.is_some()
                     && matches!(p.rows, RowRule::Check(_))
             })
+            .collect()
+    }
+
+    /// Of [`Pump::current_checked`], those that decide rows in process (a recognized shape).
+    fn current_shaped(&self, policies: &PolicyCache, role: &str) -> Vec<Arc<rls::TablePolicy>> {
+        self.current_checked(policies, role)
+            .into_iter()
+            .filter(|(_, p, _)| p.shape.is_some())
             .map(|(_, p, _)| p)
             .collect()
     }
@@ -769,19 +776,9 @@ impl Pump {
                 Default::default();
             let mut values = Vec::new();
             for identity in identities {
-                let shaped = shaped_of.entry(identity.role.clone()).or_insert_with(|| {
-                    policies
-                        .policies_of(&identity.role)
-                        .into_iter()
-                        .filter(|(table, p, _)| {
-                            self.decoder
-                                .table(table.relation_id)
-                                .is_some_and(|now| Arc::ptr_eq(now, table))
-                                && p.select
-                                && matches!(p.rows, RowRule::Check(_))
-                        })
-                        .collect()
-                });
+                let shaped = shaped_of
+                    .entry(identity.role.clone())
+                    .or_insert_with(|| self.current_checked(&policies, &identity.role));
                 for (table, p, compiled) in shaped.iter() {
                     let Some(shape) = &p.shape else { continue };
                     let Some(terms) = shape.index_terms() else {
