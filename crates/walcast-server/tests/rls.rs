@@ -524,6 +524,22 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
 const TENANT_POLICY: &str =
     "tenant = (current_setting('request.jwt.claims', true)::jsonb ->> 'tenant')::int4";
 
+/// One subscriber per tenant in `tenants`, topic `tenant<n>`, on `role` with claim
+/// `tenant: n`, each joined to `tables`.
+async fn join_tenants(
+    port: u16,
+    role: &str,
+    tenants: impl IntoIterator<Item = i64>,
+    tables: &[String],
+) -> Vec<Subscriber> {
+    let mut subs = Vec::new();
+    for tenant in tenants {
+        let claims = json!({"role": role, "tenant": tenant});
+        subs.push(Subscriber::join(port, &format!("tenant{tenant}"), &claims, tables).await);
+    }
+    subs
+}
+
 /// A fresh database with role `<db>_r`, table `t (id, tenant)` under row-level security with
 /// one SELECT policy `p` using `policy`, and a `fence` table without RLS; the role may
 /// SELECT both.
@@ -1132,18 +1148,7 @@ async fn a_claims_only_policy_needs_no_check_per_row() {
     let (db, sql, role) = tenant_table(TENANT_POLICY).await;
     let server = serve(db.url(), &format!("{}_shape", db.name())).await;
     let tables = vec!["t".to_string(), "fence".to_string()];
-    let mut subs = Vec::new();
-    for tenant in 1..=5 {
-        subs.push(
-            Subscriber::join(
-                server.port,
-                &format!("tenant{tenant}"),
-                &json!({"role": role, "tenant": tenant}),
-                &tables,
-            )
-            .await,
-        );
-    }
+    let mut subs = join_tenants(server.port, &role, 1..=5, &tables).await;
     // One row per tenant: each identity's value is derived (in its check batch).
     for tenant in 1..=5i32 {
         sql.execute(
@@ -1332,18 +1337,7 @@ async fn new_identities_on_a_claims_only_policy_are_derived_together() {
     // are derived as they join (ahead of their rows).
     let batched_before = metric_sum(server.port, "walcast_authz_derivations_batched_total").await
         + metric_sum(server.port, "walcast_authz_derived_ahead_total").await;
-    let mut subs = Vec::new();
-    for tenant in 1..=12 {
-        subs.push(
-            Subscriber::join(
-                server.port,
-                &format!("tenant{tenant}"),
-                &json!({"role": role, "tenant": tenant}),
-                &tables,
-            )
-            .await,
-        );
-    }
+    let mut subs = join_tenants(server.port, &role, 1..=12, &tables).await;
     let checks_before = policy_checks(server.port).await;
     // One transaction with a row for every new tenant, then a few more each.
     let mut rows = String::from("BEGIN;");
@@ -1391,18 +1385,7 @@ async fn a_new_identity_is_derived_when_it_joins() {
     let (db, sql, role) = tenant_table(TENANT_POLICY).await;
     let server = serve(db.url(), &format!("{}_ahead", db.name())).await;
     let tables = vec!["t".to_string(), "fence".to_string()];
-    let mut subs = Vec::new();
-    for tenant in 1..=3 {
-        subs.push(
-            Subscriber::join(
-                server.port,
-                &format!("tenant{tenant}"),
-                &json!({"role": role, "tenant": tenant}),
-                &tables,
-            )
-            .await,
-        );
-    }
+    let mut subs = join_tenants(server.port, &role, 1..=3, &tables).await;
     // Warm: the policy is compiled, these three are derived and gated.
     sql.batch_execute("INSERT INTO t VALUES (1, 1), (2, 2), (3, 3); INSERT INTO fence VALUES (1)")
         .await
@@ -1516,18 +1499,7 @@ async fn checks_start_while_full_lanes_hold_the_stream_back() {
     let server = serve(db.url(), &format!("{}_full", db.name())).await;
     let tables = vec!["t".to_string(), "fence".to_string()];
     const TENANTS: i64 = 40;
-    let mut subs = Vec::new();
-    for tenant in 0..TENANTS {
-        subs.push(
-            Subscriber::join(
-                server.port,
-                &format!("tenant{tenant}"),
-                &json!({"role": role, "tenant": tenant}),
-                &tables,
-            )
-            .await,
-        );
-    }
+    let mut subs = join_tenants(server.port, &role, 0..TENANTS, &tables).await;
     let mut txns = String::from(
         "BEGIN; INSERT INTO t SELECT g, g % 40 FROM generate_series(1, 3000) g; COMMIT;",
     );
