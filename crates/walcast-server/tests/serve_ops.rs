@@ -450,7 +450,8 @@ async fn joined_sockets_leave_the_lowered_intake_threads() {
     // wake-ups); left on the intake thread they would cost it tens of ticks.
     let before = intake_ticks(server.pid());
     for i in 0..3000 {
-        c.heartbeat(&format!("hb{i}"), Duration::from_secs(10)).await;
+        c.heartbeat(&format!("hb{i}"), Duration::from_secs(10))
+            .await;
     }
     let spent = intake_ticks(server.pid()) - before;
     assert!(

@@ -135,7 +135,10 @@ mod tests {
     /// they hand on with `spawn_serving` run on the serving runtime's threads.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn intake_threads_are_lowered_and_hand_on_to_the_serving_runtime() {
-        assert!(serving().is_none(), "the test runtime is not an intake runtime");
+        assert!(
+            serving().is_none(),
+            "the test runtime is not an intake runtime"
+        );
         let base = rustix::process::getpriority_process(None).expect("getpriority");
         let intake = Intake::start(1, 7).expect("intake runtime");
         let handle = intake.handle().expect("running");

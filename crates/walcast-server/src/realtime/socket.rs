@@ -35,9 +35,9 @@ use walcast_core::hub::OutFrame;
 use walcast_protocol::{decode_binary_bytes_within, decode_text_within, Vsn};
 
 use crate::metrics;
-use crate::realtime::{authorize, intake};
 use crate::realtime::outbox::{self, OutboxReader};
 use crate::realtime::session::{Exit, Now, Outcome, Session};
+use crate::realtime::{authorize, intake};
 use crate::state::AppState;
 
 /// WebSocket close code for a client that cannot keep up (private-use range).
