@@ -117,6 +117,17 @@ pub struct ServeArgs {
     #[arg(long, env = "RLS_DELETES", value_enum, default_value_t = crate::authz::rls::RlsDeletes::Drop)]
     pub rls_deletes: crate::authz::rls::RlsDeletes,
 
+    /// Threads of the intake runtime, where a new socket runs until its first join is live,
+    /// below the priority of established sockets (a reconnect storm then cannot delay their
+    /// heartbeats and deliveries). 0: no intake runtime, every socket on the main one.
+    /// Default: one per CPU.
+    #[arg(long, env = "INTAKE_THREADS")]
+    pub intake_threads: Option<usize>,
+
+    /// Nice steps the intake threads run below the rest of the process (0 to 19).
+    #[arg(long, env = "INTAKE_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub intake_nice: i32,
+
     #[command(flatten)]
     pub limits: LimitArgs,
 

@@ -348,3 +348,123 @@ async fn metrics_token_guards_the_metrics_page() {
     assert_eq!(server.get("/healthz").await.unwrap().0, 200);
     assert_eq!(server.get("/readyz").await.unwrap().0, 200);
 }
+
+/// One thread of the server: its name, nice value and CPU time in clock ticks.
+struct ThreadStat {
+    name: String,
+    nice: i64,
+    ticks: u64,
+}
+
+/// Every thread of process `pid`, from `/proc/<pid>/task/*/stat`.
+fn threads(pid: u32) -> Vec<ThreadStat> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `tid (comm) state ppid …`: comm may hold spaces, so split after its ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime) and 19 (nice), counted from 1 with the pid and
+        // comm being 1 and 2: indices 11, 12 and 16 here.
+        let field = |i: usize| rest.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        out.push(ThreadStat {
+            name,
+            nice: field(16),
+            ticks: (field(11) + field(12)) as u64,
+        });
+    }
+    out
+}
+
+fn intake_ticks(pid: u32) -> u64 {
+    threads(pid)
+        .iter()
+        .filter(|t| t.name == "walcast-intake")
+        .map(|t| t.ticks)
+        .sum()
+}
+
+/// New sockets start on the intake threads, which run `--intake-nice` steps below the rest of
+/// the server; once a socket's first join is live it is served by the serving runtime, so a
+/// reconnect storm on the intake threads cannot hold it back. Checked by the threads' nice
+/// values and by where a joined socket's heartbeats spend their CPU time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_sockets_leave_the_lowered_intake_threads() {
+    let db = PgCluster::shared().fresh_database().await.unwrap();
+    let sql = db.connect().await.unwrap();
+    let _ = sql.batch_execute("CREATE ROLE anon NOLOGIN").await;
+    sql.batch_execute(
+        "CREATE TABLE intake_t (id int PRIMARY KEY); GRANT SELECT ON intake_t TO anon;",
+    )
+    .await
+    .unwrap();
+    let server = Server::start(
+        db.url(),
+        "intake",
+        &["--intake-threads=1", "--intake-nice=12"],
+    )
+    .await;
+    let all = threads(server.pid());
+    let base = all
+        .iter()
+        .find(|t| t.name == "walcast")
+        .map(|t| t.nice)
+        .expect("the server's main thread");
+    let intake: Vec<&ThreadStat> = all.iter().filter(|t| t.name == "walcast-intake").collect();
+    assert!(!intake.is_empty(), "no intake thread");
+    assert!(
+        intake.iter().all(|t| t.nice == (base + 12).min(19)),
+        "the intake threads are lowered"
+    );
+    assert!(
+        all.iter()
+            .filter(|t| t.name.starts_with("tokio-runtime"))
+            .all(|t| t.nice == base),
+        "serving threads keep the process's priority"
+    );
+
+    let t = token("anon", 3600);
+    let mut c = server.connect(&t).await;
+    let reply = c
+        .join(
+            "1",
+            "realtime:intake",
+            json!([{"event": "INSERT", "schema": "public", "table": "intake_t"}]),
+            &t,
+        )
+        .await;
+    assert_eq!(reply["status"], "ok", "{reply}");
+    c.until(Duration::from_secs(10), |f| f[3] == "system")
+        .await
+        .unwrap();
+    // The joined socket's work from here on: thousands of heartbeats. Served on the
+    // serving runtime, they cost the intake thread nothing (a clock tick of slack for
+    // wake-ups); left on the intake thread they would cost it tens of ticks.
+    let before = intake_ticks(server.pid());
+    for i in 0..3000 {
+        c.heartbeat(&format!("hb{i}"), Duration::from_secs(10))
+            .await;
+    }
+    let spent = intake_ticks(server.pid()) - before;
+    assert!(
+        spent <= 1,
+        "the intake thread spent {spent} ticks on an established socket's heartbeats"
+    );
+    // And the socket is fully served there: a change arrives.
+    sql.execute("INSERT INTO intake_t VALUES (1)", &[])
+        .await
+        .unwrap();
+    let change = c
+        .until(Duration::from_secs(10), |f| f[3] == "postgres_changes")
+        .await
+        .unwrap();
+    assert_eq!(change[4]["data"]["record"]["id"], 1, "{change}");
+}

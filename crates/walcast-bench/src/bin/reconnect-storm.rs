@@ -65,6 +65,12 @@ struct Opts {
     /// Runtime threads of the load generator.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Nice value of the load generator's runtime threads (the 10,000 storm sockets), not of
+    /// the bystander's thread. The generator stands for 10,000 other machines and the
+    /// bystander for a client of its own; on one 2-core box, at 0 (the old mode) the
+    /// bystander's own sends and reads wait for CPU behind the generator's.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    generator_nice: i32,
     #[command(flatten)]
     harness: HarnessArgs,
 }
@@ -74,9 +80,17 @@ fn main() -> Result<()> {
     if let Some(cpus) = &o.harness.client_cpus {
         harness::pin_self(cpus)?;
     }
+    let nice = o.generator_nice;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.threads.max(1))
         .enable_all()
+        .on_thread_start(move || {
+            // Per thread on Linux (`setpriority(PRIO_PROCESS, 0)`); the bystander's thread,
+            // started later with std::thread, keeps the process's value.
+            if nice > 0 {
+                let _ = rustix::process::setpriority_process(None, nice);
+            }
+        })
         .build()?
         .block_on(run(o))
 }
@@ -461,11 +475,12 @@ async fn run(mut o: Opts) -> Result<()> {
     let ms = |us: u64| us as f64 / 1000.0;
     println!("reconnect-storm: {}", harness::command_line());
     println!(
-        "  {} sockets, {} users, {} channels, one INSERT binding each; {}; load before {load_start}",
+        "  {} sockets, {} users, {} channels, one INSERT binding each; {}; generator nice {}; load before {load_start}",
         o.sockets,
         o.users,
         if o.private { "private" } else { "public" },
-        o.harness.pinning()
+        o.harness.pinning(),
+        o.generator_nice
     );
     println!(
         "  sockets opened in {:.2} s ({} handshakes at a time)",

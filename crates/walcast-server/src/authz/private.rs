@@ -225,10 +225,11 @@ impl ReadBatcher {
         sub_topic: &str,
         presence: bool,
     ) -> Result<ChannelPerms, AuthzError> {
-        // Started on first use, on the runtime that serves the joins.
+        // Started on first use, on the serving runtime (a first join may come from the
+        // intake runtime, whose threads run last).
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(gather(self.pool.clone(), rx));
+            crate::realtime::intake::spawn_serving(gather(self.pool.clone(), rx));
             tx
         });
         let (reply, answer) = tokio::sync::oneshot::channel();

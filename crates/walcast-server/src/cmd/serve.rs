@@ -313,11 +313,23 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, publication = %cfg.publication, slot = %cfg.slot, "walcast serving");
+    // New sockets' first joins run below established sockets (see `realtime::intake`).
+    let intake_threads = args.intake_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+    });
+    let intake = match intake_threads {
+        0 => None,
+        n => Some(
+            crate::realtime::intake::Intake::start(n, args.intake_nice)
+                .context("starting the intake runtime")?,
+        ),
+    };
     let app = router(HttpState {
         app: state.clone(),
         shutdown: shutdown_rx.clone(),
         prometheus: Some(prometheus),
         metrics_token: args.metrics_token.as_deref().map(Arc::from),
+        intake: intake.as_ref().and_then(|i| i.handle()),
     })
     .merge(extra);
     let mut http_shutdown = shutdown_rx.clone();
@@ -377,6 +389,9 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
         let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), task).await;
     }
     let _ = tokio::time::timeout_at(deadline, server).await;
+    if let Some(intake) = intake {
+        intake.shutdown();
+    }
     Ok(())
 }
 

@@ -130,8 +130,10 @@ where
                     }
                     // Run by a task of its own: the query finishes even when every caller
                     // waiting for it went away (a paused future could hold a pooled
-                    // connection's lock until some later caller polled it again).
-                    let task = tokio::spawn(load());
+                    // connection's lock until some later caller polled it again). On the
+                    // serving runtime: a join on the intake runtime may start it, and joins
+                    // of established sockets may wait for it.
+                    let task = crate::realtime::intake::spawn_serving(load());
                     let load: Load<V> = async move {
                         match task.await {
                             Ok(answer) => answer.map_err(|e| LoadError::new(format!("{e:#}"))),

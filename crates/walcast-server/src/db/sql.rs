@@ -53,7 +53,9 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
+    // On the serving runtime even when a socket on the intake runtime opened it: the
+    // connection is pooled and serves everyone afterwards.
+    crate::realtime::intake::spawn_serving(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = ?e.to_string(), "sql connection ended");
         }

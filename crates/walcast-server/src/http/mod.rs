@@ -51,6 +51,8 @@ pub struct HttpState {
     pub prometheus: Option<PrometheusHandle>,
     /// Bearer token required on /metrics, when set.
     pub metrics_token: Option<Arc<str>>,
+    /// Where new sockets start (`crate::realtime::intake`); `None`: where they were upgraded.
+    pub intake: Option<tokio::runtime::Handle>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -234,13 +236,14 @@ async fn websocket(
     drop(claims);
     let app = s.app.clone();
     let shutdown = s.shutdown.clone();
+    let intake = s.intake.clone();
     upgrade
         .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |ws| {
+        .on_upgrade(move |ws| async move {
             let conn = Connection {
                 vsn,
                 token: token.into(),
@@ -248,6 +251,10 @@ async fn websocket(
                 slot,
                 session_id,
             };
-            socket::run(ws, app, conn, shutdown)
+            let socket = socket::run(ws, app, conn, shutdown);
+            match intake {
+                Some(intake) => drop(intake.spawn(socket)),
+                None => socket.await,
+            }
         })
 }

@@ -8,6 +8,7 @@ pub mod authorize;
 pub mod broadcast;
 pub mod changes;
 pub mod channel;
+pub mod intake;
 pub mod limiter;
 pub mod outbox;
 pub mod resume;

@@ -35,9 +35,9 @@ use walcast_core::hub::OutFrame;
 use walcast_protocol::{decode_binary_bytes_within, decode_text_within, Vsn};
 
 use crate::metrics;
-use crate::realtime::authorize;
 use crate::realtime::outbox::{self, OutboxReader};
 use crate::realtime::session::{Exit, Now, Outcome, Session};
+use crate::realtime::{authorize, intake};
 use crate::state::AppState;
 
 /// WebSocket close code for a client that cannot keep up (private-use range).
@@ -65,17 +65,17 @@ pub struct Connection {
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = (u64, Outcome)> + Send>>>;
 
-/// Run a connection to completion.
+/// Run a connection to completion. Started on the intake runtime (see
+/// [`crate::realtime::intake`]), the task moves itself to the serving runtime once its first
+/// join is live or [`intake::INTAKE_LIMIT`] has passed.
 pub async fn run(
-    mut ws: WebSocket,
+    ws: WebSocket,
     state: Arc<AppState>,
     conn: Connection,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     metrics::socket_opened();
-    let slot = conn.slot;
-    let vsn = conn.vsn;
-    let limits = state.limits.clone();
+    let limits = &state.limits;
     let (outbox, reader) = outbox::bounded(
         limits.socket_send_queue.max(16),
         limits.socket_send_queue_bytes,
@@ -83,139 +83,211 @@ pub async fn run(
     // Boxed: the task's future is allocated for the socket's whole life anyway, and keeping
     // the session out of it keeps the future's own layout (which rustc does not pack well
     // across the select's states) small.
-    let mut session = Box::new(Session::new(
+    let session = Box::new(Session::new(
         state.clone(),
-        vsn,
+        conn.vsn,
         conn.token,
         conn.client,
         outbox,
         conn.session_id,
         Now::system(),
     ));
-    // Created on first use: an idle socket keeps no set of pending work.
-    let mut in_flight: Option<InFlight> = None;
-    let mut armed = session.next_deadline(Now::system());
-    let sleep = tokio::time::sleep_until(armed.into());
-    tokio::pin!(sleep);
-    let exit = loop {
-        if let Some(exit) = session.exit() {
-            break exit;
+    let mut driver = Box::new(Driver {
+        ws,
+        vsn: conn.vsn,
+        state,
+        session,
+        reader,
+        in_flight: None,
+        shutdown,
+        slot: conn.slot,
+    });
+    if let Some(serving) = intake::serving() {
+        let until = tokio::time::Instant::now() + intake::INTAKE_LIMIT;
+        match driver.drive(Some(until)).await {
+            Some(exit) => driver.finish(exit).await,
+            None => {
+                // Live (or past the limit): the rest of the socket's life at full priority.
+                serving.spawn(async move {
+                    let exit = driver.drive(None).await.unwrap_or(Exit::ClientGone);
+                    driver.finish(exit).await;
+                });
+            }
         }
-        let pending = in_flight.as_ref().is_some_and(|f| !f.is_empty());
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break Exit::Close(1012, "service restart"),
-            _ = reader.ready() => {
-                if let Some(exit) = write_queued(&mut ws, &reader, limits.write_timeout).await {
-                    break exit;
-                }
+        return;
+    }
+    let exit = driver.drive(None).await.unwrap_or(Exit::ClientGone);
+    driver.finish(exit).await;
+}
+
+/// One connection's state between turns of its loop: everything the loop needs, so the
+/// loop can stop on one runtime and go on on another.
+struct Driver {
+    ws: WebSocket,
+    vsn: Vsn,
+    state: Arc<AppState>,
+    session: Box<Session>,
+    reader: OutboxReader,
+    /// Created on first use: an idle socket keeps no set of pending work.
+    in_flight: Option<InFlight>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// This socket's place under `--max-connections`.
+    slot: crate::state::SocketGuard,
+}
+
+impl Driver {
+    /// Serve the connection until it must end (`Some`), or, with `intake` set, until the
+    /// session has a live channel and no work in flight or the deadline passes (`None`: the
+    /// caller moves the driver on). Timers are created here, on the runtime that polls them.
+    async fn drive(&mut self, intake: Option<tokio::time::Instant>) -> Option<Exit> {
+        let limits = self.state.limits.clone();
+        let mut armed = self.session.next_deadline(Now::system());
+        let sleep = tokio::time::sleep_until(armed.into());
+        tokio::pin!(sleep);
+        let handover = async {
+            match intake {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-            done = next_done(&mut in_flight), if pending => {
-                if let Some((op, outcome)) = done {
-                    session.on_done(Now::system(), op, outcome);
-                }
+        };
+        tokio::pin!(handover);
+        loop {
+            if let Some(exit) = self.session.exit() {
+                return Some(exit);
             }
-            msg = ws.recv() => {
-                let now = Now::system();
-                match msg {
-                    Some(Ok(msg)) => match msg {
-                        Message::Text(t) => {
-                            metrics::frame_in(metrics::FrameKind::Text, t.len());
-                            match decode_text_within(vsn, t.as_str(), limits.max_frame_bytes) {
-                                Ok(frame) => session.on_frame(now, frame),
-                                Err(e) => session.on_bad_frame(now, e),
-                            }
-                        }
-                        Message::Binary(b) => {
-                            metrics::frame_in(metrics::FrameKind::Binary, b.len());
-                            match decode_binary_bytes_within(vsn, &b, limits.max_frame_bytes) {
-                                Ok(frame) => session.on_frame(now, frame),
-                                Err(e) => session.on_bad_frame(now, e),
-                            }
-                        }
-                        Message::Close(_) => break Exit::ClientGone,
-                        // Pings are answered by the WebSocket layer itself.
-                        Message::Ping(_) | Message::Pong(_) => session.touch(now),
-                    },
-                    Some(Err(e)) => {
-                        if is_too_big(e) {
-                            break Exit::Close(1009, "message too big");
-                        }
-                        break Exit::ClientGone;
+            let pending = self.in_flight.as_ref().is_some_and(|f| !f.is_empty());
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => return Some(Exit::Close(1012, "service restart")),
+                _ = self.reader.ready() => {
+                    if let Some(exit) = write_queued(&mut self.ws, &self.reader, limits.write_timeout).await {
+                        return Some(exit);
                     }
-                    None => break Exit::ClientGone,
                 }
-                // Write the reply (e.g. to a heartbeat) now rather than on another turn.
-                if let Some(exit) = write_queued(&mut ws, &reader, limits.write_timeout).await {
-                    break exit;
+                done = next_done(&mut self.in_flight), if pending => {
+                    if let Some((op, outcome)) = done {
+                        self.session.on_done(Now::system(), op, outcome);
+                    }
                 }
+                msg = self.ws.recv() => {
+                    let now = Now::system();
+                    let session = &mut self.session;
+                    match msg {
+                        Some(Ok(msg)) => match msg {
+                            Message::Text(t) => {
+                                metrics::frame_in(metrics::FrameKind::Text, t.len());
+                                match decode_text_within(self.vsn, t.as_str(), limits.max_frame_bytes) {
+                                    Ok(frame) => session.on_frame(now, frame),
+                                    Err(e) => session.on_bad_frame(now, e),
+                                }
+                            }
+                            Message::Binary(b) => {
+                                metrics::frame_in(metrics::FrameKind::Binary, b.len());
+                                match decode_binary_bytes_within(self.vsn, &b, limits.max_frame_bytes) {
+                                    Ok(frame) => session.on_frame(now, frame),
+                                    Err(e) => session.on_bad_frame(now, e),
+                                }
+                            }
+                            Message::Close(_) => return Some(Exit::ClientGone),
+                            // Pings are answered by the WebSocket layer itself.
+                            Message::Ping(_) | Message::Pong(_) => session.touch(now),
+                        },
+                        Some(Err(e)) => {
+                            if is_too_big(e) {
+                                return Some(Exit::Close(1009, "message too big"));
+                            }
+                            return Some(Exit::ClientGone);
+                        }
+                        None => return Some(Exit::ClientGone),
+                    }
+                    // Write the reply (e.g. to a heartbeat) now rather than on another turn.
+                    if let Some(exit) = write_queued(&mut self.ws, &self.reader, limits.write_timeout).await {
+                        return Some(exit);
+                    }
+                }
+                _ = &mut sleep => {
+                    self.session.on_tick(Now::system());
+                    armed = self.session.next_deadline(Now::system());
+                    sleep.as_mut().reset(armed.into());
+                }
+                _ = &mut handover => return None,
             }
-            _ = &mut sleep => {
-                session.on_tick(Now::system());
-                armed = session.next_deadline(Now::system());
+            for work in self.session.take_work() {
+                let state = self.state.clone();
+                self.in_flight
+                    .get_or_insert_with(FuturesUnordered::new)
+                    .push(Box::pin(async move {
+                        let outcome = authorize::run(&state, work.kind).await;
+                        (work.op, outcome)
+                    }));
+            }
+            if self.in_flight.as_ref().is_some_and(|f| f.is_empty()) {
+                self.in_flight = None;
+            }
+            if intake.is_some() && self.in_flight.is_none() && self.session.channel_count() > 0 {
+                return None;
+            }
+            let deadline = self.session.next_deadline(Now::system());
+            if deadline < armed {
+                armed = deadline;
                 sleep.as_mut().reset(armed.into());
             }
         }
-        for work in session.take_work() {
-            let state = state.clone();
-            in_flight
-                .get_or_insert_with(FuturesUnordered::new)
-                .push(Box::pin(async move {
-                    let outcome = authorize::run(&state, work.kind).await;
-                    (work.op, outcome)
-                }));
-        }
-        if in_flight.as_ref().is_some_and(|f| f.is_empty()) {
-            in_flight = None;
-        }
-        let deadline = session.next_deadline(Now::system());
-        if deadline < armed {
-            armed = deadline;
-            sleep.as_mut().reset(armed.into());
-        }
-    };
-    // Unfinished checks are dropped here: their pooled connections are discarded, never
-    // returned mid-transaction (see `db::sql::Lease`).
-    drop(in_flight);
-    session.leave_all(Now::system());
-    // A closing socket no longer counts against --max-connections while it says goodbye.
-    drop(slot);
-    if let Exit::Close(code, reason) = exit {
-        // Flush what is already queued (e.g. a final system message), then close.
-        let close = async {
-            while let Some(frame) = reader.pop() {
-                if ws.feed(to_message(frame)).await.is_err() {
-                    return;
-                }
-            }
-            if ws
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from_static(reason),
-                })))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            // Let the client read the close frame before the socket goes: closing a socket
-            // that still holds unread input (say, the rest of an oversized message) resets
-            // the connection, and a reset makes the peer drop what it had not read yet.
-            // Wait for its close (or anything final), reading what it still sends.
-            loop {
-                match ws.recv().await {
-                    Some(Ok(Message::Close(_))) | None => return,
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => {
-                        tokio::time::sleep(CLOSE_LINGER).await;
+    }
+
+    /// Leave every channel and say goodbye as `exit` asks.
+    async fn finish(self: Box<Self>, exit: Exit) {
+        let Driver {
+            mut ws,
+            mut session,
+            reader,
+            in_flight,
+            slot,
+            ..
+        } = *self;
+        // Unfinished checks are dropped here: their pooled connections are discarded, never
+        // returned mid-transaction (see `db::sql::Lease`).
+        drop(in_flight);
+        session.leave_all(Now::system());
+        // A closing socket no longer counts against --max-connections while it says goodbye.
+        drop(slot);
+        if let Exit::Close(code, reason) = exit {
+            // Flush what is already queued (e.g. a final system message), then close.
+            let close = async {
+                while let Some(frame) = reader.pop() {
+                    if ws.feed(to_message(frame)).await.is_err() {
                         return;
                     }
                 }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
+                if ws
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from_static(reason),
+                    })))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Let the client read the close frame before the socket goes: closing a socket
+                // that still holds unread input (say, the rest of an oversized message) resets
+                // the connection, and a reset makes the peer drop what it had not read yet.
+                // Wait for its close (or anything final), reading what it still sends.
+                loop {
+                    match ws.recv().await {
+                        Some(Ok(Message::Close(_))) | None => return,
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) => {
+                            tokio::time::sleep(CLOSE_LINGER).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
+        }
+        metrics::socket_closed();
     }
-    metrics::socket_closed();
 }
 
 async fn next_done(in_flight: &mut Option<InFlight>) -> Option<(u64, Outcome)> {
