@@ -552,7 +552,14 @@ pub async fn explain_member_tables(
                 shape::recognize_with(&[(true, q.as_str())], &shape_columns, functions).is_some()
             });
         let fresh = plain && published && claims_only;
-        tracing::debug!(schema, table, plain, published, claims_only, "membership table");
+        tracing::debug!(
+            schema,
+            table,
+            plain,
+            published,
+            claims_only,
+            "membership table"
+        );
         out.push(shape::MemberTable {
             name: format!("{schema}.{table}"),
             relid,

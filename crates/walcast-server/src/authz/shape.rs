@@ -162,7 +162,13 @@ pub fn member_tables(quals: &[&str]) -> Vec<(String, String)> {
     for q in quals {
         let Some(t) = tokenize(q) else { continue };
         for w in t.windows(2) {
-            let (true, Tok::Ident { name, quoted: false }) = (is_word(&w[0], "FROM"), &w[1])
+            let (
+                true,
+                Tok::Ident {
+                    name,
+                    quoted: false,
+                },
+            ) = (is_word(&w[0], "FROM"), &w[1])
             else {
                 continue;
             };
@@ -552,18 +558,18 @@ fn membership(
     terms: &mut Vec<Term>,
 ) -> Option<Formula> {
     let n = t.len();
-    let (outer_col, sub) = if n >= 4
-        && is_word(&t[1], "IN")
-        && t[2] == Tok::Open
-        && closing(t, 2) == Some(n - 1)
-    {
-        (Some(column(&t[..1], columns)?), &t[3..n - 1])
-    } else if n >= 3 && is_word(&t[0], "EXISTS") && t[1] == Tok::Open && closing(t, 1) == Some(n - 1)
-    {
-        (None, &t[2..n - 1])
-    } else {
-        return None;
-    };
+    let (outer_col, sub) =
+        if n >= 4 && is_word(&t[1], "IN") && t[2] == Tok::Open && closing(t, 2) == Some(n - 1) {
+            (Some(column(&t[..1], columns)?), &t[3..n - 1])
+        } else if n >= 3
+            && is_word(&t[0], "EXISTS")
+            && t[1] == Tok::Open
+            && closing(t, 1) == Some(n - 1)
+        {
+            (None, &t[2..n - 1])
+        } else {
+            return None;
+        };
     if !is_word(sub.first()?, "SELECT") {
         return None;
     }
@@ -583,10 +589,12 @@ fn membership(
     let (_, bare) = table.split_once('.')?;
     let mut rest = from + 2;
     let (q, alias) = match sub.get(rest) {
-        Some(x @ Tok::Ident {
-            name,
-            quoted: false,
-        }) if !is_word(x, "WHERE") && plain_name(name) => {
+        Some(
+            x @ Tok::Ident {
+                name,
+                quoted: false,
+            },
+        ) if !is_word(x, "WHERE") && plain_name(name) => {
             rest += 1;
             (name.as_str(), true)
         }
@@ -640,7 +648,12 @@ fn membership(
         let eq = top_level(part, |x| *x == Tok::Eq)?;
         let [at] = eq[..] else { return None };
         let (lhs, rhs) = (&part[..at], &part[at + 1..]);
-        match (member_col(lhs), member_col(rhs), outer_col_ref(lhs), outer_col_ref(rhs)) {
+        match (
+            member_col(lhs),
+            member_col(rhs),
+            outer_col_ref(lhs),
+            outer_col_ref(rhs),
+        ) {
             (Some(m), None, None, Some(o)) | (None, Some(m), Some(o), None) => {
                 correlated.push((m, o))
             }
@@ -669,7 +682,8 @@ fn membership(
     ) {
         return None;
     }
-    let mut sql = format!("SELECT ARRAY(SELECT DISTINCT ({q}.{key_name})::pg_catalog.text FROM {table}");
+    let mut sql =
+        format!("SELECT ARRAY(SELECT DISTINCT ({q}.{key_name})::pg_catalog.text FROM {table}");
     if alias {
         sql.push(' ');
         sql.push_str(q);
@@ -850,6 +864,9 @@ fn render(t: &[Tok]) -> String {
 /// The values a membership term's column must be among, for one identity.
 pub type MemberSet = std::collections::HashSet<Box<str>>;
 
+/// Per identity asked (`None`: left out, try later), per set (`None`: it raised).
+pub type DerivedSets = Vec<Option<Vec<Option<MemberSet>>>>;
+
 /// A term's resolved value for one identity: E's text (`None`: NULL), or the set of a
 /// membership term.
 #[derive(Debug, Clone, Copy)]
@@ -1016,7 +1033,7 @@ pub async fn derive_sets_many(
     role: &str,
     wanted: &[(Arc<Identity>, Vec<Arc<str>>)],
     xids: &[u32],
-) -> Result<Vec<Option<Vec<Option<MemberSet>>>>, AuthzError> {
+) -> Result<DerivedSets, AuthzError> {
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -1028,7 +1045,7 @@ async fn derive_sets_once(
     role: &str,
     wanted: &[(Arc<Identity>, Vec<Arc<str>>)],
     xids: &[u32],
-) -> Result<Option<Vec<Option<Vec<Option<MemberSet>>>>>, AuthzError> {
+) -> Result<Option<DerivedSets>, AuthzError> {
     let lease = pool
         .acquire()
         .await
@@ -1548,7 +1565,13 @@ mod tests {
             assert_eq!(s.terms.len(), 1);
             assert_eq!(s.terms[0].column, 2);
             assert_eq!(s.terms[0].set, Some(77));
-            assert!(s.terms[0].expr.starts_with("SELECT ARRAY(SELECT DISTINCT ("), "{}", s.terms[0].expr);
+            assert!(
+                s.terms[0]
+                    .expr
+                    .starts_with("SELECT ARRAY(SELECT DISTINCT ("),
+                "{}",
+                s.terms[0].expr
+            );
             assert!(s.has_sets());
             assert_eq!(s.index_terms(), Some(vec![0]));
         }

@@ -182,6 +182,9 @@ async fn prederive(
     }
 }
 
+/// A membership term to derive: its cache key, its statement, its table.
+type SetTerm = (Arc<str>, Arc<str>, u32);
+
 /// Membership sets derived in this batch, per identity (by address): what its lanes' rows
 /// are judged with (see [`derive_sets`]).
 type BatchSets = HashMap<usize, Vec<rls::CachedSet>>;
@@ -204,7 +207,7 @@ async fn derive_sets(
         return out;
     };
     // Per identity: (key, expression, membership table) of each set its rows need.
-    let mut wanted: Vec<(Arc<Identity>, Vec<(Arc<str>, Arc<str>, u32)>)> = Vec::new();
+    let mut wanted: Vec<(Arc<Identity>, Vec<SetTerm>)> = Vec::new();
     let mut xids: Vec<u32> = Vec::new();
     for lane in lanes {
         for (_, change) in &lane.items {
@@ -477,13 +480,7 @@ async fn by_shape(
     let decide = |cache: &PolicyCache| {
         let mut values = Vec::new();
         // Membership sets only as derived in this batch (as of this row's commit).
-        let lookup = |t: &shape::Term| {
-            mine?
-                .iter()
-                .find(|s| *s.key == *t.key)?
-                .values
-                .as_deref()
-        };
+        let lookup = |t: &shape::Term| mine?.iter().find(|s| *s.key == *t.key)?.values.as_deref();
         if !cache.derived_values_with(identity, shape, lookup, &mut values) {
             return None;
         }
