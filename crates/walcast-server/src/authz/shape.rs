@@ -262,6 +262,17 @@ pub fn why_per_user(
         return Some(not_a_comparison.into());
     };
     if t.iter().any(|x| is_word(x, "FROM")) {
+        for (schema, table) in member_tables(&[qual]) {
+            let name = format!("{schema}.{table}");
+            if !functions.tables.iter().any(|m| m.name == name && m.fresh) {
+                return Some(format!(
+                    "reads another table, {name}, whose changes walcast cannot follow in the \
+                     stream (it must be a plain table in the publication for INSERT, UPDATE, \
+                     DELETE and TRUNCATE without a row filter, and its own policies, if any, \
+                     claims-only)"
+                ));
+            }
+        }
         return Some(
             "reads another table in a form not decided in process (recognized: \
              col IN (SELECT m.c FROM schema.t m WHERE m.x = <claims>) and \

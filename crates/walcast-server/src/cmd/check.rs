@@ -384,13 +384,6 @@ async fn policy_cost(
             None,
         ));
     }
-    if let Some(t) = functions.tables.iter().find(|t| !t.fresh) {
-        return Ok(Finding::new(
-            Level::Warn,
-            format!("{schema}.{name}: rows are authorized per user: a policy reads {}, whose changes walcast cannot follow in the stream (it must be a plain table published in \"{publication}\" for INSERT, UPDATE, DELETE and TRUNCATE without a row filter, with claims-only policies of its own if any)", t.name),
-            Some(format!("ALTER PUBLICATION {} ADD TABLE {}; -- if it is not in it yet", rls::quote_ident(publication), t.name)),
-        ));
-    }
     let mut why = String::new();
     for (policy, _, qual) in &policies {
         if let Some(reason) = shape::why_per_user(qual, &shape_columns, &functions) {
