@@ -1638,4 +1638,54 @@ mod tests {
             vec![("public".to_string(), "members".to_string())]
         );
     }
+
+    /// The membership-shaped policies of the differential test (tests/rls.rs), as Postgres 15
+    /// deparses them, are recognized together: that test really takes the set path.
+    #[test]
+    fn the_differential_membership_policies_are_recognized() {
+        let c: Vec<ShapeColumn<'static>> = [
+            ("id", "bigint"),
+            ("owner", "text"),
+            ("tenant", "integer"),
+            ("team", "integer"),
+            ("score", "integer"),
+            ("secret", "text"),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, type_name))| ShapeColumn {
+            name,
+            type_name,
+            source: Some(i),
+            deterministic: true,
+        })
+        .collect();
+        let mut f = Functions::default();
+        f.insert(
+            "auth.jwt",
+            "(COALESCE(NULLIF(current_setting('request.jwt.claims'::text, true), ''::text), '{}'::text))::jsonb",
+        );
+        f.insert(
+            "auth.uid",
+            "NULLIF(current_setting('request.jwt.claim.sub'::text, true), ''::text)",
+        );
+        f.tables.push(MemberTable {
+            name: "public.members".into(),
+            relid: 5,
+            columns: vec![
+                ("team".into(), "integer".into(), true),
+                ("member".into(), "text".into(), true),
+            ],
+            fresh: true,
+        });
+        f.outer = Some("docs0".into());
+        let p0 =
+            "(team IN ( SELECT m.team\n   FROM public.members m\n  WHERE (m.member = auth.uid())))";
+        let p1 = "(EXISTS ( SELECT 1\n   FROM public.members m\n  WHERE ((m.team = docs0.team) AND (m.member = auth.uid()))))";
+        let p2 = "((owner = auth.uid()) AND (tenant = ((auth.jwt() ->> 'tenant'::text))::integer))";
+        let r = "((tenant = (((current_setting('request.jwt.claims'::text, true))::jsonb ->> 'tenant'::text))::integer) OR (owner = 'u4'::text))";
+        let s = recognize_with(&[(true, p0), (true, p1), (true, p2), (false, r)], &c, &f)
+            .expect("recognized");
+        assert_eq!(s.terms.iter().filter(|t| t.set.is_some()).count(), 2);
+    }
 }
