@@ -687,8 +687,7 @@ impl Pump {
                                 // came through the gate is gated already.
                                 if by_row && !routed.via_gate(k) {
                                     if let Some(terms) = shape.index_terms() {
-                                        let (keys, sets) =
-                                            gate_keys(shape, &terms, &values);
+                                        let (keys, sets) = gate_keys(shape, &terms, &values);
                                         let mut until = compiled + rls::POLICY_TTL;
                                         if !sets.is_empty() {
                                             until = until.min(now + SET_GATE_TTL);
