@@ -228,9 +228,17 @@ async fn setup(sql: &tokio_postgres::Client, rng: &mut Rng, roles: [&'static str
             format!("EXISTS (SELECT 1 FROM members m WHERE m.team = {name}.team AND m.member = auth.uid() AND {name}.score > 5)"),
         ];
         let restrictive = ["score >= 0", "secret IS DISTINCT FROM 'classified'"];
-        // Half the tables get only claims-only comparisons, the shapes walcast decides in
-        // process (authz/shape.rs); the others the per-group shapes above.
-        let shaped = rng.chance(50);
+        // A third of the tables get only claims-only comparisons, the shapes walcast decides
+        // in process (authz/shape.rs), a third claims-only comparisons and membership
+        // sub-selects (decided in process too, with each identity's sets of teams); the
+        // others the per-group shapes above.
+        let class = rng.below(3);
+        let shaped = class == 1;
+        let membership_permissive = [
+            "team IN (SELECT m.team FROM members m WHERE m.member = auth.uid())".to_string(),
+            format!("EXISTS (SELECT 1 FROM members m WHERE m.team = {name}.team AND m.member = auth.uid())"),
+            "owner = auth.uid() AND tenant = ((auth.jwt() ->> 'tenant'))::int4".to_string(),
+        ];
         let shaped_permissive = [
             "owner = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')".to_string(),
             "tenant = ((current_setting('request.jwt.claims', true)::jsonb ->> 'tenant'))::int4 \
@@ -243,12 +251,15 @@ async fn setup(sql: &tokio_postgres::Client, rng: &mut Rng, roles: [&'static str
             "tenant = ((current_setting('request.jwt.claims', true)::jsonb ->> 'tenant'))::int4 OR owner = 'u4'",
             "secret = 'open'",
         ];
-        let (permissive, restrictive): (&[String], &[&str]) = if shaped {
-            (&shaped_permissive, &shaped_restrictive)
-        } else {
-            (&permissive, &restrictive)
+        let (permissive, restrictive): (&[String], &[&str]) = match class {
+            1 => (&shaped_permissive, &shaped_restrictive),
+            2 => (&membership_permissive, &shaped_restrictive),
+            _ => (&permissive, &restrictive),
         };
-        eprintln!("{name}: claims-only shapes {shaped}, replica identity full {full}");
+        eprintln!(
+            "{name}: claims-only shapes {shaped}, membership shapes {}, replica identity full {full}",
+            class == 2
+        );
         let last = permissive.len() - 1;
         let mut n = 0;
         for (i, p) in permissive.iter().enumerate() {
@@ -295,6 +306,17 @@ async fn setup(sql: &tokio_postgres::Client, rng: &mut Rng, roles: [&'static str
         });
     }
     specs
+}
+
+/// The end of a row's transaction that also changes the membership table: the change after
+/// the row, if any, then COMMIT (if a transaction was opened).
+async fn finish_txn(sql: &tokio_postgres::Client, after: Option<&str>, open: bool) {
+    if let Some(c) = after {
+        sql.batch_execute(c).await.expect("membership change");
+    }
+    if open {
+        sql.batch_execute("COMMIT").await.expect("commit");
+    }
 }
 
 /// The row as `SELECT` under the role and claims returns it (granted columns), if visible.
@@ -380,6 +402,7 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
     let mut live: Vec<(usize, i64)> = Vec::new();
     let owners = ["u1", "u2", "u3", "u4"];
     let mut last_heartbeat = std::time::Instant::now();
+    let mut fence_id: i64 = 1000;
     for n in 0..ops {
         // Long runs take minutes: keep the channels from idling out (--idle-timeout-secs).
         // By the clock, not by the count: on a loaded box 200 operations outlasted the
@@ -405,6 +428,47 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
             rng.below(12) as i32 - 2,
             if rng.chance(20) { "classified" } else { "open" },
         );
+        // Sometimes a membership change goes with the row: in its own transaction just
+        // before, or in the row's transaction before or after it.
+        let members = rng.chance(30).then(|| {
+            let team = rng.below(4);
+            let who = owners[rng.below(4) as usize];
+            let change = if rng.chance(50) {
+                format!("INSERT INTO members VALUES ({team}, '{who}') ON CONFLICT DO NOTHING")
+            } else {
+                format!("DELETE FROM members WHERE team = {team} AND member = '{who}'")
+            };
+            (change, rng.below(3))
+        });
+        let (alone, before, after) = match &members {
+            Some((c, 0)) if kind != 2 => (Some(c.clone()), None, None),
+            Some((c, 1)) if kind != 2 => (None, Some(c.clone()), None),
+            Some((c, _)) if kind != 2 => (None, None, Some(c.clone())),
+            _ => (None, None, None),
+        };
+        if alone.is_some() || before.is_some() || after.is_some() {
+            // Every earlier row judged before the membership changes: a row still waiting
+            // for its check may be judged in a snapshot that sees a later change (as of no
+            // earlier than its commit), where SELECT right after its commit would not.
+            fence_id += 1;
+            sql.execute("INSERT INTO fence VALUES ($1)", &[&fence_id])
+                .await
+                .expect("fence");
+            for s in &mut subs {
+                s.until_fence("fence", fence_id).await;
+            }
+        }
+        if let Some(c) = &alone {
+            sql.batch_execute(c).await.expect("membership change");
+        }
+        if let Some(c) = &before {
+            sql.batch_execute(&format!("BEGIN; {c}"))
+                .await
+                .expect("membership change");
+        } else if after.is_some() {
+            sql.batch_execute("BEGIN").await.expect("begin");
+        }
+        let open = before.is_some() || after.is_some();
         match kind {
             0 | 1 => {
                 let id = if kind == 0 {
@@ -415,6 +479,7 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
                     )
                     .await
                     .expect("insert");
+                    finish_txn(&sql, after.as_deref(), open).await;
                     live.push((t, id));
                     id
                 } else {
@@ -429,6 +494,7 @@ async fn deliveries_equal_select_under_each_role_and_claims() {
                     )
                     .await
                     .expect("update");
+                    finish_txn(&sql, after.as_deref(), open).await;
                     let spec = &specs[lt];
                     for (i, (role, claims)) in identities.iter().enumerate() {
                         if let Some(row) = visible_as(&sql, role, claims, spec, id).await {
@@ -1572,5 +1638,145 @@ async fn a_column_dropped_after_its_row_stays_in_that_row() {
             &json!({"id": 2, "tenant": 1})
         ],
         "each row as it was written"
+    );
+}
+
+/// Supabase's membership policies (`tenant IN (SELECT m.room FROM members m WHERE m.who =
+/// <claims>)`, and the EXISTS form) are decided in process: each identity's set of rooms is
+/// derived in Postgres, then rows are routed and decided by it without a per-group policy
+/// statement (authz/shape.rs). A change of the membership table applies from its point in
+/// the stream, judged as of each row's commit: a member added or removed in the row's own
+/// transaction (before or after the row) or in the transaction just before is honoured.
+/// With the sets not invalidated by the membership changes (checked by switching the
+/// change count off), ann receives row 105 after leaving its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_policy_is_decided_in_process_and_follows_membership_changes() {
+    for policy in [
+        "tenant IN (SELECT m.room FROM members m \
+         WHERE m.who = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))",
+        "EXISTS (SELECT 1 FROM members m WHERE m.room = t.tenant \
+         AND m.who = (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))",
+    ] {
+        membership_follows_changes(policy).await;
+    }
+}
+
+async fn membership_follows_changes(policy: &str) {
+    let (db, sql, role) = tenant_table("false").await;
+    support::exec_each(
+        &sql,
+        &[
+            "CREATE TABLE members (room int4, who text, PRIMARY KEY (room, who))",
+            &format!("GRANT SELECT ON members TO {role}"),
+            "INSERT INTO members VALUES (1, 'ann'), (2, 'ann'), (2, 'bob')",
+            &format!("ALTER POLICY p ON t USING ({policy})"),
+        ],
+    )
+    .await;
+    let server = serve(db.url(), &format!("{}_members", db.name())).await;
+    let tables = vec!["t".to_string(), "fence".to_string()];
+    let mut subs = Vec::new();
+    for who in ["ann", "bob", "carl"] {
+        subs.push(
+            Subscriber::join(
+                server.port,
+                who,
+                &json!({"role": role, "sub": who}),
+                &tables,
+            )
+            .await,
+        );
+    }
+    // Warm-up: every identity's set derived (in its first check batch).
+    sql.batch_execute("INSERT INTO t VALUES (1, 1), (2, 2), (3, 3); INSERT INTO fence VALUES (1)")
+        .await
+        .expect("insert");
+    for s in &mut subs {
+        s.until_fence("fence", 1).await;
+    }
+    let checks = policy_checks(server.port).await;
+    let derived = metric_sum(server.port, "walcast_authz_derivations_batched_total").await;
+    let routed = metric_sum(server.port, "walcast_authz_identities_routed_total").await;
+    // Steady state: decided in the pump with the sets it has, routed by room.
+    for id in 10..40i64 {
+        let room = (id % 3 + 1) as i32;
+        sql.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &room])
+            .await
+            .expect("insert");
+    }
+    sql.execute("INSERT INTO fence VALUES (2)", &[])
+        .await
+        .expect("fence");
+    for s in &mut subs {
+        s.until_fence("fence", 2).await;
+    }
+    assert_eq!(
+        metric_sum(server.port, "walcast_authz_derivations_batched_total").await,
+        derived,
+        "{policy}: rows without membership changes derived sets again"
+    );
+    // The first row goes to all three identities (deciding it gates them), each later one
+    // to its room's members only, the fence to all three.
+    let routed_now = metric_sum(server.port, "walcast_authz_identities_routed_total").await;
+    assert!(
+        routed_now - routed < 3 * 30 + 3,
+        "{policy}: every row was routed to every identity ({} routes)",
+        routed_now - routed
+    );
+    // Membership changes in the stream. Before each, every subscriber has received the
+    // rows before it: a row still waiting for its check when a later transaction removes a
+    // membership may be judged in a snapshot that already sees the removal (as of no
+    // earlier than its commit, like the per-group check), which this test does not probe.
+    let mut fence = 10;
+    for step in [
+        // carl joins room 3 in the row's transaction, after the row.
+        "BEGIN; INSERT INTO t VALUES (102, 3); INSERT INTO members VALUES (3, 'carl'); COMMIT",
+        // bob leaves room 2 in the row's transaction, before the row.
+        "BEGIN; DELETE FROM members WHERE who = 'bob'; INSERT INTO t VALUES (103, 2); COMMIT",
+        // carl joins room 1 in the transaction before the row.
+        "INSERT INTO members VALUES (1, 'carl')",
+        "INSERT INTO t VALUES (104, 1)",
+        // ann leaves room 1 after the row, in its transaction.
+        "BEGIN; INSERT INTO t VALUES (105, 1); DELETE FROM members WHERE who = 'ann' AND room = 1; COMMIT",
+        "INSERT INTO t VALUES (106, 2), (107, 3); INSERT INTO fence VALUES (3)",
+    ] {
+        if step.contains("members") {
+            fence += 1;
+            sql.execute("INSERT INTO fence VALUES ($1)", &[&fence])
+                .await
+                .expect("fence");
+            for s in &mut subs {
+                s.until_fence("fence", fence).await;
+            }
+        }
+        sql.batch_execute(step).await.expect(step);
+    }
+    let steady: Vec<i64> = (10..40).collect();
+    let of_room = |rooms: &[i64]| -> Vec<i64> {
+        steady
+            .iter()
+            .copied()
+            .filter(|id| rooms.contains(&(id % 3 + 1)))
+            .collect()
+    };
+    let mut want_ann = vec![1, 2];
+    want_ann.extend(of_room(&[1, 2]));
+    want_ann.extend([103, 104, 106]);
+    let mut want_bob = vec![2];
+    want_bob.extend(of_room(&[2]));
+    let want_carl = vec![102, 104, 105, 107];
+    for (s, want) in subs.iter_mut().zip([want_ann, want_bob, want_carl]) {
+        s.until_fence("fence", 3).await;
+        assert_eq!(t_ids(s), want, "{policy}: {}", s.topic);
+        assert!(
+            s.system.iter().all(|m| m["status"] != "error"),
+            "{:?}",
+            s.system
+        );
+    }
+    assert_eq!(
+        policy_checks(server.port).await,
+        checks,
+        "{policy}: rows of a membership policy ran per-group policy statements"
     );
 }

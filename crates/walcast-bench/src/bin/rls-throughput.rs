@@ -29,8 +29,13 @@
 //! - `owner-auth-uid`: `owner` with Supabase's spelling, `owner = auth.uid()`, where
 //!   `auth.uid()` is Supabase's SQL function over the `sub` claim (returning text here, as
 //!   the bench's user ids are not uuids); walcast looks through it to the claims.
+//! - `membership`: Supabase's membership policy, table `rls_room_rows (id, room, body)` with
+//!   `room IN (SELECT m.room FROM rls_members m WHERE m.member = auth.uid())`; user n
+//!   (`--groups` users, one token each) is a member of room n % `--rooms`, row r is in room
+//!   r % `--rooms`, so each row reaches the channels of its room's members. walcast derives
+//!   each user's set of rooms and decides rows in process (issue #15).
 //!
-//! The owner-shaped modes run the `rls` pass only.
+//! The owner-shaped and membership modes run the `rls` pass only.
 //!
 //! `--rate N` is the latency mode: the same subscribers, but the rows are single-row commits
 //! paced at N per second over `--writers` connections; each row carries the writer's clock
@@ -84,6 +89,9 @@ struct Opts {
     /// module docs).
     #[arg(long, default_value = "tenant")]
     mode: Mode,
+    /// Rooms in `--mode membership`.
+    #[arg(long, default_value_t = 100)]
+    rooms: usize,
     #[command(flatten)]
     harness: HarnessArgs,
 }
@@ -109,6 +117,7 @@ enum Mode {
     OwnerFiltered,
     Unrecognized,
     OwnerAuthUid,
+    Membership,
 }
 
 impl Mode {
@@ -119,16 +128,41 @@ impl Mode {
             Mode::OwnerFiltered => "owner-filtered",
             Mode::Unrecognized => "unrecognized",
             Mode::OwnerAuthUid => "owner-auth-uid",
+            Mode::Membership => "membership",
         }
     }
 
     fn table(self) -> &'static str {
         if self == Mode::Tenant {
             "rls_rows"
+        } else if self == Mode::Membership {
+            "rls_room_rows"
         } else {
             "rls_owned"
         }
     }
+}
+
+/// The membership-shaped tables: `users` users, user n a member of room n % `rooms`.
+fn membership_setup(users: usize, rooms: usize) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS auth;
+         CREATE OR REPLACE FUNCTION auth.uid() RETURNS text LANGUAGE sql STABLE AS $f$
+           SELECT coalesce(nullif(current_setting('request.jwt.claim.sub', true), ''),
+                           (nullif(current_setting('request.jwt.claims', true), '')::jsonb ->> 'sub')) $f$;
+         GRANT USAGE ON SCHEMA auth TO rls_bench;
+         CREATE TABLE rls_members (room int4, member text, PRIMARY KEY (room, member));
+         INSERT INTO rls_members SELECT n % {rooms}, 'user-' || n FROM generate_series(0, {users} - 1) n;
+         GRANT SELECT ON rls_members TO rls_bench;
+         CREATE TABLE rls_room_rows (id int8 PRIMARY KEY, room int4 NOT NULL, body text);
+         GRANT SELECT ON rls_room_rows TO rls_bench;
+         ALTER PUBLICATION walcast ADD TABLE rls_members, rls_room_rows;
+         ALTER TABLE rls_room_rows ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY room_rows ON rls_room_rows FOR SELECT TO rls_bench
+           USING (room IN (SELECT m.room FROM rls_members m WHERE m.member = auth.uid()));",
+        users = users.max(1),
+        rooms = rooms.max(1)
+    )
 }
 
 /// The owner-shaped table and the policy of `mode`.
@@ -198,7 +232,11 @@ async fn run(o: Opts) -> Result<()> {
     )
     .await
     .context("creating the bench table")?;
-    if o.mode != Mode::Tenant {
+    if o.mode == Mode::Membership {
+        sql.batch_execute(&membership_setup(o.groups, o.rooms))
+            .await
+            .context("creating the membership-shaped tables")?;
+    } else if o.mode != Mode::Tenant {
         sql.batch_execute(&owner_setup(o.mode))
             .await
             .context("creating the owner-shaped table")?;
@@ -327,7 +365,10 @@ async fn run(o: Opts) -> Result<()> {
             .collect();
         let expected_per_sub: Vec<u64> = (0..o.subscribers)
             .map(|i| {
-                if mode == "rls" {
+                if mode == "rls" && o.mode == Mode::Membership {
+                    let room = (i % o.groups) % o.rooms.max(1);
+                    (0..o.rows).filter(|r| r % o.rooms.max(1) == room).count() as u64
+                } else if mode == "rls" {
                     (0..o.rows).filter(|r| r % o.groups == i % o.groups).count() as u64
                 } else {
                     o.rows as u64
@@ -357,8 +398,16 @@ async fn run(o: Opts) -> Result<()> {
             let n = o.batch.min(o.rows - written);
             let first = next_id;
             // Row r (counted from 0 within the pass) belongs to tenant / user r % groups.
+            let groups = if o.mode == Mode::Membership {
+                o.rooms.max(1)
+            } else {
+                o.groups
+            };
             let insert = if o.mode == Mode::Tenant {
                 "INSERT INTO rls_rows (id, tenant, body)
+                 SELECT g, ((g - $1) + $3) % $4, 'row ' || g FROM generate_series($1::int8, $2::int8) g"
+            } else if o.mode == Mode::Membership {
+                "INSERT INTO rls_room_rows (id, room, body)
                  SELECT g, ((g - $1) + $3) % $4, 'row ' || g FROM generate_series($1::int8, $2::int8) g"
             } else {
                 "INSERT INTO rls_owned (id, owner, body)
@@ -370,7 +419,7 @@ async fn run(o: Opts) -> Result<()> {
                     &first,
                     &(first + n as i64 - 1),
                     &(written as i64),
-                    &(o.groups as i64),
+                    &(groups as i64),
                 ],
             )
             .await?;
@@ -440,12 +489,18 @@ async fn paced_writes(
     let mut tasks = Vec::with_capacity(writers);
     for w in 0..writers {
         let client = harness.db.connect().await?;
-        let (groups, mode) = (o.groups, o.mode);
+        let (groups, mode) = if o.mode == Mode::Membership {
+            (o.rooms.max(1), o.mode)
+        } else {
+            (o.groups, o.mode)
+        };
         // Each writer takes every `writers`-th row, one commit per tick.
         let period = Duration::from_secs_f64(writers as f64 / f64::from(rate.max(1)));
         tasks.push(tokio::spawn(async move {
             let insert = if mode == Mode::Tenant {
                 "INSERT INTO rls_rows (id, tenant, body) VALUES ($1, $2::int8::int4, $3)"
+            } else if mode == Mode::Membership {
+                "INSERT INTO rls_room_rows (id, room, body) VALUES ($1, $2::int8::int4, $3)"
             } else {
                 "INSERT INTO rls_owned (id, owner, body) VALUES ($1, 'user-' || $2::int8, $3)"
             };

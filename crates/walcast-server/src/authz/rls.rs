@@ -55,7 +55,7 @@ use walcast_core::change::{Change, ChangeKind, Table, Value};
 use walcast_core::hub::{Access, Identity, Visibility};
 use walcast_pgoutput::ReplicaIdentity;
 
-use super::shape::{self, Derived, Shape, ShapeColumn};
+use super::shape::{self, Derived, Shape, ShapeColumn, TermValue};
 use crate::db::sql::ExclusivePool;
 
 /// Longest one authorization statement may run.
@@ -312,7 +312,19 @@ pub async fn compile(
     table: &Table,
     xid: u32,
 ) -> Result<TablePolicy, AuthzError> {
-    until_visible(|| compile_once(pool, role, table, xid)).await
+    compile_for(pool, role, table, xid, None).await
+}
+
+/// [`compile`], recognizing membership policies on tables `publication` streams in full
+/// (without a publication, none: their changes could not be followed).
+pub async fn compile_for(
+    pool: &ExclusivePool,
+    role: &str,
+    table: &Table,
+    xid: u32,
+    publication: Option<&str>,
+) -> Result<TablePolicy, AuthzError> {
+    until_visible(|| compile_once(pool, role, table, xid, publication)).await
 }
 
 /// Run `attempt` until it answers (its snapshot saw the transactions it judges), pausing 1,
@@ -324,7 +336,7 @@ pub async fn compile(
 /// between a commit being streamed and being visible is milliseconds, so the attempt after
 /// a slow one sees it. Counting the slow attempt made one slow policy report the whole
 /// authorization pool unavailable, which let go of the stream (CI: `policy_sleeps`).
-async fn until_visible<T, F, Fut>(mut attempt: F) -> Result<T, AuthzError>
+pub(crate) async fn until_visible<T, F, Fut>(mut attempt: F) -> Result<T, AuthzError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, AuthzError>>,
@@ -356,6 +368,7 @@ async fn compile_once(
     role: &str,
     table: &Table,
     xid: u32,
+    publication: Option<&str>,
 ) -> Result<Option<TablePolicy>, AuthzError> {
     let mut lease = pool
         .acquire()
@@ -411,11 +424,151 @@ async fn compile_once(
         Ok(rows) => {
             let quals: Vec<String> = rows.iter().filter_map(|r| r.try_get(1).ok()).collect();
             let quals: Vec<&str> = quals.iter().map(String::as_str).collect();
-            inline_functions(pool, &shape::called_functions(&quals)).await?
+            let mut functions = inline_functions(pool, &shape::called_functions(&quals)).await?;
+            if let Some(publication) = publication {
+                let names = shape::member_tables(&quals);
+                functions.tables = member_tables(pool, &names, publication, &functions).await?;
+            }
+            functions
         }
         Err(_) => shape::Functions::default(),
     };
     from_catalog(role, table, row, p, &functions).map(Some)
+}
+
+/// The tables membership sub-selects read, as the catalog describes them (see
+/// [`shape::MemberTable`]).
+async fn member_tables(
+    pool: &ExclusivePool,
+    names: &[(String, String)],
+    publication: &str,
+    functions: &shape::Functions,
+) -> Result<Vec<shape::MemberTable>, AuthzError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lease = pool
+        .acquire()
+        .await
+        .map_err(|e| AuthzError::Unavailable(format!("{e:#}")))?;
+    match explain_member_tables(lease.client(), names, publication, functions).await {
+        Ok(out) => {
+            lease.done();
+            Ok(out)
+        }
+        Err(err) => {
+            let err = AuthzError::from_pg(&err);
+            lease.discard();
+            Err(err)
+        }
+    }
+}
+
+/// A membership table: whether its changes all reach the stream, its columns.
+const MEMBER_TABLE_SQL: &str = "\
+SELECT c.oid, c.relkind = 'r' AND NOT c.relhassubclass AND NOT c.relispartition,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_publication p
+               WHERE p.pubname = $3 AND p.pubinsert AND p.pubupdate AND p.pubdelete
+                 AND p.pubtruncate
+                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr
+                                 WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid
+                                   AND pr.prqual IS NOT NULL)
+                 AND (p.puballtables
+                      OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr
+                                 WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
+                      OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_namespace pn
+                                 WHERE pn.pnpubid = p.oid AND pn.pnnspid = c.relnamespace))),
+       c.relrowsecurity,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT COALESCE(co.collisdeterministic, true)
+             FROM pg_catalog.pg_attribute a
+             LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum),
+       ARRAY(SELECT pg_catalog.pg_get_expr(p.polqual, p.polrelid) FROM pg_catalog.pg_policy p
+             WHERE p.polrelid = c.oid AND p.polcmd IN ('r', '*'))
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relname = $2";
+
+/// [`member_tables`] on one connection (also `walcast check`'s). A table is fresh when its
+/// changes all reach the stream and, if it has row-level security, every SELECT policy on
+/// it (for any role) is claims-only: then a set derived from it changes only with a change
+/// of it the stream shows. An error means the connection may be left inside a
+/// transaction: do not use it again.
+pub async fn explain_member_tables(
+    client: &tokio_postgres::Client,
+    names: &[(String, String)],
+    publication: &str,
+    functions: &shape::Functions,
+) -> Result<Vec<shape::MemberTable>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    client
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL search_path = pg_catalog",
+        )
+        .await?;
+    for (schema, table) in names {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [schema, table, &publication];
+        let row = match client.query_opt(MEMBER_TABLE_SQL, &params).await {
+            Ok(Some(row)) => row,
+            Ok(None) => continue,
+            Err(err) => {
+                // An older server without publication row filters or schemas: none.
+                tracing::debug!(schema, table, error = %err, "membership table not readable");
+                client.batch_execute("ROLLBACK").await?;
+                return Ok(Vec::new());
+            }
+        };
+        let relid: u32 = row.try_get(0)?;
+        let plain: bool = row.try_get(1)?;
+        let published: bool = row.try_get(2)?;
+        let rls_on: bool = row.try_get(3)?;
+        let names: Vec<String> = row.try_get(4)?;
+        let types: Vec<String> = row.try_get(5)?;
+        let deterministic: Vec<bool> = row.try_get(6)?;
+        let quals: Vec<String> = row.try_get(7)?;
+        let columns: Vec<(String, String, bool)> = names
+            .into_iter()
+            .zip(types)
+            .zip(deterministic)
+            .map(|((n, t), d)| (n, t, d))
+            .collect();
+        let shape_columns: Vec<ShapeColumn<'_>> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (n, t, d))| ShapeColumn {
+                name: n,
+                type_name: t,
+                source: Some(i),
+                deterministic: *d,
+            })
+            .collect();
+        // Its own policies: claims-only (no membership of their own: `functions` has no
+        // tables), so they change only with the claims.
+        let claims_only = !rls_on
+            || quals.iter().all(|q| {
+                shape::recognize_with(&[(true, q.as_str())], &shape_columns, functions).is_some()
+            });
+        let fresh = plain && published && claims_only;
+        tracing::debug!(
+            schema,
+            table,
+            plain,
+            published,
+            claims_only,
+            "membership table"
+        );
+        out.push(shape::MemberTable {
+            name: format!("{schema}.{table}"),
+            relid,
+            columns,
+            fresh,
+        });
+    }
+    client.batch_execute("ROLLBACK").await?;
+    Ok(out)
 }
 
 /// What Postgres inlines each `schema.function()` call to, as `EXPLAIN VERBOSE` deparses it
@@ -611,7 +764,9 @@ fn from_catalog(
         .iter()
         .map(|e| (e.permissive, e.qual.as_str()))
         .collect();
-    let shape = shape::recognize_with(&quals, &shape_columns, functions).map(Arc::new);
+    let mut functions = functions.clone();
+    functions.outer = Some(relname.clone());
+    let shape = shape::recognize_with(&quals, &shape_columns, &functions).map(Arc::new);
     tracing::debug!(table = ?relname, role, recognized = shape.is_some(), "compiled row policies");
     Ok(TablePolicy {
         select,
@@ -1015,7 +1170,31 @@ pub struct PolicyCache {
     /// (role, relation) of the policies inserted since [`PolicyCache::take_compiled`]: the
     /// pump derives the values of that role's identities as soon as a shape is known.
     compiled: Vec<(Arc<str>, u32)>,
+    /// Per relation: how many of its changes (rows, truncates, Relation messages) the
+    /// stream has passed, and the transaction of the last row change. Membership sets are
+    /// valid for the count they were derived at (see [`super::shape::MemberTable`]).
+    changes: HashMap<u32, (u64, Option<u32>)>,
+    /// Per identity (as `derived`): membership sets by cache key.
+    sets: HashMap<usize, IdentitySets>,
+    /// Tables some cached policy of which has a membership term.
+    set_tables: std::collections::HashSet<u32>,
+    /// The publication streamed: membership tables must be published in it in full.
+    publication: Option<Arc<str>>,
 }
+
+/// A membership set derived for one identity, as of a count of its table's changes.
+#[derive(Debug, Clone)]
+pub struct CachedSet {
+    pub key: Arc<str>,
+    pub relid: u32,
+    /// The table's change count it was derived at (its snapshot saw the last such change).
+    pub epoch: u64,
+    pub at: Instant,
+    /// `None`: the sub-select raised (per-group checks decide).
+    pub values: Option<Arc<shape::MemberSet>>,
+}
+
+type IdentitySets = (Arc<Identity>, Vec<CachedSet>);
 
 /// An identity (kept so its address stays its own) and its derived values by expression.
 type IdentityDerived = (Arc<Identity>, Vec<(Arc<str>, Derived)>);
@@ -1045,6 +1224,9 @@ impl PolicyCache {
         if self.compiled.len() < DERIVED_MAX {
             self.compiled.push((role.clone(), table.relation_id));
         }
+        if policy.shape.as_ref().is_some_and(|s| s.has_sets()) {
+            self.set_tables.insert(table.relation_id);
+        }
         self.entries.insert(
             (role, table.relation_id),
             (table.clone(), policy, Instant::now()),
@@ -1060,6 +1242,8 @@ impl PolicyCache {
         self.entries.clear();
         self.derived.clear();
         self.compiled.clear();
+        self.sets.clear();
+        self.changes.clear();
     }
 
     /// The (role, relation) of every policy inserted since the last call.
@@ -1077,26 +1261,120 @@ impl PolicyCache {
             .collect()
     }
 
+    /// Stream membership tables from this publication (see [`compile_for`]).
+    pub fn set_publication(&mut self, publication: &str) {
+        self.publication = Some(publication.into());
+    }
+
+    pub fn publication(&self) -> Option<Arc<str>> {
+        self.publication.clone()
+    }
+
+    /// The stream passed a change of `relid` (in transaction `xid`, if a row change): the
+    /// membership sets derived from it so far no longer apply from this point on.
+    pub fn note_change(&mut self, relid: u32, xid: Option<u32>) {
+        let e = self.changes.entry(relid).or_insert((0, None));
+        e.0 += 1;
+        if xid.is_some() {
+            e.1 = xid;
+        }
+    }
+
+    /// How many changes of `relid` the stream has passed, and the last one's transaction.
+    pub fn changes_of(&self, relid: u32) -> (u64, Option<u32>) {
+        self.changes.get(&relid).copied().unwrap_or((0, None))
+    }
+
+    /// Whether some cached policy of `relid` has a membership term.
+    pub fn has_set_policy(&self, relid: u32) -> bool {
+        !self.set_tables.is_empty() && self.set_tables.contains(&relid)
+    }
+
     /// The derived value of each of `shape`'s terms for `identity` into `out`; whether all
-    /// are known and usable.
+    /// are known and usable. Membership terms count as unknown here (see
+    /// [`PolicyCache::derived_values_at`]).
     pub fn derived_values<'a>(
         &'a self,
         identity: &Arc<Identity>,
         shape: &Shape,
-        out: &mut Vec<Option<&'a str>>,
+        out: &mut Vec<TermValue<'a>>,
     ) -> bool {
-        let Some((_, known)) = self.derived.get(&(Arc::as_ptr(identity) as usize)) else {
+        self.derived_values_with(identity, shape, |_| None, out)
+    }
+
+    /// [`PolicyCache::derived_values`], with membership sets when `with_sets`: a set counts
+    /// only if derived as of its table's current change count (no change of the table
+    /// passed since the change its snapshot saw) and younger than [`POLICY_TTL`]. Only a
+    /// row whose whole transaction has been passed may be judged with one (the pump asks
+    /// at the commit): a later change of the table in the same transaction applies to it.
+    pub fn derived_values_at<'a>(
+        &'a self,
+        identity: &Arc<Identity>,
+        shape: &Shape,
+        with_sets: bool,
+        out: &mut Vec<TermValue<'a>>,
+    ) -> bool {
+        if !with_sets || !shape.has_sets() {
+            return self.derived_values(identity, shape, out);
+        }
+        let Some((_, sets)) = self.sets.get(&(Arc::as_ptr(identity) as usize)) else {
             return false;
         };
+        self.derived_values_with(
+            identity,
+            shape,
+            |t| {
+                let relid = t.set?;
+                let epoch = self.changes_of(relid).0;
+                sets.iter()
+                    .find(|s| {
+                        s.relid == relid
+                            && s.epoch == epoch
+                            && *s.key == *t.key
+                            && s.at.elapsed() < POLICY_TTL
+                    })?
+                    .values
+                    .as_deref()
+            },
+            out,
+        )
+    }
+
+    /// [`PolicyCache::derived_values`], membership sets from `sets`.
+    pub fn derived_values_with<'a>(
+        &'a self,
+        identity: &Arc<Identity>,
+        shape: &Shape,
+        sets: impl Fn(&shape::Term) -> Option<&'a shape::MemberSet>,
+        out: &mut Vec<TermValue<'a>>,
+    ) -> bool {
+        let known = self.derived.get(&(Arc::as_ptr(identity) as usize));
         shape.resolve_into(
             |e| {
-                known
+                known?
+                    .1
                     .iter()
                     .find(|(x, _)| Arc::ptr_eq(x, e) || **x == **e)
                     .map(|(_, d)| d)
             },
+            sets,
             out,
         )
+    }
+
+    /// Remember membership sets derived for `identity`.
+    pub fn insert_sets(&mut self, identity: &Arc<Identity>, sets: Vec<CachedSet>) {
+        if self.sets.len() >= DERIVED_MAX {
+            self.sets.clear();
+        }
+        let entry = self
+            .sets
+            .entry(Arc::as_ptr(identity) as usize)
+            .or_insert_with(|| (identity.clone(), Vec::new()));
+        for s in sets {
+            entry.1.retain(|x| x.key != s.key);
+            entry.1.push(s);
+        }
     }
 
     /// The terms of `shape` not computed yet for `identity`: each one's cache key and the
@@ -1104,7 +1382,7 @@ impl PolicyCache {
     pub fn underived(&self, identity: &Arc<Identity>, shape: &Shape) -> Vec<(Arc<str>, Arc<str>)> {
         let known = self.derived.get(&(Arc::as_ptr(identity) as usize));
         let mut out: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-        for t in &shape.terms {
+        for t in shape.terms.iter().filter(|t| t.set.is_none()) {
             let have = known.is_some_and(|(_, k)| k.iter().any(|(x, _)| *x == t.key));
             if !have && !out.iter().any(|(k, _)| *k == t.key) {
                 out.push((t.key.clone(), t.expr.clone()));

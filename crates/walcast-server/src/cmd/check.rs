@@ -228,7 +228,7 @@ pub async fn diagnose(
                     Some(full_fix),
                 ));
             }
-            out.push(policy_cost(client, &schema, &name).await?);
+            out.push(policy_cost(client, &schema, &name, publication).await?);
         }
     }
 
@@ -299,7 +299,12 @@ pub async fn diagnose(
 /// How the table's SELECT policies are evaluated: in process (rows routed by the claims'
 /// values, cost independent of the number of users) or per user (one policy statement per
 /// claims group per batch), naming each policy that keeps it per user and why.
-async fn policy_cost(client: &tokio_postgres::Client, schema: &str, name: &str) -> Result<Finding> {
+async fn policy_cost(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    name: &str,
+    publication: &str,
+) -> Result<Finding> {
     // Deparsed as the server's compiler sees them (authz/rls.rs): with search_path =
     // pg_catalog, so every name outside pg_catalog comes out qualified.
     // One step after the other: a query given as text is parsed in a round trip of its own,
@@ -361,12 +366,21 @@ async fn policy_cost(client: &tokio_postgres::Client, schema: &str, name: &str) 
         ));
     }
     let quals: Vec<&str> = policies.iter().map(|(_, _, q)| q.as_str()).collect();
-    let functions = rls::explain_inlined(client, &shape::called_functions(&quals)).await?;
+    let mut functions = rls::explain_inlined(client, &shape::called_functions(&quals)).await?;
+    let member_names = shape::member_tables(&quals);
+    functions.tables =
+        rls::explain_member_tables(client, &member_names, publication, &functions).await?;
+    functions.outer = Some(name.to_owned());
     let all: Vec<(bool, &str)> = policies.iter().map(|(_, p, q)| (*p, q.as_str())).collect();
-    if shape::recognize_with(&all, &shape_columns, &functions).is_some() {
+    if let Some(shape) = shape::recognize_with(&all, &shape_columns, &functions) {
+        let what = if shape.has_sets() {
+            "compare columns with claims and with memberships the stream follows (sub-selects of a table published in full)"
+        } else {
+            "compare columns with claims"
+        };
         return Ok(Finding::new(
             Level::Ok,
-            format!("{schema}.{name}: its SELECT policies compare columns with claims: decided in process, whatever the number of users"),
+            format!("{schema}.{name}: its SELECT policies {what}: decided in process, whatever the number of users"),
             None,
         ));
     }

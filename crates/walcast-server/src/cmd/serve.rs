@@ -303,6 +303,7 @@ pub async fn run_with(args: ServeArgs, extra: axum::Router) -> Result<()> {
             .with_health(state.health.clone())
             .with_catalog(state.catalog.clone())
             .with_rls_deletes(args.rls_deletes)
+            .with_publication(&state.publication)
             .run(async move {
                 let _ = pump_shutdown.changed().await;
             }),

@@ -74,7 +74,12 @@ async fn policy(
     {
         return Ok(p);
     }
-    let compiled = Arc::new(rls::compile(pool, role, table, xid).await?);
+    let publication = cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .publication();
+    let compiled =
+        Arc::new(rls::compile_for(pool, role, table, xid, publication.as_deref()).await?);
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -177,6 +182,113 @@ async fn prederive(
     }
 }
 
+/// A membership term to derive: its cache key, its statement, its table.
+type SetTerm = (Arc<str>, Arc<str>, u32);
+
+/// Membership sets derived in this batch, per identity (by address): what its lanes' rows
+/// are judged with (see [`derive_sets`]).
+type BatchSets = HashMap<usize, Vec<rls::CachedSet>>;
+
+/// Derive, in one round trip, the membership sets the recognized shapes of this batch's
+/// rows need, for every identity of the batch, in a snapshot that sees every row's
+/// transaction and the last change of each membership table the stream has passed. So a
+/// row is judged with sets as of no earlier than its commit (its whole transaction is
+/// visible, with whatever it changed in the membership table), as the per-group check
+/// would. The sets go to the cache too, valid for the change count read before deriving
+/// (the pump uses them for later rows while no change of the table passes).
+async fn derive_sets(
+    pool: &ExclusivePool,
+    cache: &Mutex<PolicyCache>,
+    lanes: &[LaneWork],
+    compiled: &mut Compiled,
+) -> BatchSets {
+    let mut out = BatchSets::new();
+    let Some(role) = lanes.first().map(|l| l.identity.role.clone()) else {
+        return out;
+    };
+    // Per identity: (key, expression, membership table) of each set its rows need.
+    let mut wanted: Vec<(Arc<Identity>, Vec<SetTerm>)> = Vec::new();
+    let mut xids: Vec<u32> = Vec::new();
+    for lane in lanes {
+        for (_, change) in &lane.items {
+            let Ok(p) = compiled_policy(pool, cache, compiled, &role, change).await else {
+                continue;
+            };
+            let (RowRule::Check(_), true, Some(shape)) = (&p.rows, p.select, &p.shape) else {
+                continue;
+            };
+            if !shape.has_sets() {
+                continue;
+            }
+            xids.push(change.xid);
+            let at = match wanted
+                .iter()
+                .position(|(i, _)| Arc::ptr_eq(i, &lane.identity))
+            {
+                Some(at) => at,
+                None => {
+                    wanted.push((lane.identity.clone(), Vec::new()));
+                    wanted.len() - 1
+                }
+            };
+            for t in &shape.terms {
+                let Some(relid) = t.set else { continue };
+                if !wanted[at].1.iter().any(|(k, _, _)| *k == t.key) {
+                    wanted[at].1.push((t.key.clone(), t.expr.clone(), relid));
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return out;
+    }
+    // The change counts the sets will be valid for, and the transactions to see.
+    let mut epochs: HashMap<u32, u64> = HashMap::new();
+    {
+        let cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, terms) in &wanted {
+            for (_, _, relid) in terms {
+                let (epoch, last) = cache.changes_of(*relid);
+                epochs.insert(*relid, epoch);
+                xids.extend(last);
+            }
+        }
+    }
+    xids.sort_unstable();
+    xids.dedup();
+    let requests: Vec<(Arc<Identity>, Vec<Arc<str>>)> = wanted
+        .iter()
+        .map(|(i, t)| (i.clone(), t.iter().map(|(_, e, _)| e.clone()).collect()))
+        .collect();
+    let derived = match shape::derive_sets_many(pool, &role, &requests, &xids).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = ?e.to_string(), identities = requests.len(), "deriving membership sets failed; checking rows instead");
+            return out;
+        }
+    };
+    metrics::authz_derivations_batched(derived.iter().flatten().count() as u64);
+    let now = std::time::Instant::now();
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    for ((identity, terms), sets) in wanted.into_iter().zip(derived) {
+        let Some(sets) = sets else { continue };
+        let cached: Vec<rls::CachedSet> = terms
+            .into_iter()
+            .zip(sets)
+            .map(|((key, _, relid), values)| rls::CachedSet {
+                key,
+                relid,
+                epoch: epochs.get(&relid).copied().unwrap_or(0),
+                at: now,
+                values: values.map(Arc::new),
+            })
+            .collect();
+        cache.insert_sets(&identity, cached.clone());
+        out.insert(Arc::as_ptr(&identity) as usize, cached);
+    }
+    out
+}
+
 /// One change's share of a check group.
 struct Member {
     lane: usize,
@@ -205,6 +317,7 @@ pub async fn run(
     // The transactions of the images sent to Postgres: the check's snapshot must see them.
     let mut xids: Vec<u32> = Vec::new();
     prederive(&pool, &cache, &lanes, &mut compiled).await;
+    let sets = derive_sets(&pool, &cache, &lanes, &mut compiled).await;
     for (li, lane) in lanes.iter().enumerate() {
         for (seq, change) in &lane.items {
             let shape = Arc::as_ptr(&change.table) as usize;
@@ -236,8 +349,18 @@ pub async fn run(
                         .as_ref()
                         .filter(|s| !unshaped.contains(&(li, Arc::as_ptr(s) as usize)))
                     {
-                        match by_shape(&pool, &cache, &lane.identity, &p, c, shape, change, deletes)
-                            .await
+                        match by_shape(
+                            &pool,
+                            &cache,
+                            &sets,
+                            &lane.identity,
+                            &p,
+                            c,
+                            shape,
+                            change,
+                            deletes,
+                        )
+                        .await
                         {
                             Some(access) => {
                                 outcomes[li].push((*seq, ItemOutcome::Decided(access)));
@@ -345,6 +468,7 @@ pub async fn run(
 async fn by_shape(
     pool: &ExclusivePool,
     cache: &Mutex<PolicyCache>,
+    sets: &BatchSets,
     identity: &Arc<Identity>,
     policy: &TablePolicy,
     check: &RowCheck,
@@ -352,9 +476,12 @@ async fn by_shape(
     change: &Change,
     deletes: RlsDeletes,
 ) -> Option<Access> {
+    let mine = sets.get(&(Arc::as_ptr(identity) as usize));
     let decide = |cache: &PolicyCache| {
         let mut values = Vec::new();
-        if !cache.derived_values(identity, shape, &mut values) {
+        // Membership sets only as derived in this batch (as of this row's commit).
+        let lookup = |t: &shape::Term| mine?.iter().find(|s| *s.key == *t.key)?.values.as_deref();
+        if !cache.derived_values_with(identity, shape, lookup, &mut values) {
             return None;
         }
         Some(shape::decide(

@@ -41,6 +41,7 @@ use walcast_protocol::outbound::SystemStatus;
 use walcast_replication::{Lsn, Replicator, StreamEvent};
 
 use crate::authz::rls::{self, PolicyCache, RowRule};
+use crate::authz::shape::TermValue;
 use crate::db::catalog::resolve_types;
 use crate::db::sql::{ExclusivePool, SqlPool};
 use crate::metrics;
@@ -149,7 +150,25 @@ pub struct Pump {
     /// Identities (by pointer) with a derivation ahead in flight: their lanes wait for it
     /// instead of deriving the same values again in a check batch.
     ahead_running: std::collections::HashSet<usize>,
+    /// The open transaction's changes not routed yet: once a change of a table with a
+    /// membership policy is decoded, it and every later change of its transaction wait for
+    /// the commit (see [`Pump::on_decoded`]).
+    held: Vec<Change>,
+    /// The open transaction outgrew [`HELD_MAX`]: its changes are routed as decoded and
+    /// judged without membership sets (they wait in lanes for sets as of the commit).
+    spilled: bool,
+    /// Routing the held changes at their commit: membership sets may decide them.
+    at_commit: bool,
+    /// Per membership table: tables gated with sets derived from it, ungated at its next
+    /// change in the stream.
+    set_gates: std::collections::HashMap<u32, Vec<u32>>,
 }
+
+/// Changes of one transaction held for its commit at most (then routed as decoded).
+const HELD_MAX: usize = 1024;
+/// How long a gate built from membership sets lives at most (the sets' own age limit,
+/// [`rls::POLICY_TTL`], is checked whenever they decide a row).
+const SET_GATE_TTL: Duration = Duration::from_secs(1);
 
 impl Pump {
     pub fn new(
@@ -196,7 +215,21 @@ impl Pump {
             ahead: FuturesUnordered::new(),
             ahead_waiting: Vec::new(),
             ahead_running: Default::default(),
+            held: Vec::new(),
+            spilled: false,
+            at_commit: false,
+            set_gates: Default::default(),
         }
+    }
+
+    /// The publication streamed: policies reading a table it publishes in full (a
+    /// membership table) are decided in process (authz/shape.rs).
+    pub fn with_publication(self, publication: &str) -> Pump {
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_publication(publication);
+        self
     }
 
     /// Record every change in the feeds' history (before it is routed).
@@ -401,6 +434,8 @@ impl Pump {
         self.txns.reset();
         self.holding = false;
         self.gathering_since = None;
+        self.held.clear();
+        self.spilled = false;
     }
 
     /// A new connection: per-connection state goes; the unconfirmed transactions come again.
@@ -413,8 +448,66 @@ impl Pump {
             .clear();
         self.hub.ungate_all();
         self.gate_expiry.clear();
+        self.set_gates.clear();
         if let Some(catalog) = &self.catalog {
             catalog.clear();
+        }
+    }
+
+    /// The stream passed a change of `relid`: the membership sets derived from it no longer
+    /// decide anything from here on (their change count is behind), and the tables gated
+    /// with them are routed to everyone again. Returns whether `relid` has a membership
+    /// policy (some role's cached policy).
+    fn sets_changed(&mut self, relid: u32, xid: Option<u32>) -> bool {
+        let has_sets = {
+            let mut policies = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+            policies.note_change(relid, xid);
+            policies.has_set_policy(relid)
+        };
+        if !self.set_gates.is_empty() {
+            self.ungate_sets_of(relid);
+        }
+        has_sets
+    }
+
+    fn ungate_sets_of(&mut self, relid: u32) {
+        if let Some(tables) = self.set_gates.remove(&relid) {
+            for t in tables {
+                self.hub.ungate(t);
+                self.gate_expiry.remove(&t);
+            }
+        }
+    }
+
+    /// A decoded row change. A membership policy judges a row as of its commit, when its
+    /// whole transaction (which may change the membership table after the row) has been
+    /// decoded: so from the first change of a table with such a policy, the transaction's
+    /// changes are held, in order, and routed at the commit, where sets as of the stream's
+    /// position then decide them in process. A transaction beyond [`HELD_MAX`] changes is
+    /// routed as decoded instead, without sets: its rows wait in lanes, whose batch
+    /// derives sets in a snapshot that sees the transaction.
+    fn on_decoded(&mut self, change: Change) {
+        let relid = change.table.relation_id;
+        let has_sets = self.sets_changed(relid, Some(change.xid));
+        let holds = !self.spilled && (!self.held.is_empty() || has_sets);
+        if !holds {
+            self.on_change(change);
+            return;
+        }
+        self.held.push(change);
+        if self.held.len() >= HELD_MAX {
+            self.spilled = true;
+            // A gate from sets could skip an identity that a later change of this
+            // transaction makes a member.
+            for (_, tables) in std::mem::take(&mut self.set_gates) {
+                for t in tables {
+                    self.hub.ungate(t);
+                    self.gate_expiry.remove(&t);
+                }
+            }
+            for c in std::mem::take(&mut self.held) {
+                self.on_change(c);
+            }
         }
     }
 
@@ -422,6 +515,7 @@ impl Pump {
         match decoded {
             Decoded::Begin { .. } => {
                 self.txns.begin();
+                self.spilled = false;
             }
             Decoded::Relation {
                 table,
@@ -431,6 +525,8 @@ impl Pump {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .forget_table(table.relation_id);
+                // A membership table's policies or privileges may have changed.
+                let _ = self.sets_changed(table.relation_id, None);
                 // Its gate was derived from the policies just forgotten: from this point
                 // in the stream every identity is routed and judged afresh.
                 self.hub.ungate(table.relation_id);
@@ -444,10 +540,11 @@ impl Pump {
                     self.resolve(&unresolved_types).await;
                 }
             }
-            Decoded::Change(change) => self.on_change(change),
+            Decoded::Change(change) => self.on_decoded(change),
             Decoded::Changes(changes) => {
                 for c in changes {
                     metrics::change_decoded(c.kind.as_str());
+                    let _ = self.sets_changed(c.table.relation_id, Some(c.xid));
                 }
             }
             Decoded::Commit {
@@ -456,6 +553,14 @@ impl Pump {
                 ..
             } => {
                 metrics::replication_lag_seconds(seconds_since(commit_time_us));
+                if !self.held.is_empty() {
+                    self.at_commit = true;
+                    for c in std::mem::take(&mut self.held) {
+                        self.on_change(c);
+                    }
+                    self.at_commit = false;
+                }
+                self.spilled = false;
                 self.txns.commit(end_lsn);
                 self.read_through = self.read_through.max(end_lsn);
             }
@@ -533,6 +638,9 @@ impl Pump {
             Vec<walcast_core::hub::GateKey>,
         )> = Vec::new();
         let mut gate_until: Option<Instant> = None;
+        // Membership tables whose sets gate this table (ungated at their next change).
+        let mut gated_by: Vec<u32> = Vec::new();
+        let at_commit = self.at_commit;
         // Grouped once per change: per identity it would be identities × routes (with one
         // user per identity, users² per row).
         let by_identity = if self.lanes.anyone_waiting() {
@@ -573,7 +681,12 @@ impl Pump {
                             // A recognized shape whose values this identity has: decided
                             // here, no check (authz/shape.rs).
                             (RowRule::Check(c), true) => p.shape.as_ref().and_then(|shape| {
-                                if !policies.derived_values(identity, shape, &mut values) {
+                                if !policies.derived_values_at(
+                                    identity,
+                                    shape,
+                                    at_commit,
+                                    &mut values,
+                                ) {
                                     return None;
                                 }
                                 // From now on only rows carrying one of its values reach
@@ -581,9 +694,17 @@ impl Pump {
                                 // came through the gate is gated already.
                                 if by_row && !routed.via_gate(k) {
                                     if let Some(terms) = shape.index_terms() {
-                                        let keys = gate_keys(shape, &terms, &values);
+                                        let (keys, sets) = gate_keys(shape, &terms, &values);
+                                        let mut until = compiled + rls::POLICY_TTL;
+                                        if !sets.is_empty() {
+                                            until = until.min(now + SET_GATE_TTL);
+                                        }
+                                        for r in sets {
+                                            if !gated_by.contains(&r) {
+                                                gated_by.push(r);
+                                            }
+                                        }
                                         gate_now.push((identity.clone(), keys));
-                                        let until = compiled + rls::POLICY_TTL;
                                         gate_until = Some(
                                             gate_until.map_or(until, |u: Instant| u.min(until)),
                                         );
@@ -603,6 +724,12 @@ impl Pump {
                     }
                 };
                 now_decided.push(decided);
+            }
+        }
+        for r in gated_by {
+            let tables = self.set_gates.entry(r).or_default();
+            if !tables.contains(&relid) {
+                tables.push(relid);
             }
         }
         if let Some(until) = gate_until {
@@ -794,7 +921,9 @@ impl Pump {
                     if !policies.derived_values(identity, shape, &mut values) {
                         continue;
                     }
-                    let keys = gate_keys(shape, &terms, &values);
+                    // Without sets (`derived_values`): a membership shape is never gated
+                    // ahead, its sets are derived with the rows they judge.
+                    let (keys, _) = gate_keys(shape, &terms, &values);
                     let until = *compiled + rls::POLICY_TTL;
                     let entry = by_relid
                         .entry(table.relation_id)
@@ -1098,19 +1227,34 @@ impl Pump {
 }
 
 /// An identity's gate keys for a shape's index terms: (column, its value) for each term
-/// whose value is not NULL (a NULL value matches no row).
+/// whose value is not NULL (a NULL value matches no row), and (column, member) for each
+/// member of a membership term's set; with the membership tables those sets came from (the
+/// gate must go at their next change).
 fn gate_keys(
     shape: &crate::authz::shape::Shape,
     terms: &[usize],
-    values: &[Option<&str>],
-) -> Vec<walcast_core::hub::GateKey> {
-    terms
-        .iter()
-        .filter_map(|&t| {
-            let value = (*values.get(t)?)?;
-            Some((shape.terms.get(t)?.column, value.into()))
-        })
-        .collect()
+    values: &[TermValue<'_>],
+) -> (Vec<walcast_core::hub::GateKey>, Vec<u32>) {
+    let mut keys = Vec::new();
+    let mut sets = Vec::new();
+    for &t in terms {
+        let Some(term) = shape.terms.get(t) else {
+            continue;
+        };
+        match values.get(t) {
+            Some(TermValue::One(Some(v))) => keys.push((term.column, (*v).into())),
+            Some(TermValue::Set(set)) => {
+                keys.extend(set.iter().map(|v| (term.column, (**v).into())));
+                if let Some(r) = term.set {
+                    if !sets.contains(&r) {
+                        sets.push(r);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (keys, sets)
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
