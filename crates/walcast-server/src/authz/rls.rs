@@ -535,16 +535,7 @@ pub async fn explain_member_tables(
             .zip(deterministic)
             .map(|((n, t), d)| (n, t, d))
             .collect();
-        let shape_columns: Vec<ShapeColumn<'_>> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, (n, t, d))| ShapeColumn {
-                name: n,
-                type_name: t,
-                source: Some(i),
-                deterministic: *d,
-            })
-            .collect();
+        let shape_columns = ShapeColumn::of_catalog(&columns);
         // Its own policies: claims-only (no membership of their own: `functions` has no
         // tables), so they change only with the claims.
         let claims_only = !rls_on

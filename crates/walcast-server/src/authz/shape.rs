@@ -216,6 +216,23 @@ pub struct ShapeColumn<'a> {
     pub deterministic: bool,
 }
 
+impl<'a> ShapeColumn<'a> {
+    /// The columns of a table read from the catalog as `(name, type, deterministic)`, in
+    /// order: every one streamed, at its own index.
+    pub fn of_catalog(columns: &'a [(String, String, bool)]) -> Vec<ShapeColumn<'a>> {
+        columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, type_name, deterministic))| ShapeColumn {
+                name,
+                type_name,
+                source: Some(i),
+                deterministic: *deterministic,
+            })
+            .collect()
+    }
+}
+
 /// Recognize a table's SELECT policies (`(permissive, deparsed qual)`). `None` unless
 /// every policy is recognized and at least one is permissive.
 pub fn recognize(policies: &[(bool, &str)], columns: &[ShapeColumn<'_>]) -> Option<Shape> {
@@ -1029,6 +1046,32 @@ fn derive_sql(exprs: &[Arc<str>]) -> String {
     sql
 }
 
+/// One identity's statement in a pipelined derivation: under a savepoint, its claims set
+/// (`request.jwt.claims`, `sub`, role) and `st` run; rolled back after, so nothing the
+/// statement or a function it calls sets is seen by the next identity's.
+async fn derive_step(
+    client: &tokio_postgres::Client,
+    claims_st: &tokio_postgres::Statement,
+    st: &tokio_postgres::Statement,
+    identity: &Identity,
+    role: &str,
+) -> (
+    Result<(), tokio_postgres::Error>,
+    Result<tokio_postgres::Row, tokio_postgres::Error>,
+) {
+    let claims: &str = &identity.claims;
+    let sub = rls::claim_str(&identity.claims, "sub");
+    let sub: &str = &sub;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&claims, &sub, &role];
+    let (s, c, row, r) = tokio::join!(
+        client.batch_execute("SAVEPOINT walcast_derive"),
+        client.query(claims_st, &params),
+        client.query_one(st, &[]),
+        client.batch_execute("ROLLBACK TO SAVEPOINT walcast_derive"),
+    );
+    (s.and(c.map(drop)).and(r), row)
+}
+
 /// The membership sets of many identities of one role, in one REPEATABLE READ transaction
 /// and one pipelined round trip, in a snapshot that sees every transaction of `xids` (the
 /// judged rows' and the last change of each membership table the stream has passed):
@@ -1111,18 +1154,8 @@ async fn derive_sets_once(
         let st = &statements[k].1;
         let claims_st = &claims_st;
         steps.push(async move {
-            let claims: &str = &identity.claims;
-            let sub = rls::claim_str(&identity.claims, "sub");
-            let sub: &str = &sub;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&claims, &sub, &role_text];
-            let (s, c, row, r) = tokio::join!(
-                client.batch_execute("SAVEPOINT walcast_derive"),
-                client.query(claims_st, &params),
-                client.query_one(st, &[]),
-                client.batch_execute("ROLLBACK TO SAVEPOINT walcast_derive"),
-            );
-            (s.and(c.map(drop)).and(r), row, exprs.len())
+            let (done, row) = derive_step(client, claims_st, st, identity, role_text).await;
+            (done, row, exprs.len())
         });
     }
     let (snapshot, results, end) = tokio::join!(
@@ -1234,18 +1267,8 @@ pub async fn derive_many(
         let st = &statements[k].1;
         let claims_st = &claims_st;
         steps.push(async move {
-            let claims: &str = &identity.claims;
-            let sub = rls::claim_str(&identity.claims, "sub");
-            let sub: &str = &sub;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&claims, &sub, &role_text];
-            let (s, c, row, r) = tokio::join!(
-                client.batch_execute("SAVEPOINT walcast_derive"),
-                client.query(claims_st, &params),
-                client.query_one(st, &[]),
-                client.batch_execute("ROLLBACK TO SAVEPOINT walcast_derive"),
-            );
-            (s.and(c.map(drop)).and(r), row, exprs.len())
+            let (done, row) = derive_step(client, claims_st, st, identity, role_text).await;
+            (done, row, exprs.len())
         });
     }
     let (results, end) = tokio::join!(

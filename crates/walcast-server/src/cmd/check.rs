@@ -344,16 +344,7 @@ async fn policy_cost(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let shape_columns: Vec<ShapeColumn<'_>> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, (n, t, d))| ShapeColumn {
-            name: n,
-            type_name: t,
-            source: Some(i),
-            deterministic: *d,
-        })
-        .collect();
+    let shape_columns = ShapeColumn::of_catalog(&columns);
     let policies: Vec<(String, bool, String)> = policies
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
